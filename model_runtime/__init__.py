@@ -1,0 +1,32 @@
+"""What both daemons run models with: repository, onnxruntime wrapper, tensor codecs, confidence."""
+
+from model_runtime.confidence import ConfidenceMethod, OutputKind, confidence
+from model_runtime.errors import (
+    InvalidInput,
+    ModelError,
+    ModelLoadError,
+    ModelNotFound,
+    RequestTooLarge,
+)
+from model_runtime.model_config import ModelConfig, load_model_config, write_model_config
+from model_runtime.onnx_model import OnnxModel, Prediction
+from model_runtime.repository import ModelRepository
+from model_runtime.tensors import TensorSpec
+
+__all__ = [
+    "ConfidenceMethod",
+    "InvalidInput",
+    "ModelConfig",
+    "ModelError",
+    "ModelLoadError",
+    "ModelNotFound",
+    "ModelRepository",
+    "OnnxModel",
+    "OutputKind",
+    "Prediction",
+    "RequestTooLarge",
+    "TensorSpec",
+    "confidence",
+    "load_model_config",
+    "write_model_config",
+]

@@ -1,0 +1,47 @@
+"""Errors raised by model_runtime; transports map them to status codes, never the reverse.
+
+ModelError
+├── ModelNotFound        no such model, or no such version of it
+├── ModelLoadError       a repository entry is broken (missing file, invalid ONNX, bad config)
+├── InvalidInput         a request's tensors do not fit the model's metadata
+└── RequestTooLarge      a request is over the configured size limit
+"""
+
+from __future__ import annotations
+
+__all__ = ["InvalidInput", "ModelError", "ModelLoadError", "ModelNotFound", "RequestTooLarge"]
+
+
+class ModelError(Exception):
+    """Base of every error model_runtime raises."""
+
+
+class ModelNotFound(ModelError):
+    def __init__(self, name: str, version: str = "") -> None:
+        self.name = name
+        self.version = version
+        what = f"model '{name}' version '{version}'" if version else f"model '{name}'"
+        super().__init__(f"{what} is not served here")
+
+
+class ModelLoadError(ModelError):
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        self.problem = problem
+        super().__init__(f"model '{model}': {problem}")
+
+
+class InvalidInput(ModelError):
+    """`field` names the offending tensor or parameter so the caller can fix the request."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class RequestTooLarge(ModelError):
+    def __init__(self, size_bytes: int, limit_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__(f"request is {size_bytes} bytes, over the limit of {limit_bytes} bytes")

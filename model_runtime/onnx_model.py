@@ -1,0 +1,152 @@
+"""One ONNX model version: a warmed onnxruntime session, its tensor specs and its confidence.
+
+Sessions are created and warmed at start-up, never on the request path. `predict` blocks
+(onnxruntime releases the GIL while it runs); async callers go through `run_blocking`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from model_runtime.confidence import confidence
+from model_runtime.errors import ModelLoadError
+from model_runtime.model_config import ModelConfig
+from model_runtime.tensors import DATATYPE_TO_DTYPE, TensorSpec
+
+__all__ = ["OnnxModel", "Prediction"]
+
+Array = npt.NDArray[np.generic]
+
+# onnxruntime's type strings -> v2 datatype names.
+_ORT_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's outputs for a batch of N items and the confidence of each item."""
+
+    outputs: dict[str, Array]
+    confidence: npt.NDArray[np.float64]
+
+
+def _spec(model: str, arg: ort.NodeArg) -> TensorSpec:
+    datatype = _ORT_TO_DATATYPE.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(model, f"tensor '{arg.name}' has unsupported type {arg.type}")
+    # Symbolic or unknown dimensions (None, 'N', 'batch') are free: -1 in v2 metadata.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel:
+    """A loaded, warmed model version. Thread-safe: onnxruntime sessions allow concurrent runs."""
+
+    def __init__(
+        self, name: str, version: int, path: Path, config: ModelConfig, threads: int = 1
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning worker threads burn a core while idle; on a shared 2-core box that costs
+        # more than it saves on small models.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
+            raise ModelLoadError(
+                name, f"{path.name} is not a loadable ONNX model: {first_line}"
+            ) from None
+        self.inputs = tuple(_spec(name, a) for a in self._session.get_inputs())
+        self.outputs = tuple(_spec(name, a) for a in self._session.get_outputs())
+        self.input_by_name = {spec.name: spec for spec in self.inputs}
+        self.output_names = tuple(spec.name for spec in self.outputs)
+        self.scores_output = self._find_scores_output()
+        self._check_labels()
+
+    def _find_scores_output(self) -> str:
+        if self.config.output is not None:
+            if self.config.output not in self.output_names:
+                raise ModelLoadError(
+                    self.name,
+                    f"config output '{self.config.output}' is not an output of the graph "
+                    f"(outputs: {', '.join(self.output_names)})",
+                )
+            return self.config.output
+        candidates = [
+            o.name
+            for o in self.outputs
+            if o.datatype in ("FP16", "FP32", "FP64") and len(o.shape) == 2
+        ]
+        if len(candidates) != 1:
+            raise ModelLoadError(
+                self.name,
+                "cannot tell which output holds the class scores; set `output` in config.toml "
+                f"(outputs: {', '.join(self.output_names)})",
+            )
+        return candidates[0]
+
+    def _check_labels(self) -> None:
+        classes = next(o for o in self.outputs if o.name == self.scores_output).shape[-1]
+        if self.config.labels and classes != -1 and len(self.config.labels) != classes:
+            raise ModelLoadError(
+                self.name,
+                f"config has {len(self.config.labels)} labels but output "
+                f"'{self.scores_output}' has {classes} classes",
+            )
+
+    def warm_up(self) -> None:
+        """Run one item of zeros so the first request does not pay for lazy initialisation."""
+        feeds = {
+            spec.name: np.zeros([1 if d == -1 else d for d in spec.shape], dtype=_numpy_dtype(spec))
+            for spec in self.inputs
+        }
+        try:
+            self.predict(feeds)
+        except Exception as exc:
+            raise ModelLoadError(self.name, f"warm-up run failed: {exc}") from None
+
+    def predict(self, inputs: Mapping[str, Array]) -> Prediction:
+        """Run the model on validated inputs; blocks for the duration of the run."""
+        values = self._session.run(None, dict(inputs))
+        outputs = dict(zip(self.output_names, values, strict=True))
+        return Prediction(outputs, self.confidence(outputs[self.scores_output]))
+
+    def confidence(self, scores: Array) -> npt.NDArray[np.float64]:
+        c = self.config
+        return confidence(scores, c.output_kind, c.confidence_method, c.temperature)
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def _numpy_dtype(spec: TensorSpec) -> np.dtype[np.generic]:
+    return DATATYPE_TO_DTYPE.get(spec.datatype, np.dtype(np.float32))

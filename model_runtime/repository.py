@@ -1,0 +1,84 @@
+"""The model repository: `<repo>/<model>/<version>/model.onnx` plus `<repo>/<model>/config.toml`.
+
+Loaded whole at start-up; a broken entry stops the load with a ModelLoadError naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from model_runtime.errors import ModelLoadError, ModelNotFound
+from model_runtime.model_config import CONFIG_FILE, load_model_config
+from model_runtime.onnx_model import OnnxModel
+
+__all__ = ["MODEL_FILE", "ModelRepository"]
+
+MODEL_FILE = "model.onnx"
+
+
+class ModelRepository:
+    """Every version of every model in a directory, loaded and warmed."""
+
+    def __init__(self, root: Path, models: dict[str, dict[int, OnnxModel]]) -> None:
+        self.root = root
+        self._models = models
+
+    @classmethod
+    def load(cls, root: Path, *, threads: int = 1) -> ModelRepository:
+        if not root.is_dir():
+            raise ModelLoadError("*", f"model repository {root} is not a directory")
+        models: dict[str, dict[int, OnnxModel]] = {}
+        for model_dir in sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
+            models[model_dir.name] = _load_versions(model_dir, threads)
+        if not models:
+            raise ModelLoadError("*", f"model repository {root} holds no model directories")
+        return cls(root, models)
+
+    def get(self, name: str, version: str = "") -> OnnxModel:
+        """The named version, or the newest one when version is empty."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(name)
+        if not version:
+            return versions[max(versions)]
+        try:
+            return versions[int(version)]
+        except (ValueError, KeyError):
+            raise ModelNotFound(name, version) from None
+
+    def versions(self, name: str) -> list[int]:
+        if name not in self._models:
+            raise ModelNotFound(name)
+        return sorted(self._models[name])
+
+    def __iter__(self) -> Iterator[OnnxModel]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+
+def _load_versions(model_dir: Path, threads: int) -> dict[int, OnnxModel]:
+    name = model_dir.name
+    config = load_model_config(name, model_dir / CONFIG_FILE)
+    versions: dict[int, OnnxModel] = {}
+    for entry in sorted(
+        p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
+        if not entry.name.isdigit() or int(entry.name) < 1:
+            raise ModelLoadError(
+                name, f"version directory '{entry.name}' is not a positive integer"
+            )
+        onnx_file = entry / MODEL_FILE
+        if not onnx_file.is_file():
+            raise ModelLoadError(name, f"version {entry.name} has no {MODEL_FILE}")
+        model = OnnxModel(name, int(entry.name), onnx_file, config, threads)
+        model.warm_up()
+        versions[model.version] = model
+    if not versions:
+        raise ModelLoadError(name, f"no version directories (expected {name}/1/{MODEL_FILE})")
+    return versions

@@ -1,0 +1,76 @@
+"""Errors raised by the router core; the edge agent maps them to gRPC status codes in one table.
+
+RouterError
+├── QueueFull            the durable queue is at its disk cap and refuses new items
+├── QueueCorrupt         the queue file could not be opened; it was quarantined
+├── BudgetExhausted      the data budget for the period is spent
+├── TicketNotFound       no such ticket (never issued, or past its retention)
+└── CloudError           a cloud call did not produce an answer
+    ├── CloudUnavailable connection failed, timed out, 5xx, 429, or the breaker is open
+    └── CloudRejected    the cloud refused the request itself (4xx other than 429)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExhausted",
+    "CloudError",
+    "CloudRejected",
+    "CloudUnavailable",
+    "QueueCorrupt",
+    "QueueFull",
+    "RouterError",
+    "TicketNotFound",
+]
+
+
+class RouterError(Exception):
+    """Base of every error the router raises."""
+
+
+class QueueFull(RouterError):
+    def __init__(self, used_bytes: int, cap_bytes: int) -> None:
+        self.used_bytes = used_bytes
+        self.cap_bytes = cap_bytes
+        super().__init__(f"queue is full: {used_bytes} of {cap_bytes} bytes used")
+
+
+class QueueCorrupt(RouterError):
+    def __init__(self, path: str, moved_to: str, reason: str) -> None:
+        self.path = path
+        self.moved_to = moved_to
+        self.reason = reason
+        super().__init__(f"queue file {path} is corrupt ({reason}); moved to {moved_to}")
+
+
+class BudgetExhausted(RouterError):
+    def __init__(self, period: str, used_bytes: int, limit_bytes: int) -> None:
+        self.period = period
+        self.used_bytes = used_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__(f"{period} data budget spent: {used_bytes} of {limit_bytes} bytes")
+
+
+class TicketNotFound(RouterError):
+    def __init__(self, ticket: str) -> None:
+        self.ticket = ticket
+        super().__init__(f"ticket '{ticket}' is unknown or past its retention")
+
+
+class CloudError(RouterError):
+    """A cloud call failed; `status` is the HTTP status when there was one."""
+
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class CloudUnavailable(CloudError):
+    """Worth trying again later: the link or the cloud is down, slow or overloaded."""
+
+
+class CloudRejected(CloudError):
+    """Not worth retrying: the cloud says the request itself is wrong."""
