@@ -9,7 +9,29 @@ ModelError
 
 from __future__ import annotations
 
-__all__ = ["InvalidInput", "ModelError", "ModelLoadError", "ModelNotFound", "RequestTooLarge"]
+__all__ = [
+    "INVALID_INPUT_KINDS",
+    "InvalidInput",
+    "ModelError",
+    "ModelLoadError",
+    "ModelNotFound",
+    "RequestTooLarge",
+]
+
+INVALID_INPUT_KINDS = frozenset(
+    {
+        "invalid",  # anything not named below
+        "missing_input",
+        "unknown_input",
+        "unknown_output",
+        "datatype",
+        "shape",
+        "byte_size",
+        "contents_conflict",  # both typed contents and raw contents given
+        "non_finite",
+        "parameter",
+    }
+)
 
 
 class ModelError(Exception):
@@ -32,11 +54,16 @@ class ModelLoadError(ModelError):
 
 
 class InvalidInput(ModelError):
-    """`field` names the offending tensor or parameter so the caller can fix the request."""
+    """`field` names the offending tensor or parameter so the caller can fix the request.
 
-    def __init__(self, field: str, problem: str) -> None:
+    `kind` is one of a small fixed set (see INVALID_INPUT_KINDS), so metrics can count
+    bad requests by what was wrong without unbounded label values.
+    """
+
+    def __init__(self, field: str, problem: str, kind: str = "invalid") -> None:
         self.field = field
         self.problem = problem
+        self.kind = kind if kind in INVALID_INPUT_KINDS else "invalid"
         super().__init__(f"{field}: {problem}")
 
 

@@ -25,14 +25,14 @@ class ModelRepository:
         self._models = models
 
     @classmethod
-    def load(cls, root: Path, *, threads: int = 1) -> ModelRepository:
+    def load(cls, root: Path, *, threads: int = 1, inline_budget_s: float = 0.0) -> ModelRepository:
         if not root.is_dir():
             raise ModelLoadError("*", f"model repository {root} is not a directory")
         models: dict[str, dict[int, OnnxModel]] = {}
         for model_dir in sorted(
             p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
         ):
-            models[model_dir.name] = _load_versions(model_dir, threads)
+            models[model_dir.name] = _load_versions(model_dir, threads, inline_budget_s)
         if not models:
             raise ModelLoadError("*", f"model repository {root} holds no model directories")
         return cls(root, models)
@@ -62,7 +62,7 @@ class ModelRepository:
         return list(self._models)
 
 
-def _load_versions(model_dir: Path, threads: int) -> dict[int, OnnxModel]:
+def _load_versions(model_dir: Path, threads: int, inline_budget_s: float) -> dict[int, OnnxModel]:
     name = model_dir.name
     config = load_model_config(name, model_dir / CONFIG_FILE)
     versions: dict[int, OnnxModel] = {}
@@ -76,7 +76,7 @@ def _load_versions(model_dir: Path, threads: int) -> dict[int, OnnxModel]:
         onnx_file = entry / MODEL_FILE
         if not onnx_file.is_file():
             raise ModelLoadError(name, f"version {entry.name} has no {MODEL_FILE}")
-        model = OnnxModel(name, int(entry.name), onnx_file, config, threads)
+        model = OnnxModel(name, int(entry.name), onnx_file, config, threads, inline_budget_s)
         model.warm_up()
         versions[model.version] = model
     if not versions:

@@ -1,1 +1,1 @@
-
+"""Test helpers: real daemons on ephemeral ports, fault-injecting proxies."""

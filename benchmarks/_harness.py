@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: latency percentiles, ratios to a baseline, a printed table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Result", "print_table", "summarize"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured configuration: how many calls, how long, and their latencies."""
+
+    name: str
+    calls: int
+    seconds: float
+    latencies_s: Sequence[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.latencies_s), q) * 1000.0)
+
+
+def summarize(r: Result) -> dict[str, float]:
+    return {"req/s": r.throughput, "p50 ms": r.percentile_ms(50), "p99 ms": r.percentile_ms(99)}
+
+
+def print_table(title: str, rows: Sequence[tuple[str, dict[str, float]]]) -> str:
+    """Print rows of named figures as a Markdown table (pasteable into BENCHMARKS.md)."""
+    columns = list(rows[0][1])
+    lines = [
+        f"### {title}",
+        "",
+        "| | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, figures in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(figures[c]) for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"

@@ -1,0 +1,138 @@
+"""Protobuf <-> the agent's plain request and result objects, for the v2 gRPC API.
+
+Every check on a tensor is made here or in model_runtime, before the model sees anything,
+and every error names the tensor at fault.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from edge_agent.inference import InferRequest, InferResult, ParameterValue
+from model_runtime import InvalidInput, OnnxModel
+from model_runtime.tensors import array_from_raw, array_from_values, check_finite, datatype_of
+
+__all__ = ["decode_infer_request", "decode_parameters", "encode_infer_result", "encode_parameters"]
+
+Array = npt.NDArray[np.generic]
+
+# Which InferTensorContents field carries each datatype (FP16 and BF16 have none: raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    decoded: dict[str, ParameterValue] = {}
+    for key, param in params.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is not None:
+            decoded[key] = getattr(param, which)
+    return decoded
+
+
+def encode_parameters(
+    target: Mapping[str, pb.InferParameter], values: Mapping[str, ParameterValue]
+) -> None:
+    for key, value in values.items():
+        param = target[key]  # a protobuf map creates the entry on access
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
+
+
+def _decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, model: OnnxModel
+) -> Array:
+    spec = model.input_by_name[tensor.name]
+    shape = list(tensor.shape)
+    spec.check(tensor.datatype, shape)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInput(
+                tensor.name,
+                "both contents and raw_input_contents are set; use one of them",
+                "contents_conflict",
+            )
+        array = array_from_raw(tensor.name, tensor.datatype, shape, raw)
+    else:
+        field = _CONTENTS_FIELD.get(tensor.datatype)
+        if field is None:
+            raise InvalidInput(
+                tensor.name,
+                f"{tensor.datatype} data must be sent in raw_input_contents",
+                "datatype",
+            )
+        array = array_from_values(
+            tensor.name, tensor.datatype, shape, getattr(tensor.contents, field)
+        )
+    check_finite(tensor.name, array)
+    return array
+
+
+def decode_infer_request(request: pb.ModelInferRequest, model: OnnxModel) -> InferRequest:
+    """Check and decode a ModelInferRequest for `model`; raises InvalidInput."""
+    model.check_input_names([t.name for t in request.inputs])
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidInput(
+            "raw_input_contents",
+            f"{len(raw_contents)} entries for {len(request.inputs)} inputs; "
+            "give one per input, in the order of inputs",
+            "byte_size",
+        )
+    inputs = {
+        tensor.name: _decode_input(tensor, raw_contents[i] if raw_contents else None, model)
+        for i, tensor in enumerate(request.inputs)
+    }
+    return InferRequest(
+        model=model,
+        inputs=inputs,
+        outputs=[o.name for o in request.outputs],
+        parameters=decode_parameters(request.parameters),
+        id=request.id,
+    )
+
+
+def _raw_bytes(array: Array) -> bytes:
+    if array.dtype.kind in "OSU":
+        # v2 BYTES: each element as a 4-byte little-endian length, then its bytes.
+        parts = []
+        for item in array.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        return b"".join(parts)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order, whatever the array's own layout
+
+
+def encode_infer_result(result: InferResult) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=result.model.name, model_version=str(result.model.version), id=result.id
+    )
+    for name, array in result.outputs.items():
+        response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
+        response.raw_output_contents.append(_raw_bytes(array))
+    encode_parameters(response.parameters, result.parameters)
+    return response

@@ -1,0 +1,57 @@
+"""The agent's grpc.aio server: v2 inference, standard health checking and server reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.grpc.v2_servicer import V2Servicer
+
+__all__ = ["GrpcServer", "ListenError"]
+
+V2_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class ListenError(Exception):
+    def __init__(self, address: str) -> None:
+        super().__init__(f"cannot listen on {address}: address in use or not available")
+
+
+class GrpcServer:
+    """Binds at construction (so a taken port fails early), serves after `start`."""
+
+    def __init__(self, v2: V2Servicer, address: str, max_message_bytes: int) -> None:
+        self._server = grpc.aio.server(
+            options=[
+                # grpc-core drops anything beyond twice the limit before it reaches us;
+                # between the limit and that, V2Servicer answers RESOURCE_EXHAUSTED and counts it.
+                ("grpc.max_receive_message_length", 2 * max_message_bytes),
+                ("grpc.max_send_message_length", -1),
+                # Without this a second agent could bind the same port and steal half the calls.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        services = (V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._server)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            raise ListenError(address) from None
+        if self.port == 0:
+            raise ListenError(address)
+
+    async def start(self) -> None:
+        await self._server.start()
+        for service in ("", V2_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Refuse new calls, let calls in flight finish within the grace period, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_seconds)

@@ -1,0 +1,32 @@
+"""The one table from core exceptions to gRPC status codes.
+
+Keyed by exception type, most specific first; anything unlisted is INTERNAL with a generic
+message (the details are logged, never sent: they may hold payload fragments).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
+
+__all__ = ["STATUS_BY_ERROR", "status_for"]
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller gets for `exc`."""
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(exc, error_type):
+            return code, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the agent's log"

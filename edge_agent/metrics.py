@@ -1,0 +1,133 @@
+"""The edge agent's Prometheus metrics, on an injected registry, and the /metrics server.
+
+Label values are bounded: model names come from the repository (an unknown name is counted
+as "unknown"), codes from gRPC's fixed set, reasons from InvalidInput's fixed kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from model_runtime import ModelRepository
+
+__all__ = ["AgentMetrics", "ModelMetrics", "serve_metrics"]
+
+UNKNOWN_MODEL = "unknown"
+
+# Latency buckets from 100 µs (a local answer) to 10 s (a slow escalation).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """The per-model children, bound once so the request path does no label lookups."""
+
+    inference_seconds: Histogram
+    request_seconds: Histogram
+    confidence: Histogram
+    items: Counter
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry, repository: ModelRepository) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "edge_agent_requests",
+            "gRPC calls answered, by method, model and gRPC status code.",
+            ["method", "model", "code"],
+            registry=registry,
+        )
+        self.invalid_requests = Counter(
+            "edge_agent_invalid_requests",
+            "Inference requests refused as invalid, by model and what was wrong.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.items = Counter(
+            "edge_agent_items",
+            "Items (rows of a batch) answered, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.in_flight = 0
+        """Inference requests being answered now; read at scrape time, so no lock per call."""
+        Gauge(
+            "edge_agent_requests_in_flight",
+            "Inference requests being answered now.",
+            registry=registry,
+        ).set_function(lambda: self.in_flight)
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        inference = Histogram(
+            "edge_agent_inference_duration_seconds",
+            "Time the local model took to run one request's batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        request = Histogram(
+            "edge_agent_request_duration_seconds",
+            "Time from receiving an inference request to having its answer, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        confidence = Histogram(
+            "edge_agent_confidence",
+            "Confidence of each answered item, after temperature scaling, by model.",
+            ["model"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "edge_agent_model_info",
+            "Models loaded: 1 per model version, with its confidence method.",
+            ["model", "version", "method"],
+            registry=registry,
+        )
+        self.threshold = Gauge(
+            "edge_agent_model_threshold",
+            "Escalation threshold in force for each model.",
+            ["model"],
+            registry=registry,
+        )
+        self.temperature = Gauge(
+            "edge_agent_model_temperature",
+            "Temperature in force for each model's confidence.",
+            ["model"],
+            registry=registry,
+        )
+        self.models: dict[str, ModelMetrics] = {}
+        for model in repository:
+            self.model_info.labels(
+                model.name, str(model.version), model.config.confidence_method
+            ).set(1)
+            self.threshold.labels(model.name).set(model.config.threshold)
+            self.temperature.labels(model.name).set(model.config.temperature)
+            self.models[model.name] = ModelMetrics(
+                inference.labels(model.name),
+                request.labels(model.name),
+                confidence.labels(model.name),
+                self.items.labels(model.name),
+            )
+
+    def model_label(self, name: str) -> str:
+        return name if name in self.models else UNKNOWN_MODEL
+
+    def count_request(self, method: str, model: str, code: str) -> None:
+        key = (method, self.model_label(model), code)
+        child = self._request_children.get(key)
+        if child is None:  # label sets are bounded, so this cache is too
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Start /metrics in a daemon thread; returns the server (its bound port: server_port)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

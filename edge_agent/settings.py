@@ -1,0 +1,93 @@
+"""AgentSettings: every knob of `edge-agent serve`, built once at start-up and passed down.
+
+Precedence, highest first: command-line flags, environment (EDGE_AGENT_<FIELD>), the TOML
+config file (--config), then the defaults below, which work on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from model_runtime.demo import EDGE_REPOSITORY
+
+__all__ = ["AgentSettings", "SettingsError", "load_settings"]
+
+
+class SettingsError(Exception):
+    """The settings are invalid; the message names each key and its problem."""
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", extra="forbid", frozen=True)
+
+    model_repository: Path = EDGE_REPOSITORY
+    """Directory of models: <model>/<version>/model.onnx and <model>/config.toml."""
+    host: str = "127.0.0.1"
+    """Address the gRPC API listens on."""
+    port: int = Field(default=8001, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (see port_file)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint; 0 picks a free one."""
+    onnx_threads: int = Field(default=1, ge=1, le=64)
+    """onnxruntime intra-op threads per session. 1 suits small models: concurrency comes from
+    serving many requests at once, not from splitting one."""
+    inline_run_budget_us: float = Field(default=200.0, ge=0.0)
+    """Batches estimated to run within this many microseconds run on the event loop's thread;
+    longer ones go to a worker thread. 0 sends every run to a worker thread."""
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    grace_seconds: float = Field(default=10.0, ge=0.0)
+    """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    port_file: Path | None = None
+    """If set, {"grpc": port, "metrics": port} is written here once both are bound."""
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+        for err in exc.errors()
+    )
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:
+    """Merge flags (None means not given), environment and the config file into AgentSettings."""
+    if config_file is not None:
+        try:
+            tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
+
+    class _FromSources(AgentSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if config_file is not None:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+            return sources
+
+    try:
+        merged = _FromSources(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    return AgentSettings.model_construct(**merged.model_dump())

@@ -1,0 +1,302 @@
+"""The Open Inference Protocol (v2) REST JSON tensor format: request and response bodies <-> numpy.
+
+Shared by the cloud gateway (decode requests, encode responses) and the router's cloud client
+(encode requests, decode responses). Works on parsed JSON (dicts and lists), never on protobuf.
+Every malformed body raises InvalidInput whose `field` names the culprit: the tensor's name once
+it is known, otherwise a JSON path such as `inputs[2]` or `parameters.priority`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from model_runtime.errors import InvalidInput
+from model_runtime.tensors import TensorSpec, array_from_values, check_finite, datatype_of
+
+__all__ = [
+    "InferRequest",
+    "InferResponse",
+    "ModelSignature",
+    "Parameters",
+    "decode_infer_request",
+    "decode_infer_response",
+    "encode_infer_request",
+    "encode_infer_response",
+    "error_body",
+    "model_metadata",
+]
+
+Array = npt.NDArray[np.generic]
+# v2 parameter values are strings, numbers or booleans (no nesting).
+ParameterValue = str | int | float | bool
+Parameters = dict[str, ParameterValue]
+
+
+class ModelSignature(Protocol):
+    """What a request is checked against: the model's declared inputs and outputs.
+
+    `model_runtime.OnnxModel` satisfies it.
+    """
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A decoded, checked inference request. `outputs` is None when the caller wants them all."""
+
+    inputs: dict[str, Array]
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+    outputs: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    """A decoded inference response."""
+
+    model_name: str
+    outputs: dict[str, Array]
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+
+
+def _data(array: Array) -> list[Any]:
+    """Row-major flat values, floats in their shortest round-tripping form.
+
+    float32 values converted to Python floats print as float64 ("0.10000000149011612");
+    numpy's str() of the float32 is the shortest text that reads back to the same float32
+    ("0.1"), which halves the bytes of a typical probability tensor on the wire.
+    """
+    flat = array.reshape(-1)
+    if flat.dtype.kind == "f" and flat.dtype.itemsize < 8:
+        return [float(s) for s in flat.astype(str)]
+    if flat.dtype.kind in "SO":
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in flat.tolist()]
+    return list(flat.tolist())
+
+
+def _tensor(name: str, array: Array) -> dict[str, Any]:
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "data": _data(array),
+    }
+
+
+def encode_infer_request(
+    inputs: Mapping[str, Array],
+    *,
+    request_id: str | None = None,
+    parameters: Mapping[str, ParameterValue] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The v2 JSON body of an inference request (pass it to `json.dumps`)."""
+    body: dict[str, Any] = {}
+    if request_id is not None:
+        body["id"] = request_id
+    if parameters:
+        body["parameters"] = dict(parameters)
+    body["inputs"] = [_tensor(name, np.asarray(a)) for name, a in inputs.items()]
+    if outputs is not None:
+        body["outputs"] = [{"name": name} for name in outputs]
+    return body
+
+
+def encode_infer_response(
+    model_name: str,
+    outputs: Mapping[str, Array],
+    *,
+    model_version: str | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, ParameterValue] | None = None,
+) -> dict[str, Any]:
+    """The v2 JSON body of an inference response."""
+    body: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        body["model_version"] = model_version
+    if request_id is not None:
+        body["id"] = request_id
+    if parameters:
+        body["parameters"] = dict(parameters)
+    body["outputs"] = [_tensor(name, np.asarray(a)) for name, a in outputs.items()]
+    return body
+
+
+def error_body(message: str) -> dict[str, str]:
+    """The v2 error body: `{"error": message}`."""
+    return {"error": message}
+
+
+def model_metadata(
+    name: str, versions: Sequence[int | str], signature: ModelSignature, platform: str
+) -> dict[str, Any]:
+    """The v2 model metadata body for `GET /v2/models/{name}`."""
+
+    def specs(tensors: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+
+    return {
+        "name": name,
+        "versions": [str(v) for v in versions],
+        "platform": platform,
+        "inputs": specs(signature.inputs),
+        "outputs": specs(signature.outputs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def _object(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidInput(where, f"must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidInput(where, f"must be a JSON array, got {_json_type(value)}")
+    return value
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(where, f"must be a non-empty string, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    for kind, label in names.items():
+        if isinstance(value, kind):
+            return label
+    return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _parameters(value: object, where: str) -> Parameters:
+    if value is None:
+        return {}
+    params = _object(value, where)
+    for key, v in params.items():
+        if not isinstance(v, str | int | float | bool):
+            raise InvalidInput(
+                f"{where}.{key}", f"must be a string, number or boolean, got {_json_type(v)}"
+            )
+    return dict(params)
+
+
+def _shape(value: object, name: str) -> list[int]:
+    dims = _list(value, f"{name}.shape")
+    for d in dims:
+        # bool is an int in Python, but `true` is not a dimension.
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise InvalidInput(name, f"shape {dims} must hold integers, got {_json_type(d)}")
+    return dims
+
+
+def _decode_tensor(
+    raw: object, where: str, spec: TensorSpec | None, *, finite: bool
+) -> tuple[str, Array]:
+    tensor = _object(raw, where)
+    name = _string(tensor.get("name"), f"{where}.name")
+    datatype = _string(tensor.get("datatype"), f"{name}.datatype")
+    shape = _shape(tensor.get("shape"), name)
+    if spec is not None:
+        spec.check(datatype, shape)
+    elif any(d < 1 for d in shape):
+        raise InvalidInput(name, f"shape {shape} has a dimension below 1")
+    if "data" not in tensor:
+        raise InvalidInput(f"{name}.data", "is missing")
+    data = _list(tensor["data"], f"{name}.data")
+    array = array_from_values(name, datatype, shape, data)
+    if finite:
+        check_finite(name, array)
+    return name, array
+
+
+def decode_infer_request(body: object, model: ModelSignature | None = None) -> InferRequest:
+    """Check and decode a parsed v2 request body.
+
+    With `model`, every declared input must be present with its datatype and shape, and only
+    declared inputs and outputs may be named. Without it (a gateway forwarding to a server
+    whose metadata it does not hold) the tensors are only checked for being well formed.
+    """
+    request = _object(body, "body")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("id", f"must be a string, got {_json_type(request_id)}")
+    parameters = _parameters(request.get("parameters"), "parameters")
+    raw_inputs = _list(request.get("inputs"), "inputs")
+    if not raw_inputs:
+        raise InvalidInput("inputs", "is empty; at least one input tensor is needed")
+    specs = {s.name: s for s in model.inputs} if model is not None else None
+    inputs: dict[str, Array] = {}
+    for i, raw in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        name = _string(_object(raw, where).get("name"), f"{where}.name")
+        if name in inputs:
+            raise InvalidInput(name, "is given twice")
+        if specs is not None and name not in specs:
+            raise InvalidInput(name, f"is not an input of the model (inputs: {', '.join(specs)})")
+        inputs[name] = _decode_tensor(
+            raw, where, specs[name] if specs else None, finite=True
+        )[1]
+    if specs is not None:
+        missing = [n for n in specs if n not in inputs]
+        if missing:
+            raise InvalidInput(missing[0], "input is missing from the request")
+    outputs = _requested_outputs(request.get("outputs"), model)
+    return InferRequest(inputs, request_id, parameters, outputs)
+
+
+def _requested_outputs(value: object, model: ModelSignature | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names: list[str] = []
+    known = [s.name for s in model.outputs] if model is not None else None
+    for i, raw in enumerate(_list(value, "outputs")):
+        name = _string(_object(raw, f"outputs[{i}]").get("name"), f"outputs[{i}].name")
+        if known is not None and name not in known:
+            raise InvalidInput(
+                f"outputs[{i}]", f"'{name}' is not an output of the model ({', '.join(known)})"
+            )
+        names.append(name)
+    return tuple(names)
+
+
+def decode_infer_response(body: object) -> InferResponse:
+    """Check and decode a parsed v2 response body (for clients and forwarding gateways)."""
+    response = _object(body, "body")
+    model_name = _string(response.get("model_name"), "model_name")
+    version = response.get("model_version")
+    if version is not None and not isinstance(version, str):
+        raise InvalidInput("model_version", f"must be a string, got {_json_type(version)}")
+    response_id = response.get("id")
+    if response_id is not None and not isinstance(response_id, str):
+        raise InvalidInput("id", f"must be a string, got {_json_type(response_id)}")
+    parameters = _parameters(response.get("parameters"), "parameters")
+    outputs: dict[str, Array] = {}
+    for i, raw in enumerate(_list(response.get("outputs"), "outputs")):
+        # A model may answer with infinities (log-probabilities); only inputs must be finite.
+        name, array = _decode_tensor(raw, f"outputs[{i}]", None, finite=False)
+        outputs[name] = array
+    return InferResponse(model_name, outputs, version, response_id, parameters)

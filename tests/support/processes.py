@@ -1,0 +1,121 @@
+"""Start a real daemon on ephemeral ports, learn its ports, wait for health, stop it cleanly.
+
+Daemons are started with `--port-file F`: once every socket is bound they write
+{"name": port, ...} to F atomically, so tests never guess ports nor bind-then-close them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Daemon", "start_daemon", "wait_until"]
+
+BIN = Path(sys.executable).parent
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> None:
+    """Poll `condition` until it is true; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:  # a daemon that is still starting refuses connections
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Daemon:
+    """A running daemon process and the ports it reported."""
+
+    process: subprocess.Popen[str]
+    ports: dict[str, int]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: a power cut, as far as the process can tell."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start_daemon(
+    command: str,
+    args: Sequence[str],
+    workdir: Path,
+    *,
+    ready: Callable[[Daemon], bool] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Daemon:
+    """Run `<venv>/bin/<command> serve ... --port-file`, wait for its ports, then for `ready`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{command}.{os.getpid()}.{time.monotonic_ns()}.ports.json"
+    log_path = port_file.with_suffix(".log")
+    full = [str(BIN / command), *args, "--port-file", str(port_file)]
+    log = log_path.open("w", encoding="utf-8")
+    process = subprocess.Popen(
+        full, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
+    log.close()
+    daemon = Daemon(process, {}, log_path, full)
+
+    def reported() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command} exited with {process.returncode}:\n{daemon.log()}")
+        if not port_file.exists():
+            return False
+        daemon.ports = json.loads(port_file.read_text())
+        return True
+
+    try:
+        _wait_strict(reported, timeout, f"{command} to report its ports")
+        if ready is not None:
+            wait_until(lambda: ready(daemon), timeout, what=f"{command} to become ready")
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon
+
+
+def _wait_strict(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Like wait_until, but an exception from `condition` (the daemon died) fails at once."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
