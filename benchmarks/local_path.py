@@ -25,12 +25,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, print_table, summarize  # noqa: E402
+from _harness import Result, print_table, summarize
 
-from edge_agent.grpc._generated import grpc_service_pb2 as pb  # noqa: E402
-from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from model_runtime.demo import HELDOUT  # noqa: E402
-from tests.support.processes import Daemon, start_daemon, wait_until  # noqa: E402
+from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from model_runtime.demo import HELDOUT
+from tests.support.processes import Daemon, start_daemon, wait_until
 
 
 def echo_server(response_file: str, port_file: str) -> None:
@@ -98,10 +98,15 @@ def main() -> None:
 
     def ready(d: Daemon) -> bool:
         with grpc.insecure_channel(d.address("grpc")) as ch:
-            return bool(pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready)
+            return bool(
+                pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready
+            )
 
     agent = start_daemon(
-        "edge-agent", ["serve", "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"], work, ready=ready
+        "edge-agent",
+        ["serve", "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"],
+        work,
+        ready=ready,
     )
     with grpc.insecure_channel(agent.address("grpc")) as ch:
         response = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
@@ -119,7 +124,9 @@ def main() -> None:
             runs: dict[str, list[Result]] = {"echo": [], "agent": []}
             for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
                 runs["echo"].append(measure(echo_address, request, concurrency, args.requests))
-                runs["agent"].append(measure(agent.address("grpc"), request, concurrency, args.requests))
+                runs["agent"].append(
+                    measure(agent.address("grpc"), request, concurrency, args.requests)
+                )
             echo_fig, agent_fig = _median(runs["echo"]), _median(runs["agent"])
             rows.append((f"bare gRPC echo, concurrency {concurrency}", echo_fig))
             rows.append((f"edge agent, concurrency {concurrency}", agent_fig))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,9 @@ def serve(
         Path | None, typer.Option(help="Model repository directory [default: bundled demo].")
     ] = None,
     host: Annotated[str | None, typer.Option(help="gRPC address [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port; 0 picks one [default: 8001].")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="gRPC port; 0 picks one [default: 8001].")
+    ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 picks one [default: 9101].")
@@ -46,6 +49,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the model repository over the Open Inference Protocol (gRPC)."""
+    # grpc-core reads this once, at import: its own log lines would repeat, in another format,
+    # what the agent reports itself. GRPC_VERBOSITY=ERROR in the environment brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from edge_agent.app import run  # keeps `edge-agent --help` free of onnxruntime's import time
 
     try:

@@ -133,7 +133,9 @@ def check_finite(name: str, array: npt.NDArray[np.generic]) -> None:
         return
     # One reduction instead of isfinite + all: a float64 sum is finite exactly when every
     # FP16/FP32 value is. FP64 sums can overflow, so only a non-finite sum is looked into.
-    if math.isfinite(array.sum(dtype=np.float64)):
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = array.sum(dtype=np.float64)
+    if math.isfinite(total):
         return
     finite = np.isfinite(array)
     if finite.all():

@@ -1,0 +1,112 @@
+"""Starting and stopping the agent: clear one-line failures, a clean drain on SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
+from tests.integration.conftest import start_agent
+from tests.support.processes import BIN, wait_until
+
+X = np.load(HELDOUT)["X"][:4]
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "edge-agent"), "serve", "--metrics-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_sigterm_lets_calls_in_flight_finish_then_exits_zero(
+    tmp_path: Path, slow_repository: Path
+) -> None:
+    agent = start_agent(
+        tmp_path, "--model-repository", str(slow_repository), "--grace-seconds", "20"
+    )
+    client = triton.InferenceServerClient(agent.address("grpc"))
+    x = np.random.default_rng(1).normal(size=(256, 256)).astype(np.float32)
+    inp = triton.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(
+                client.infer("slow", [inp], client_timeout=60).as_numpy("probabilities").shape
+            )
+        except InferenceServerException as exc:
+            results.append(exc.status())
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    metrics_url = f"http://{agent.address('metrics')}/metrics"
+    wait_until(
+        lambda: "edge_agent_requests_in_flight 3.0" in httpx.get(metrics_url).text,
+        what="3 calls in flight",
+    )
+
+    agent.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: '"msg": "stopping"' in agent.log(), what="the agent to begin its drain")
+    with pytest.raises(InferenceServerException) as refused:
+        triton.InferenceServerClient(agent.address("grpc")).infer("slow", [inp], client_timeout=10)
+    for t in callers:
+        t.join()
+
+    assert agent.process.wait(30) == 0
+    assert results == [(256, 256)] * 3  # every call that was in flight got its answer
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"  # new calls are turned away
+    assert '"msg": "stopped"' in agent.log()
+
+
+def test_taken_port_is_one_clear_line(tmp_path: Path) -> None:
+    first = start_agent(tmp_path)
+    try:
+        result = run_agent("--port", str(first.ports["grpc"]))
+    finally:
+        first.stop()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"edge-agent: cannot listen on 127.0.0.1:{first.ports['grpc']}: address in use or not available"
+    ]
+
+
+def test_broken_repository_is_one_clear_line(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(EDGE_REPOSITORY, repo)
+    (repo / "digits" / "1" / "model.onnx").write_bytes(b"\x00garbage")
+    result = run_agent("--port", "0", "--model-repository", str(repo))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "edge-agent: model 'digits': model.onnx is not a loadable ONNX model"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], "port: Input should be less than or equal to 65535"),
+        (["--onnx-threads", "0"], "onnx_threads: Input should be greater than or equal to 1"),
+    ],
+)
+def test_invalid_settings_are_one_clear_line(args: list[str], words: str) -> None:
+    result = run_agent(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert words in lines[0]
