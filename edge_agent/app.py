@@ -51,7 +51,8 @@ async def _serve(settings: AgentSettings) -> int:
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
 
-    disable_created_metrics()  # the _created series double the scrape for no operator question
+    # The _created series double the scrape and answer no operator's question.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry, repository)
     service = InferenceService(repository, metrics, ServerInfo("edge-cloud-router", __version__))

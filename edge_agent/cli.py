@@ -8,14 +8,10 @@ from typing import Annotated
 
 import typer
 
+from edge_agent.calibrate import calibrate_command
 from edge_agent.settings import SettingsError, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-
-
-@app.callback()
-def _group() -> None:
-    """Keeps `edge-agent <command>` a group even while it has a single command."""
 
 
 @app.command()
@@ -24,24 +20,24 @@ def serve(
         Path | None, typer.Option(help="TOML file of settings; flags and EDGE_AGENT_* win over it.")
     ] = None,
     model_repository: Annotated[
-        Path | None, typer.Option(help="Model repository directory [default: bundled demo].")
+        Path | None, typer.Option(help="Model repository directory (default: bundled demo).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="gRPC address [default: 127.0.0.1].")] = None,
+    host: Annotated[str | None, typer.Option(help="gRPC address (default: 127.0.0.1).")] = None,
     port: Annotated[
-        int | None, typer.Option(help="gRPC port; 0 picks one [default: 8001].")
+        int | None, typer.Option(help="gRPC port; 0 picks one (default: 8001).")
     ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="/metrics port; 0 picks one [default: 9101].")
+        int | None, typer.Option(help="/metrics port; 0 picks one (default: 9101).")
     ] = None,
     onnx_threads: Annotated[
-        int | None, typer.Option(help="onnxruntime threads per model [default: 1].")
+        int | None, typer.Option(help="onnxruntime threads per model (default: 1).")
     ] = None,
     max_message_bytes: Annotated[
-        int | None, typer.Option(help="Largest request accepted [default: 4 MiB].")
+        int | None, typer.Option(help="Largest request accepted (default: 4 MiB).")
     ] = None,
     grace_seconds: Annotated[
-        float | None, typer.Option(help="On SIGTERM, time for calls in flight [default: 10].")
+        float | None, typer.Option(help="On SIGTERM, time for calls in flight (default: 10).")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
     port_file: Annotated[
@@ -75,12 +71,7 @@ def serve(
 
 
 # Each command lives beside what it drives; this module only gathers them.
-try:  # TEMP-LEAD: until edge_agent/calibrate.py lands
-    from edge_agent.calibrate import calibrate_command
-
-    app.command("calibrate")(calibrate_command)
-except ImportError:
-    pass
+app.command("calibrate")(calibrate_command)
 
 
 def main() -> None:
