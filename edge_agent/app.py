@@ -72,6 +72,7 @@ async def _serve(settings: AgentSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_configs, repository, metrics)
 
     await server.start()
     if settings.port_file is not None:
@@ -92,6 +93,19 @@ async def _serve(settings: AgentSettings) -> int:
     metrics_server.shutdown()
     log.info("stopped")
     return 0
+
+
+def _reload_configs(repository: ModelRepository, metrics: AgentMetrics) -> None:
+    """SIGHUP: put edited model configs (a new calibration) in force without a restart."""
+    try:
+        changed = repository.reload_configs()
+    except ModelLoadError as exc:
+        log.error("config reload refused; the previous configs stay in force: %s", exc)
+        metrics.config_reloads.labels("refused").inc()
+        return
+    metrics.show_configs(repository)
+    metrics.config_reloads.labels("applied").inc()
+    log.info("configs reloaded", extra={"fields": {"changed": changed}})
 
 
 def _write_port_file(path: Path, **ports: int) -> None:

@@ -102,19 +102,30 @@ class AgentMetrics:
             ["model"],
             registry=registry,
         )
+        self.config_reloads = Counter(
+            "edge_agent_config_reloads",
+            "Model config reloads on SIGHUP, by result (applied or refused).",
+            ["result"],
+            registry=registry,
+        )
         self.models: dict[str, ModelMetrics] = {}
         for model in repository:
-            self.model_info.labels(
-                model.name, str(model.version), model.config.confidence_method
-            ).set(1)
-            self.threshold.labels(model.name).set(model.config.threshold)
-            self.temperature.labels(model.name).set(model.config.temperature)
             self.models[model.name] = ModelMetrics(
                 inference.labels(model.name),
                 request.labels(model.name),
                 confidence.labels(model.name),
                 self.items.labels(model.name),
             )
+        self.show_configs(repository)
+
+    def show_configs(self, repository: ModelRepository) -> None:
+        """Publish each model's config in force: at start-up and after every reload."""
+        self.model_info.clear()
+        for model in repository:
+            method = model.config.confidence_method
+            self.model_info.labels(model.name, str(model.version), method).set(1)
+            self.threshold.labels(model.name).set(model.config.threshold)
+            self.temperature.labels(model.name).set(model.config.temperature)
 
     def model_label(self, name: str) -> str:
         return name if name in self.models else UNKNOWN_MODEL

@@ -102,18 +102,35 @@ class OnnxModel:
         self.outputs = tuple(_spec(name, a) for a in self._session.get_outputs())
         self.input_by_name = {spec.name: spec for spec in self.inputs}
         self.output_names = tuple(spec.name for spec in self.outputs)
-        self.scores_output = self._find_scores_output()
-        self._check_labels()
+        self.scores_output = self.check_config(config)
 
-    def _find_scores_output(self) -> str:
-        if self.config.output is not None:
-            if self.config.output not in self.output_names:
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Put a new config in force (after calibration); a config that doesn't fit the graph
+        raises ModelLoadError and leaves the old one in force."""
+        scores_output = self.check_config(config)
+        self.config, self.scores_output = config, scores_output
+
+    def check_config(self, config: ModelConfig) -> str:
+        """The output holding class scores under `config`; ModelLoadError if it doesn't fit."""
+        scores_output = self._find_scores_output(config)
+        classes = next(o for o in self.outputs if o.name == scores_output).shape[-1]
+        if config.labels and classes != -1 and len(config.labels) != classes:
+            raise ModelLoadError(
+                self.name,
+                f"config has {len(config.labels)} labels but output "
+                f"'{scores_output}' has {classes} classes",
+            )
+        return scores_output
+
+    def _find_scores_output(self, config: ModelConfig) -> str:
+        if config.output is not None:
+            if config.output not in self.output_names:
                 raise ModelLoadError(
                     self.name,
-                    f"config output '{self.config.output}' is not an output of the graph "
+                    f"config output '{config.output}' is not an output of the graph "
                     f"(outputs: {', '.join(self.output_names)})",
                 )
-            return self.config.output
+            return config.output
         candidates = [
             o.name
             for o in self.outputs
@@ -126,15 +143,6 @@ class OnnxModel:
                 f"(outputs: {', '.join(self.output_names)})",
             )
         return candidates[0]
-
-    def _check_labels(self) -> None:
-        classes = next(o for o in self.outputs if o.name == self.scores_output).shape[-1]
-        if self.config.labels and classes != -1 and len(self.config.labels) != classes:
-            raise ModelLoadError(
-                self.name,
-                f"config has {len(self.config.labels)} labels but output "
-                f"'{self.scores_output}' has {classes} classes",
-            )
 
     def check_input_names(self, names: Sequence[str]) -> None:
         """Every input given exactly once, none unknown; errors name the input."""

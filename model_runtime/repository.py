@@ -61,6 +61,23 @@ class ModelRepository:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def reload_configs(self) -> list[str]:
+        """Re-read every model's config.toml and put it in force; returns the models changed.
+
+        All configs are read and checked before any is applied, so one bad file changes
+        nothing (ModelLoadError names it).
+        """
+        staged = []
+        for name, versions in self._models.items():
+            config = load_model_config(name, self.root / name / CONFIG_FILE)
+            for model in versions.values():
+                if model.config != config:
+                    model.check_config(config)  # raises before anything changes
+                    staged.append((model, config))
+        for model, config in staged:
+            model.reconfigure(config)
+        return sorted({model.name for model, _ in staged})
+
 
 def _load_versions(model_dir: Path, threads: int, inline_budget_s: float) -> dict[int, OnnxModel]:
     name = model_dir.name

@@ -257,9 +257,7 @@ def decode_infer_request(body: object, model: ModelSignature | None = None) -> I
             raise InvalidInput(name, "is given twice")
         if specs is not None and name not in specs:
             raise InvalidInput(name, f"is not an input of the model (inputs: {', '.join(specs)})")
-        inputs[name] = _decode_tensor(
-            raw, where, specs[name] if specs else None, finite=True
-        )[1]
+        inputs[name] = _decode_tensor(raw, where, specs[name] if specs else None, finite=True)[1]
     if specs is not None:
         missing = [n for n in specs if n not in inputs]
         if missing:
@@ -272,7 +270,8 @@ def _requested_outputs(value: object, model: ModelSignature | None) -> tuple[str
     if value is None:
         return None
     names: list[str] = []
-    known = [s.name for s in model.outputs] if model is not None else None
+    # A signature without declared outputs (some upstream servers) cannot refuse any.
+    known = [s.name for s in model.outputs] if model is not None and model.outputs else None
     for i, raw in enumerate(_list(value, "outputs")):
         name = _string(_object(raw, f"outputs[{i}]").get("name"), f"outputs[{i}].name")
         if known is not None and name not in known:

@@ -15,6 +15,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
+from model_runtime.model_config import load_model_config
 from tests.integration.conftest import start_agent
 from tests.support.processes import BIN, wait_until
 
@@ -110,3 +111,58 @@ def test_invalid_settings_are_one_clear_line(args: list[str], words: str) -> Non
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert words in lines[0]
+
+
+def test_sighup_puts_a_new_calibration_in_force(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(EDGE_REPOSITORY, repo)
+    agent = start_agent(tmp_path, "--model-repository", str(repo))
+    metrics_url = f"http://{agent.address('metrics')}/metrics"
+    try:
+        assert 'edge_agent_model_temperature{model="digits"} 1.0' in httpx.get(metrics_url).text
+        calibrated = subprocess.run(
+            [
+                str(BIN / "edge-agent"),
+                "calibrate",
+                "--model-repository",
+                str(repo),
+                "--model",
+                "digits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert calibrated.returncode == 0, calibrated.stderr
+        config = load_model_config("digits", repo / "digits" / "config.toml")
+        assert config.temperature != 1.0
+
+        agent.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                f'edge_agent_model_temperature{{model="digits"}} {config.temperature}'
+                in httpx.get(metrics_url).text
+            ),
+            what="the new temperature on /metrics",
+        )
+        text = httpx.get(metrics_url).text
+        assert f'edge_agent_model_threshold{{model="digits"}} {config.threshold}' in text
+        assert 'edge_agent_config_reloads_total{result="applied"} 1.0' in text
+
+        # A broken config is refused as a whole; the calibrated one stays in force.
+        (repo / "digits" / "config.toml").write_text("threshold = 7\n", encoding="utf-8")
+        agent.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                'edge_agent_config_reloads_total{result="refused"} 1.0'
+                in httpx.get(metrics_url).text
+            ),
+            what="the refused reload to be counted",
+        )
+        assert (
+            f'edge_agent_model_temperature{{model="digits"}} {config.temperature}'
+            in httpx.get(metrics_url).text
+        )
+        assert triton.InferenceServerClient(agent.address("grpc")).is_model_ready("digits")
+    finally:
+        agent.stop()
