@@ -3,10 +3,12 @@
 RouterError
 ├── QueueFull            the durable queue is at its disk cap and refuses new items
 ├── QueueCorrupt         the queue file could not be opened; it was quarantined
+├── QueueSchemaTooNew    the queue file was written by a newer version; it is left untouched
 ├── BudgetExhausted      the data budget for the period is spent
 ├── TicketNotFound       no such ticket (never issued, or past its retention)
 └── CloudError           a cloud call did not produce an answer
     ├── CloudUnavailable connection failed, timed out, 5xx, 429, or the breaker is open
+    │   └── CircuitOpen  the circuit breaker is open; the call was not attempted
     └── CloudRejected    the cloud refused the request itself (4xx other than 429)
 """
 
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetExhausted",
+    "CircuitOpen",
     "CloudError",
     "CloudRejected",
     "CloudUnavailable",
     "QueueCorrupt",
     "QueueFull",
+    "QueueSchemaTooNew",
     "RouterError",
     "TicketNotFound",
 ]
@@ -74,3 +78,24 @@ class CloudUnavailable(CloudError):
 
 class CloudRejected(CloudError):
     """Not worth retrying: the cloud says the request itself is wrong."""
+
+
+class CircuitOpen(CloudUnavailable):
+    """The circuit breaker is open (or its one half-open probe is taken); nothing was sent."""
+
+    def __init__(self, retry_in: float | None = None) -> None:
+        self.retry_in = retry_in
+        when = "" if retry_in is None else f"; next probe in {retry_in:.1f} s"
+        super().__init__(f"cloud circuit breaker is open{when}")
+
+
+class QueueSchemaTooNew(RouterError):
+    """Refuse to open rather than quarantine: a downgrade must not discard a newer queue."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"queue file {path} has schema version {found}; this version reads up to {supported}"
+        )
