@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from edge_agent import __version__
+from edge_agent.grpc.router_servicer import RouterServicer
 from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
@@ -21,6 +22,7 @@ from edge_agent.logs import configure_logging
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.settings import AgentSettings
 from model_runtime import ModelLoadError, ModelRepository
+from router import BudgetMode, FullPolicy, MonitorConfig, Router, RouterConfig
 
 __all__ = ["run"]
 
@@ -55,11 +57,35 @@ async def _serve(settings: AgentSettings) -> int:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry, repository)
-    service = InferenceService(repository, metrics, ServerInfo("edge-cloud-router", __version__))
+    router = await Router.open(_router_config(settings), registry)
+    try:
+        code = await _serve_with(settings, repository, router, registry, metrics)
+    finally:
+        await router.close()
+    log.info("stopped")
+    return code
+
+
+async def _serve_with(
+    settings: AgentSettings,
+    repository: ModelRepository,
+    router: Router,
+    registry: CollectorRegistry,
+    metrics: AgentMetrics,
+) -> int:
+    service = InferenceService(
+        repository,
+        router,
+        metrics,
+        ServerInfo("edge-cloud-router", __version__),
+        default_ttl_seconds=settings.default_ttl_seconds,
+    )
     v2 = V2Servicer(service, metrics, settings.max_message_bytes)
     address = f"{settings.host}:{settings.port}"
     try:
-        server = GrpcServer(v2, address, settings.max_message_bytes)
+        server = GrpcServer(
+            v2, RouterServicer(router, metrics), address, settings.max_message_bytes
+        )
         metrics_server = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
     except ListenError as exc:
         raise StartupError(str(exc)) from None
@@ -84,6 +110,7 @@ async def _serve(settings: AgentSettings) -> int:
                 "grpc": f"{settings.host}:{server.port}",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
                 "models": [m.describe() for m in repository],
+                "cloud": settings.cloud_url or "none",
             }
         },
     )
@@ -91,8 +118,44 @@ async def _serve(settings: AgentSettings) -> int:
     log.info("stopping", extra={"fields": {"grace_seconds": settings.grace_seconds}})
     await server.stop(settings.grace_seconds)
     metrics_server.shutdown()
-    log.info("stopped")
     return 0
+
+
+def _router_config(settings: AgentSettings) -> RouterConfig:
+    device_key = None
+    if settings.device_key_file is not None:
+        try:
+            device_key = settings.device_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot read device key file {settings.device_key_file}: {exc.strerror}"
+            ) from None
+        if not device_key:
+            raise StartupError(f"device key file {settings.device_key_file} is empty")
+    try:
+        return _build_router_config(settings, device_key)
+    except ValueError as exc:
+        raise StartupError(f"invalid router settings: {exc}") from None
+
+
+def _build_router_config(settings: AgentSettings, device_key: str | None) -> RouterConfig:
+    return RouterConfig(
+        cloud_url=settings.cloud_url,
+        device_key=device_key,
+        state_dir=settings.state_dir,
+        queue_cap_bytes=settings.queue_cap_bytes or None,
+        full_policy=FullPolicy(settings.queue_full_policy),
+        default_ttl_s=settings.default_ttl_seconds,
+        budget_day_bytes=settings.budget_day_bytes or None,
+        budget_month_bytes=settings.budget_month_bytes or None,
+        budget_mode=BudgetMode(settings.budget_mode),
+        bandwidth_cap_bytes_per_s=settings.bandwidth_cap_bytes_per_s or None,
+        live_timeout_s=settings.live_timeout_seconds,
+        monitor=MonitorConfig(
+            probe_interval_s=settings.probe_interval_seconds,
+            probe_timeout_s=settings.probe_timeout_seconds,
+        ),
+    )
 
 
 def _reload_configs(repository: ModelRepository, metrics: AgentMetrics) -> None:

@@ -43,6 +43,15 @@ def serve(
     port_file: Annotated[
         Path | None, typer.Option(help="Write the bound ports here as JSON once serving.")
     ] = None,
+    cloud_url: Annotated[
+        str | None, typer.Option(help="The cloud's v2 REST URL; unset: answer everything here.")
+    ] = None,
+    device_key_file: Annotated[
+        Path | None, typer.Option(help="File holding this device's key for the cloud.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Queue and counters live here (default: var/edge-agent).")
+    ] = None,
 ) -> None:
     """Serve the model repository over the Open Inference Protocol (gRPC)."""
     # grpc-core reads this once, at import: its own log lines would repeat, in another format,
@@ -63,6 +72,9 @@ def serve(
             grace_seconds=grace_seconds,
             log_level=log_level,
             port_file=port_file,
+            cloud_url=cloud_url,
+            device_key_file=device_key_file,
+            state_dir=state_dir,
         )
     except SettingsError as exc:
         typer.echo(f"edge-agent: invalid settings: {exc}", err=True)

@@ -1,5 +1,6 @@
 """InferenceService: the agent's transport-free core. Checks a decoded request against its
-model, runs the model, scores each item and says how the answer was reached.
+model, runs the model, scores each item and hands the answer to the router, which says for
+each item whether the local answer stands, the cloud answered, or the request was queued.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy.typing as npt
 
 from edge_agent.metrics import AgentMetrics
 from model_runtime import InvalidInput, ModelRepository, OnnxModel
+from router import CallerWishes, LocalAnswer, RoutedAnswer, Router
 
 __all__ = ["ROUTING_OUTPUTS", "InferRequest", "InferResult", "InferenceService", "ServerInfo"]
 
@@ -21,8 +23,16 @@ ParameterValue = bool | int | float | str
 
 # Per-item routing facts, served beside the model's own outputs only when a request names
 # them, so a plain v2 client gets exactly the outputs it asked for.
-CONFIDENCE_OUTPUT = "routing.confidence"
-ROUTING_OUTPUTS = frozenset({CONFIDENCE_OUTPUT})
+ROUTING_OUTPUTS = frozenset(
+    {
+        "routing.confidence",  # FP32 [N]
+        "routing.route",  # BYTES [N]: edge, cloud or queue
+        "routing.reason",  # BYTES [N]: why (router.Reason)
+        "routing.provisional",  # BOOL [N]: the local answer may be superseded
+        "routing.ticket",  # BYTES [N]: the ticket of a queued item, else empty
+    }
+)
+MIXED = "mixed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,8 @@ class InferRequest:
     """Outputs asked for by name; empty means all of the model's own outputs."""
     parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
     id: str = ""
+    time_left_s: float | None = None
+    """The caller's deadline, as seconds left when the request arrived; None if none was set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +66,19 @@ class InferResult:
 
 class InferenceService:
     def __init__(
-        self, repository: ModelRepository, metrics: AgentMetrics, info: ServerInfo
+        self,
+        repository: ModelRepository,
+        router: Router,
+        metrics: AgentMetrics,
+        info: ServerInfo,
+        *,
+        default_ttl_seconds: float,
     ) -> None:
         self.repository = repository
+        self.router = router
         self.metrics = metrics
         self.info = info
+        self.default_ttl_seconds = default_ttl_seconds
 
     def model(self, name: str, version: str = "") -> OnnxModel:
         """The model to answer with; raises ModelNotFound."""
@@ -72,31 +92,73 @@ class InferenceService:
         model = request.model
         model.check_input_names(list(request.inputs))
         model.check_output_names(request.outputs, extra=ROUTING_OUTPUTS)
+        wishes = CallerWishes.from_parameters(
+            request.parameters, default_ttl_seconds=self.default_ttl_seconds
+        )
         items = _batch_size(request.inputs)
         model_metrics = self.metrics.models[model.name]
 
         started = time.perf_counter()
         prediction = await model.run(request.inputs, items)
         model_metrics.inference_seconds.observe(time.perf_counter() - started)
-
-        confidence = prediction.confidence
-        for value in confidence.tolist():
+        for value in prediction.confidence.tolist():
             model_metrics.confidence.observe(value)
         model_metrics.items.inc(items)
 
-        wanted = request.outputs or model.output_names
-        outputs: dict[str, Array] = {}
-        for name in wanted:
-            if name == CONFIDENCE_OUTPUT:
-                outputs[name] = confidence.astype(np.float32)
-            else:
-                outputs[name] = prediction.outputs[name]
-        # The batch is as sure as its least sure item.
-        parameters: dict[str, ParameterValue] = {
-            "route": "edge",
-            "confidence": float(confidence.min()),
+        local = LocalAnswer(
+            prediction.outputs,
+            prediction.confidence,
+            model.config.threshold,
+            model.config.cloud_model,
+        )
+        routed = await self.router.route(
+            model=model.name,
+            inputs=request.inputs,
+            local=local,
+            wishes=wishes,
+            time_left_s=request.time_left_s,
+            request_id=request.id,
+        )
+        outputs = {
+            name: _routing_output(name, routed) if name in ROUTING_OUTPUTS else routed.outputs[name]
+            for name in (request.outputs or model.output_names)
         }
-        return InferResult(model, request.id, outputs, parameters)
+        return InferResult(model, request.id, outputs, _response_parameters(routed))
+
+
+def _one_or_mixed(values: Sequence[str]) -> str:
+    return values[0] if len(set(values)) == 1 else MIXED
+
+
+def _response_parameters(routed: RoutedAnswer) -> dict[str, ParameterValue]:
+    """The response-level facts: one value for the request, `mixed` when a batch's items differ."""
+    items = routed.items
+    parameters: dict[str, ParameterValue] = {
+        "route": _one_or_mixed([i.route.value for i in items]),
+        "reason": _one_or_mixed([i.reason.value for i in items]),
+        # The batch is as sure as its least sure item.
+        "confidence": min(i.confidence for i in items),
+        "provisional": any(i.provisional for i in items),
+    }
+    tickets = [i.ticket for i in items if i.ticket]
+    if len(tickets) == 1:
+        parameters["ticket"] = tickets[0]
+    elif tickets:
+        parameters["tickets"] = len(tickets)  # each one is in the output routing.ticket
+    return parameters
+
+
+def _routing_output(name: str, routed: RoutedAnswer) -> Array:
+    items = routed.items
+    if name == "routing.confidence":
+        return np.array([i.confidence for i in items], dtype=np.float32)
+    if name == "routing.provisional":
+        return np.array([i.provisional for i in items], dtype=np.bool_)
+    if name == "routing.route":
+        return np.array([i.route.value for i in items], dtype=np.object_)
+    if name == "routing.reason":
+        return np.array([i.reason.value for i in items], dtype=np.object_)
+    return np.array([i.ticket or "" for i in items], dtype=np.object_)
 
 
 def _batch_size(inputs: Mapping[str, Array]) -> int:

@@ -128,7 +128,8 @@ class AgentMetrics:
             self.temperature.labels(model.name).set(model.config.temperature)
 
     def model_label(self, name: str) -> str:
-        return name if name in self.models else UNKNOWN_MODEL
+        """A served model's name; "" for calls about no model; "unknown" for any other name."""
+        return name if not name or name in self.models else UNKNOWN_MODEL
 
     def count_request(self, method: str, model: str, code: str) -> None:
         key = (method, self.model_label(model), code)

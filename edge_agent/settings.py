@@ -53,6 +53,37 @@ class AgentSettings(BaseSettings):
     port_file: Path | None = None
     """If set, {"grpc": port, "metrics": port} is written here once both are bound."""
 
+    # -- escalation to the cloud (router) ---------------------------------------------------
+    cloud_url: str | None = None
+    """Base URL of the cloud's v2 REST endpoint (the cloud gateway, or any v2 server). Unset:
+    every request is answered at the edge, and responses say so (reason no_cloud_configured)."""
+    device_key_file: Path | None = None
+    """File holding this device's key for the cloud (`cloud-gateway keys add`); read once."""
+    state_dir: Path = Path("var/edge-agent")
+    """Where the durable queue, results and data-budget counters are kept."""
+    queue_cap_bytes: int = Field(default=256 * 2**20, ge=0)
+    """Disk the queue may use; 0 means no cap."""
+    queue_full_policy: str = Field(default="refuse", pattern="^(refuse|drop_oldest_lowest)$")
+    """At the cap: refuse new requests (RESOURCE_EXHAUSTED) or drop the lowest-priority oldest."""
+    default_ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
+    """How long a queued request waits for the link before it expires, unless the caller says."""
+    budget_day_bytes: int = Field(default=0, ge=0)
+    """Bytes the agent may send to the cloud per UTC day; 0 means unlimited."""
+    budget_month_bytes: int = Field(default=0, ge=0)
+    """Bytes the agent may send to the cloud per UTC month; 0 means unlimited."""
+    budget_mode: str = Field(default="queue", pattern="^(queue|edge)$")
+    """Once the budget is spent, unsure requests are queued for the next period, or answered
+    at the edge only."""
+    bandwidth_cap_bytes_per_s: int = Field(default=0, ge=0)
+    """The queue drains at most this fast; 0 means no cap."""
+    live_timeout_seconds: float = Field(default=2.0, gt=0)
+    """Time limit of a live escalation when the caller sets no gRPC deadline."""
+    probe_interval_seconds: float = Field(default=30.0, gt=0)
+    """While the link works, its health is probed when the cloud was silent this long. Each
+    probe costs a few hundred bytes: shorter finds a dead link sooner, longer spends less."""
+    probe_timeout_seconds: float = Field(default=5.0, gt=0)
+    """A probe slower than this counts as failed."""
+
 
 def _describe(exc: ValidationError) -> str:
     return "; ".join(

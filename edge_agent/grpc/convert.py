@@ -13,13 +13,29 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.inference import InferRequest, InferResult, ParameterValue
 from model_runtime import InvalidInput, OnnxModel
 from model_runtime.tensors import array_from_raw, array_from_values, check_finite, datatype_of
+from router import RouterStatus, TicketResult
 
-__all__ = ["decode_infer_request", "decode_parameters", "encode_infer_result", "encode_parameters"]
+__all__ = [
+    "decode_infer_request",
+    "decode_parameters",
+    "encode_infer_result",
+    "encode_parameters",
+    "encode_status",
+    "encode_ticket_result",
+]
 
 Array = npt.NDArray[np.generic]
+
+_TICKET_STATES = {
+    "pending": rpb.TicketResult.PENDING,
+    "delivered": rpb.TicketResult.DELIVERED,
+    "expired": rpb.TicketResult.EXPIRED,
+    "dropped": rpb.TicketResult.DROPPED,
+}
 
 # Which InferTensorContents field carries each datatype (FP16 and BF16 have none: raw only).
 _CONTENTS_FIELD = {
@@ -90,7 +106,9 @@ def _decode_input(
     return array
 
 
-def decode_infer_request(request: pb.ModelInferRequest, model: OnnxModel) -> InferRequest:
+def decode_infer_request(
+    request: pb.ModelInferRequest, model: OnnxModel, time_left_s: float | None
+) -> InferRequest:
     """Check and decode a ModelInferRequest for `model`; raises InvalidInput."""
     model.check_input_names([t.name for t in request.inputs])
     raw_contents = request.raw_input_contents
@@ -111,6 +129,7 @@ def decode_infer_request(request: pb.ModelInferRequest, model: OnnxModel) -> Inf
         outputs=[o.name for o in request.outputs],
         parameters=decode_parameters(request.parameters),
         id=request.id,
+        time_left_s=time_left_s,
     )
 
 
@@ -136,3 +155,41 @@ def encode_infer_result(result: InferResult) -> pb.ModelInferResponse:
         response.raw_output_contents.append(_raw_bytes(array))
     encode_parameters(response.parameters, result.parameters)
     return response
+
+
+def encode_ticket_result(result: TicketResult) -> rpb.TicketResult:
+    message = rpb.TicketResult(
+        ticket=result.ticket,
+        state=_TICKET_STATES[result.state],
+        model_name=result.model,
+        cursor=result.cursor,
+        enqueued_at=result.enqueued_at,
+        finished_at=result.finished_at or 0.0,
+        attempts=result.attempts,
+    )
+    for name, array in result.outputs.items():
+        message.outputs.add(
+            name=name,
+            datatype=datatype_of(array),
+            shape=array.shape,
+            raw_contents=_raw_bytes(array),
+        )
+    return message
+
+
+def encode_status(status: RouterStatus) -> rpb.StatusResponse:
+    message = rpb.StatusResponse(
+        link_state=status.link_state,
+        rtt_seconds=status.rtt_s or 0.0,
+        breaker_open=status.breaker_open,
+        queue_depth_by_priority=status.depth_by_priority,
+        oldest_item_age_seconds=status.oldest_age_s or 0.0,
+        queue_bytes=status.queue_bytes,
+        cloud_configured=status.cloud_configured,
+    )
+    for period, target in (("day", message.day_budget), ("month", message.month_budget)):
+        limit, used, left = status.budget.get(period, (None, 0, None))
+        target.limit_bytes = limit or 0
+        target.used_bytes = used
+        target.left_bytes = left or 0
+    return message

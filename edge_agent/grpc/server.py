@@ -8,11 +8,15 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.grpc._generated import router_service_pb2 as rpb
+from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
+from edge_agent.grpc.router_servicer import RouterServicer
 from edge_agent.grpc.v2_servicer import V2Servicer
 
 __all__ = ["GrpcServer", "ListenError"]
 
 V2_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ROUTER_SERVICE = rpb.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class ListenError(Exception):
@@ -23,7 +27,9 @@ class ListenError(Exception):
 class GrpcServer:
     """Binds at construction (so a taken port fails early), serves after `start`."""
 
-    def __init__(self, v2: V2Servicer, address: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, v2: V2Servicer, router: RouterServicer, address: str, max_message_bytes: int
+    ) -> None:
         self._server = grpc.aio.server(
             options=[
                 # grpc-core drops anything beyond twice the limit before it reaches us;
@@ -35,9 +41,10 @@ class GrpcServer:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, self._server)
+        rpb_grpc.add_RouterServiceServicer_to_server(router, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        services = (V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        services = (V2_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server)
         try:
             self.port = self._server.add_insecure_port(address)
@@ -48,7 +55,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self._server.start()
-        for service in ("", V2_SERVICE):
+        for service in ("", V2_SERVICE, ROUTER_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_seconds: float) -> None:

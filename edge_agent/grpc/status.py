@@ -11,6 +11,7 @@ import logging
 import grpc
 
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
+from router.errors import QueueFull, TicketNotFound
 
 __all__ = ["STATUS_BY_ERROR", "status_for"]
 
@@ -20,6 +21,8 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TicketNotFound, grpc.StatusCode.NOT_FOUND),
 )
 
 

@@ -87,7 +87,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             if size > self.max_message_bytes:
                 raise RequestTooLarge(size, self.max_message_bytes)
             model = self.service.model(request.model_name, request.model_version)
-            result = await self.service.infer(decode_infer_request(request, model))
+            decoded = decode_infer_request(request, model, context.time_remaining())
+            result = await self.service.infer(decoded)
             response = encode_infer_result(result)
         except Exception as exc:
             return self._fail(context, "ModelInfer", request.model_name, exc, pb.ModelInferResponse)

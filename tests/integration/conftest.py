@@ -16,12 +16,22 @@ def agent_ready(daemon: Daemon) -> bool:
     return bool(triton.InferenceServerClient(daemon.address("grpc")).is_server_ready())
 
 
-def start_agent(workdir: Path, *args: str) -> Daemon:
+def start_agent(workdir: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
     return start_daemon(
         "edge-agent",
-        ["serve", "--port", "0", "--metrics-port", "0", *args],
+        [
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(workdir / "state"),
+            *args,
+        ],
         workdir,
         ready=agent_ready,
+        env=env,
     )
 
 
