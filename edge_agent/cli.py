@@ -82,6 +82,17 @@ def serve(
     raise typer.Exit(run(settings))
 
 
+@app.command()
+def demo() -> None:
+    """Start a cloud gateway and an agent, replay the held-out set with an outage, show the table."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from rich.console import Console
+
+    from edge_agent.demo import run_demo
+
+    raise typer.Exit(run_demo(Console()))
+
+
 # Each command lives beside what it drives; this module only gathers them.
 app.command("calibrate")(calibrate_command)
 
