@@ -1,0 +1,154 @@
+"""The composition root: build the gateway's parts from GatewaySettings and wire them into an
+ASGI app whose lifespan starts and stops what needs the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from uvicorn.config import STARTUP_FAILURE
+
+from cloud_gateway.auth import Authenticator
+from cloud_gateway.backends.base import Backend
+from cloud_gateway.backends.embedded import EmbeddedBackend
+from cloud_gateway.backends.upstream import UpstreamBackend
+from cloud_gateway.idempotency import (
+    IdempotencyGuard,
+    IdempotencyPolicy,
+    IdempotencyStore,
+    RedisIdempotencyStore,
+    SqliteIdempotencyStore,
+)
+from cloud_gateway.keys import KeyStore
+from cloud_gateway.limits import BodyLimits, RateLimiter
+from cloud_gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
+from cloud_gateway.routes import V2Routes, exception_handlers
+from cloud_gateway.service import GatewayService
+from cloud_gateway.settings import GatewaySettings
+from model_runtime import ModelRepository
+
+__all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store"]
+
+log = logging.getLogger("cloud_gateway")
+
+
+def make_backend(settings: GatewaySettings) -> Backend:
+    if settings.upstream is not None:
+        return UpstreamBackend(
+            settings.upstream,
+            timeout_s=settings.upstream_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+    # Loaded and warmed here, before the server accepts a connection.
+    repository = ModelRepository.load(settings.model_repository, threads=settings.onnx_threads)
+    return EmbeddedBackend(repository, inline_budget_s=settings.inline_run_budget_us / 1e6)
+
+
+def make_store(settings: GatewaySettings) -> IdempotencyStore:
+    if settings.idempotency_store == "sqlite":
+        return SqliteIdempotencyStore(
+            settings.idempotency_db_path, retry_after_s=settings.retry_after_s
+        )
+    return RedisIdempotencyStore(settings.idempotency_store, retry_after_s=settings.retry_after_s)
+
+
+def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Starlette:
+    """The gateway as an ASGI app; metrics go to `registry`."""
+    metrics = GatewayMetrics(registry)
+    backend = make_backend(settings)
+    store = make_store(settings)
+    keys = KeyStore(settings.key_db_path)
+    guard = IdempotencyGuard(
+        store,
+        IdempotencyPolicy(
+            retention_s=settings.idempotency_retention_s,
+            pending_ttl_s=settings.idempotency_pending_ttl_s,
+            wait_s=settings.idempotency_wait_s,
+        ),
+    )
+    service = GatewayService(backend, guard, metrics)
+    routes = V2Routes(
+        service,
+        Authenticator(keys, cache_s=settings.key_cache_s),
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        BodyLimits(settings.max_body_bytes, settings.max_decompressed_bytes),
+        metrics,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await backend.start()
+        cleaner = asyncio.create_task(
+            _purge_periodically(store, settings.idempotency_cleanup_interval_s)
+        )
+        log.info(
+            "serving %s models (%s idempotency store)",
+            backend.name,
+            store.name,
+        )
+        try:
+            yield
+        finally:
+            cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleaner
+            await guard.aclose()
+            await backend.aclose()
+            await store.aclose()
+            keys.close()
+
+    return Starlette(
+        routes=routes.routes(),
+        middleware=[
+            Middleware(RequestMetricsMiddleware, metrics=metrics, model_label=backend.model_label),
+            # Only JSON is served: no content types to exclude, none to check per response.
+            Middleware(
+                GZipMiddleware,
+                minimum_size=settings.gzip_min_bytes,
+                compresslevel=6,
+                exclude_content_types=(),
+            ),
+        ],
+        exception_handlers=exception_handlers(),
+        lifespan=lifespan,
+    )
+
+
+async def _purge_periodically(store: IdempotencyStore, interval_s: float) -> None:
+    """Delete expired idempotency records now and every `interval_s` after."""
+    while True:
+        try:
+            purged = await store.purge_expired()
+            if purged:
+                log.info("purged %d expired idempotency records", purged)
+        except Exception as exc:
+            log.warning("could not purge expired idempotency records: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+@dataclass(frozen=True)
+class WorkerAppFactory:
+    """Builds the app inside each worker process; picklable, so uvicorn can hand it to them.
+
+    In a worker the metrics registry is only a holder: multiprocess mode writes the values to
+    the files the supervisor's `/metrics` reads.
+    """
+
+    settings: GatewaySettings
+
+    def __call__(self) -> Starlette:
+        try:
+            return create_app(self.settings, registry=CollectorRegistry())
+        except Exception as exc:
+            # uvicorn's supervisor stops, rather than restarting a worker that can never start.
+            log.error("worker cannot start: %s", exc)
+            sys.exit(STARTUP_FAILURE)

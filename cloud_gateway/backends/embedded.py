@@ -1,0 +1,97 @@
+"""EmbeddedBackend: the model repository loaded into this process, run with onnxruntime.
+
+A run goes to a worker thread unless it is known to be shorter than the hand-off to one: on
+a small machine a thread round trip costs ~100 µs, while the large demo model answers one
+image in ~15 µs. Run times are learned per model and batch-size class (powers of two): the
+first run of a class goes to a thread, later ones run inline while their average stays under
+`inline_budget_s`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+
+from model_runtime import ModelRepository, OnnxModel, Prediction
+from model_runtime.v2_json import InferRequest, InferResponse, ModelSignature, model_metadata
+
+__all__ = ["EmbeddedBackend"]
+
+OTHER_MODEL = "_other"
+
+
+class EmbeddedBackend:
+    name = "embedded"
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        inline_budget_s: float = 100e-6,
+        perf_counter: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._repository = repository
+        self._names = frozenset(repository.names())
+        self._inline_budget_s = inline_budget_s
+        self._perf_counter = perf_counter
+        # (model, version, batch-size class) -> recent run time in seconds (moving average)
+        self._run_s: dict[tuple[str, int, int], float] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        # Models are loaded and warmed before the server accepts connections.
+        return True
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        self._repository.get(name, version)
+        return True
+
+    async def model_metadata(self, name: str, version: str) -> dict[str, Any]:
+        model = self._repository.get(name, version)
+        return model_metadata(
+            model.name, self._repository.versions(name), model, platform="onnxruntime_onnx"
+        )
+
+    async def signature(self, name: str, version: str) -> ModelSignature | None:
+        return self._repository.get(name, version)
+
+    async def infer(self, name: str, version: str, request: InferRequest) -> InferResponse:
+        model = self._repository.get(name, version)
+        rows = max((a.shape[0] for a in request.inputs.values() if a.ndim), default=1)
+        key = (model.name, model.version, int(rows).bit_length())
+        expected = self._run_s.get(key)
+        if expected is not None and expected < self._inline_budget_s:
+            start = self._perf_counter()
+            prediction = model.predict(request.inputs)
+            took = self._perf_counter() - start
+        else:
+            # onnxruntime blocks (and releases the GIL): a worker thread keeps the loop free.
+            prediction, took = await anyio.to_thread.run_sync(_timed_predict, model, request)
+        self._run_s[key] = took if expected is None else 0.8 * expected + 0.2 * took
+        outputs = prediction.outputs
+        if request.outputs is not None:
+            outputs = {n: outputs[n] for n in request.outputs}
+        return InferResponse(model.name, outputs, str(model.version), request.id)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self._names else OTHER_MODEL
+
+    def model(self, name: str, version: str = "") -> OnnxModel:
+        return self._repository.get(name, version)
+
+
+def _timed_predict(model: OnnxModel, request: InferRequest) -> tuple[Prediction, float]:
+    # CPU time of this thread: what the run would cost the loop, without the time spent
+    # waiting for the GIL among busy threads. An inline run is then timed by the wall clock,
+    # so an estimate that proves too low corrects itself.
+    start = time.thread_time()
+    prediction = model.predict(request.inputs)
+    return prediction, time.thread_time() - start

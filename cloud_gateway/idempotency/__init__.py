@@ -1,0 +1,17 @@
+"""Idempotency: run the model once per device and Idempotency-Key, replay the answer to repeats."""
+
+from cloud_gateway.idempotency.base import Existing, IdempotencyStore, scope_id
+from cloud_gateway.idempotency.guard import IdempotencyGuard, IdempotencyPolicy, Outcome
+from cloud_gateway.idempotency.redis_store import RedisIdempotencyStore
+from cloud_gateway.idempotency.sqlite_store import SqliteIdempotencyStore
+
+__all__ = [
+    "Existing",
+    "IdempotencyGuard",
+    "IdempotencyPolicy",
+    "IdempotencyStore",
+    "Outcome",
+    "RedisIdempotencyStore",
+    "SqliteIdempotencyStore",
+    "scope_id",
+]

@@ -1,0 +1,271 @@
+"""The default idempotency store: one SQLite file in WAL mode, shared by the workers of a host.
+
+Writes are group-committed: every claim, renewal, answer and release issued during one turn of
+the event loop goes into one `BEGIN IMMEDIATE` transaction, so two workers cannot both claim a
+key, and sixteen requests in flight cost one commit instead of sixteen. Commits use
+synchronous=NORMAL: a power cut may lose the last answers, and their retries then run the model
+again, which is the at-least-once the devices already cope with; no fsync per request.
+
+The transaction first runs on the event loop's own connection, which never waits: it has no
+busy timeout and no automatic checkpoint, so it either finishes in tens of microseconds (a
+page-cache write) or fails at once with SQLITE_BUSY. Only then, when another worker holds the
+write lock, does the batch go to a worker thread that may wait for it: a thread round trip
+costs more than the transaction itself. Checkpoints, which do fsync, run in a thread too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import anyio.to_thread
+
+from cloud_gateway.errors import StoreUnavailable
+from cloud_gateway.idempotency.base import Existing
+
+__all__ = ["SqliteIdempotencyStore"]
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope       TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    owner       TEXT,             -- set while pending, NULL once done
+    body        BLOB,             -- the answer, once done
+    expires_at  REAL NOT NULL     -- pending: when the mark lapses; done: end of retention
+);
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);
+"""
+
+_COMPLETE = (
+    "UPDATE idempotency SET owner = NULL, body = ?, expires_at = ? WHERE scope = ? AND owner = ?"
+)
+# Copy the WAL into the database this often (in commits of this process), off the loop.
+_CHECKPOINT_EVERY = 1000
+
+
+def _connect(path: Path, *, busy_timeout_ms: int, autocheckpoint: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    if not autocheckpoint:
+        db.execute("PRAGMA wal_autocheckpoint=0")
+    return db
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class SqliteIdempotencyStore:
+    name = "sqlite"
+
+    def __init__(
+        self, path: Path, *, now: Callable[[], float] = time.time, retry_after_s: float = 5.0
+    ) -> None:
+        self.path = path
+        self._retry_after_s = retry_after_s
+        self._now = now
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop_db = _connect(path, busy_timeout_ms=0, autocheckpoint=False)
+        self._loop_db.executescript(_SCHEMA)
+        self._batch: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._commits = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+
+    @property
+    def commits(self) -> int:
+        """Write transactions this store has committed; each may carry many requests' writes."""
+        return self._commits
+
+    def _thread_db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect(self.path, busy_timeout_ms=10_000, autocheckpoint=True)
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    async def _write(self, op: _Op) -> Any:
+        """Run `op` in the transaction of this turn of the event loop; its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((op, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            results = _apply(self._loop_db, [op for op, _ in batch])
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                task = asyncio.get_running_loop().create_task(self._flush_in_thread(batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self._fail(batch, exc)
+            return
+        except sqlite3.Error as exc:
+            self._fail(batch, exc)
+            return
+        self._settle(batch, results)
+
+    async def _flush_in_thread(self, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        ops = [op for op, _ in batch]
+        try:
+            results = await anyio.to_thread.run_sync(lambda: _apply(self._thread_db(), ops))
+        except sqlite3.Error as exc:
+            self._fail(batch, exc)
+            return
+        self._settle(batch, results)
+
+    def _settle(self, batch: list[tuple[_Op, asyncio.Future[Any]]], results: list[Any]) -> None:
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its request may have been cancelled meanwhile
+                future.set_result(result)
+        self._commits += 1
+        if self._commits % _CHECKPOINT_EVERY == 0 and self._checkpoint is None:
+            self._checkpoint = asyncio.get_running_loop().create_task(self._wal_checkpoint())
+
+    def _fail(self, batch: list[tuple[_Op, asyncio.Future[Any]]], exc: sqlite3.Error) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(StoreUnavailable(self.name, str(exc), self._retry_after_s))
+
+    async def _wal_checkpoint(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: self._thread_db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            )
+        except sqlite3.Error:
+            pass  # the next one catches up; a failed checkpoint loses nothing
+        finally:
+            self._checkpoint = None
+
+    # -- the protocol ----------------------------------------------------------------------------
+
+    async def claim(
+        self, scope: str, fingerprint: str, owner: str, pending_ttl_s: float
+    ) -> Existing | None:
+        now = self._now()
+        return cast(
+            Existing | None,
+            await self._write(lambda db: _claim(db, scope, fingerprint, owner, now, pending_ttl_s)),
+        )
+
+    async def renew(self, scope: str, owner: str, pending_ttl_s: float) -> None:
+        args = (self._now() + pending_ttl_s, scope, owner)
+        await self._write(
+            lambda db: db.execute(
+                "UPDATE idempotency SET expires_at = ? WHERE scope = ? AND owner = ?", args
+            )
+        )
+
+    async def complete(self, scope: str, owner: str, body: bytes, retention_s: float) -> None:
+        # Only over our own mark: if it lapsed and another worker took over, its answer wins.
+        args = (body, self._now() + retention_s, scope, owner)
+        await self._write(lambda db: db.execute(_COMPLETE, args))
+
+    async def release(self, scope: str, owner: str) -> None:
+        await self._write(
+            lambda db: db.execute(
+                "DELETE FROM idempotency WHERE scope = ? AND owner = ?", (scope, owner)
+            )
+        )
+
+    async def purge_expired(self) -> int:
+        # Possibly many rows: always in a thread.
+        try:
+            now = self._now()
+            return await anyio.to_thread.run_sync(
+                lambda: _execute(
+                    self._thread_db(), "DELETE FROM idempotency WHERE expires_at <= ?", (now,)
+                )
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.name, str(exc), self._retry_after_s) from exc
+
+    async def ping(self) -> None:
+        try:
+            self._loop_db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.name, str(exc), self._retry_after_s) from exc
+
+    async def aclose(self) -> None:
+        if self._checkpoint is not None:
+            await self._checkpoint
+        for task in list(self._tasks):
+            await task
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._loop_db.close()
+
+    def record(self, scope: str) -> tuple[str, str | None, bytes | None, float] | None:
+        """(fingerprint, owner, body, expires_at) of a record: for operators and tests."""
+        row = (
+            self._thread_db()
+            .execute(
+                "SELECT fingerprint, owner, body, expires_at FROM idempotency WHERE scope = ?",
+                (scope,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+def _apply(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+    """Run `ops` in one write transaction: all of them or none."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        results = [op(db) for op in ops]
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _claim(
+    db: sqlite3.Connection,
+    scope: str,
+    fingerprint: str,
+    owner: str,
+    now: float,
+    pending_ttl_s: float,
+) -> Existing | None:
+    row = db.execute(
+        "SELECT fingerprint, owner, body, expires_at FROM idempotency WHERE scope = ?",
+        (scope,),
+    ).fetchone()
+    if row is not None and row[3] > now:
+        return Existing(row[0], None if row[1] is not None else bytes(row[2]))
+    # No record, or one whose mark or retention has lapsed: ours now.
+    db.execute(
+        "INSERT OR REPLACE INTO idempotency (scope, fingerprint, owner, body, expires_at) "
+        "VALUES (?, ?, ?, NULL, ?)",
+        (scope, fingerprint, owner, now + pending_ttl_s),
+    )
+    return None
+
+
+def _execute(db: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> int:
+    return db.execute(sql, args).rowcount

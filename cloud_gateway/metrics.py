@@ -1,0 +1,179 @@
+"""The gateway's Prometheus metrics, on an injected registry, and the ASGI middleware that counts
+every request: endpoint, model, status code, latency, and bytes on the wire in both directions.
+
+With several workers the CLI turns on prometheus-client's multiprocess mode before any worker
+starts; these metrics then write to per-process files that `/metrics` adds up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["GatewayMetrics", "RequestMetricsMiddleware"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Labelled children by (metric, label values): `labels()` validates and locks on every
+        # call, a cost worth saving on the per-request path. Label values are bounded.
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+        ns = "cloud_gateway"
+        self.requests = Counter(
+            "requests",
+            "HTTP requests answered, by endpoint, model and status code.",
+            ["endpoint", "model", "code"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "Time from the request's arrival to the end of the response.",
+            ["endpoint"],
+            namespace=ns,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_bytes = Counter(
+            "request_bytes",
+            "Request body bytes received, as sent (compressed or not).",
+            ["endpoint"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.response_bytes = Counter(
+            "response_bytes",
+            "Response body bytes sent, after compression.",
+            ["endpoint"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.model_runs = Counter(
+            "model_runs",
+            "Inference runs of a model (embedded or upstream), by outcome.",
+            ["model", "outcome"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.model_run_duration = Histogram(
+            "model_run_duration_seconds",
+            "Time a model run took, including the upstream round trip in upstream mode.",
+            ["model"],
+            namespace=ns,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.replays = Counter(
+            "idempotent_replays",
+            "Requests answered with a stored answer instead of a model run.",
+            ["model"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.idempotency_refusals = Counter(
+            "idempotency_refusals",
+            "Requests refused by the idempotency rules: key reused with another body (422), "
+            "or its first request still running (409).",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "auth_failures",
+            "Requests refused for a missing, malformed, unknown or revoked device key.",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "rate_limited",
+            "Requests refused with 429 because their device was over its rate.",
+            namespace=ns,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "upstream_errors",
+            "Upstream calls that gave no answer: unavailable, timeout, bad_response.",
+            ["kind"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.bodies_too_large = Counter(
+            "bodies_too_large",
+            "Requests refused with 413, on the wire or once decompressed.",
+            namespace=ns,
+            registry=registry,
+        )
+
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, cached."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[return-value]
+
+
+class RequestMetricsMiddleware:
+    """Outermost ASGI middleware: sees the compressed bytes and the final status code."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: GatewayMetrics,
+        model_label: Callable[[str], str],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._model_label = model_label
+        self._monotonic = monotonic
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = self._monotonic()
+        received = 0
+        sent = 0
+        status = 500
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal sent, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            route = scope.get("route")
+            endpoint = route.name if isinstance(route, Route) else "unmatched"
+            name = scope.get("path_params", {}).get("name")
+            model = self._model_label(name) if isinstance(name, str) else ""
+            m = self._metrics
+            m.child(m.requests, endpoint, model, str(status)).inc()
+            m.child(m.request_duration, endpoint).observe(self._monotonic() - start)
+            m.child(m.request_bytes, endpoint).inc(received)
+            m.child(m.response_bytes, endpoint).inc(sent)

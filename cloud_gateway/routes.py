@@ -1,0 +1,168 @@
+"""The v2 REST endpoints: authenticate, limit, decode, call GatewayService, encode.
+
+Errors are raised, not answered here: the handlers in `exception_handlers` turn every one into
+a v2 error body through the single table in errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cloud_gateway.auth import Authenticator
+from cloud_gateway.errors import AuthenticationFailed, GatewayError, RateLimited, http_error
+from cloud_gateway.limits import BodyLimits, RateLimiter, read_body
+from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.service import GatewayService, check_idempotency_key
+from model_runtime import InvalidInput, ModelError, RequestTooLarge
+from model_runtime.v2_json import decode_infer_request, error_body
+
+__all__ = ["REPLAYED_HEADER", "V2Routes", "exception_handlers"]
+
+REPLAYED_HEADER = "Idempotency-Replayed"
+
+try:
+    _VERSION = version("edge-cloud-router")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    _VERSION = "0"
+
+
+class V2Routes:
+    def __init__(
+        self,
+        service: GatewayService,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        limits: BodyLimits,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._service = service
+        self._auth = authenticator
+        self._limiter = limiter
+        self._limits = limits
+        self._metrics = metrics
+
+    def routes(self) -> list[Route]:
+        model = "/v2/models/{name}"
+        versioned = "/v2/models/{name}/versions/{version}"
+        # Inference first: routes are tried in order, and it is nearly all of the traffic.
+        return [
+            Route(f"{model}/infer", self.infer, methods=["POST"], name="infer"),
+            Route(f"{versioned}/infer", self.infer, methods=["POST"], name="infer"),
+            Route("/v2/health/live", self.live, name="health_live"),
+            Route("/v2/health/ready", self.ready, name="health_ready"),
+            Route("/v2", self.server_metadata, name="server_metadata"),
+            Route(model, self.model_metadata, name="model_metadata"),
+            Route(versioned, self.model_metadata, name="model_metadata"),
+            Route(f"{model}/ready", self.model_ready, name="model_ready"),
+            Route(f"{versioned}/ready", self.model_ready, name="model_ready"),
+        ]
+
+    async def _device(self, request: Request) -> str:
+        """The authenticated device, within its rate."""
+        try:
+            device = await self._auth.device(request.headers.get("authorization"))
+        except AuthenticationFailed as exc:
+            self._metrics.auth_failures.labels(exc.reason).inc()
+            raise
+        try:
+            self._limiter.check(device)
+        except RateLimited:
+            self._metrics.rate_limited.inc()
+            raise
+        return device
+
+    # -- open endpoints ------------------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = await self._service.ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    # -- authenticated endpoints ---------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        await self._device(request)
+        return JSONResponse({"name": "cloud-gateway", "version": _VERSION, "extensions": []})
+
+    async def model_metadata(self, request: Request) -> Response:
+        await self._device(request)
+        name, version = _model(request)
+        return JSONResponse(await self._service.model_metadata(name, version))
+
+    async def model_ready(self, request: Request) -> Response:
+        await self._device(request)
+        name, version = _model(request)
+        ready = await self._service.model_ready(name, version)
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    async def infer(self, request: Request) -> Response:
+        device = await self._device(request)
+        name, version = _model(request)
+        key = check_idempotency_key(request.headers.get("idempotency-key"))
+        # Unknown model: 404 before reading a byte of the body.
+        signature = await self._service.signature(name, version)
+        try:
+            body, _ = await read_body(
+                request.stream(),
+                content_length=request.headers.get("content-length"),
+                content_encoding=request.headers.get("content-encoding"),
+                limits=self._limits,
+            )
+        except RequestTooLarge:
+            self._metrics.bodies_too_large.inc()
+            raise
+        except ClientDisconnect:
+            raise InvalidInput("body", "the client went away before sending all of it") from None
+        decoded = decode_infer_request(_parse_json(body), signature)
+        outcome = await self._service.infer(
+            device, name, version, decoded, body=body, idempotency_key=key
+        )
+        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
+        return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+def _model(request: Request) -> tuple[str, str]:
+    return request.path_params["name"], request.path_params.get("version", "")
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            "body", f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise InvalidInput("body", "is not UTF-8 text") from None
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    error = http_error(exc)
+    return JSONResponse(error_body(error.message), error.status, headers=error.headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    # Starlette's own refusals (no such path, wrong method) in the v2 error format too.
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        error_body(str(exc.detail)), exc.status_code, headers=dict(exc.headers or {})
+    )
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """Starlette handlers: the gateway's and model_runtime's errors, by type, via errors.py."""
+    return {
+        GatewayError: _error_response,
+        ModelError: _error_response,
+        HTTPException: _http_exception,
+        Exception: _error_response,
+    }

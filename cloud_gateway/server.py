@@ -1,0 +1,156 @@
+"""The processes of `cloud-gateway serve`: bind the sockets, start uvicorn with one or several
+workers sharing the API socket, serve `/metrics` on its own port, report the ports.
+
+With several workers this supervisor process turns on prometheus-client's multiprocess mode in a
+temporary directory it owns, before any worker starts, and serves the sum of their metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import logging.config
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
+
+from cloud_gateway.app import WorkerAppFactory, create_app
+from cloud_gateway.settings import GatewaySettings
+
+__all__ = ["bind_socket", "run", "write_port_file"]
+
+log = logging.getLogger("cloud_gateway")
+
+# Read by prometheus-client when it is first imported in a worker: set before workers spawn.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_HEALTHCHECK_S = 60
+
+
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket, bound once here so port 0 yields one real port for all workers.
+
+    Created with proto=IPPROTO_TCP on purpose: asyncio turns Nagle's algorithm off only for
+    sockets that say so (`base_events._set_nodelay`), and with Nagle on, every response whose
+    headers and body go out in two writes waits ~40 ms for the client's delayed ACK.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def write_port_file(path: Path, ports: dict[str, int]) -> None:
+    """Write the bound ports as JSON atomically: a reader sees all of them or no file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(ports, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["cloud_gateway"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        factory=factory,
+        workers=settings.workers,
+        lifespan="on",
+        log_config=_log_config(settings.log_level),
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+        # The supervisor pings each worker and replaces one that does not answer in time. A
+        # worker answers only once its imports are done (onnxruntime, numpy...), which on a
+        # loaded machine can take longer than uvicorn's default 5 s: it would then be killed
+        # and restarted over and over.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+    )
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    logging.config.dictConfig(_log_config(settings.log_level))
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    sock = bind_socket(settings.host, settings.port)
+    multiproc_dir: Path | None = None
+    registry = CollectorRegistry()
+    try:
+        if settings.workers > 1:
+            multiproc_dir = Path(tempfile.mkdtemp(prefix="cloud-gateway-metrics-"))
+            os.environ[MULTIPROC_ENV] = str(multiproc_dir)
+            MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+            config = _uvicorn_config(settings, WorkerAppFactory(settings), factory=True)
+        else:
+            config = _uvicorn_config(
+                settings, create_app(settings, registry=registry), factory=False
+            )
+        metrics_server, _ = start_http_server(
+            settings.metrics_port, settings.metrics_host, registry=registry
+        )
+        try:
+            ports = {"http": sock.getsockname()[1], "metrics": metrics_server.server_port}
+            if port_file is not None:
+                write_port_file(port_file, ports)
+            log.info(
+                "v2 API on %s:%d, metrics on %s:%d, %d worker(s)",
+                settings.host,
+                ports["http"],
+                settings.metrics_host,
+                ports["metrics"],
+                settings.workers,
+            )
+            if settings.workers > 1:
+                supervisor = Multiprocess(config, sockets=[sock])
+                supervisor.run()
+                failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+                return 1 if failed else 0
+            # uvicorn re-raises SIGTERM after its graceful shutdown; exiting through SystemExit
+            # (rather than the default handler's abrupt end) lets the cleanup below run.
+            signal.signal(signal.SIGTERM, _exit_cleanly)
+            uvicorn.Server(config).run(sockets=[sock])
+            return 0
+        finally:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+    finally:
+        sock.close()
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)

@@ -1,0 +1,163 @@
+"""GatewayService: a checked v2 request in, the v2 JSON answer out, the model run at most once
+per device and Idempotency-Key. Knows nothing of HTTP; routes.py wraps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cloud_gateway.backends.base import Backend
+from cloud_gateway.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    StoreUnavailable,
+    UpstreamError,
+)
+from cloud_gateway.idempotency import IdempotencyGuard, scope_id
+from cloud_gateway.metrics import GatewayMetrics
+from model_runtime import InvalidInput
+from model_runtime.v2_json import InferRequest, ModelSignature, encode_infer_response
+
+__all__ = ["REPLAY_PARAMETER", "GatewayService", "InferOutcome", "check_idempotency_key"]
+
+# Response parameter set on a replayed answer, so aware clients can tell; plain ones ignore it.
+REPLAY_PARAMETER = "idempotent_replay"
+_MAX_KEY_LENGTH = 255
+_KEY = re.compile(rf"[\x21-\x7e]{{1,{_MAX_KEY_LENGTH}}}")
+
+
+@dataclass(frozen=True, slots=True)
+class InferOutcome:
+    body: bytes
+    """The v2 JSON response body."""
+    replayed: bool
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """The key if it is usable: 1-255 visible ASCII characters (the device's request id)."""
+    if key is None:
+        return None
+    if not _KEY.fullmatch(key):
+        raise InvalidInput(
+            "Idempotency-Key", f"must be 1-{_MAX_KEY_LENGTH} visible ASCII characters"
+        )
+    return key
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    # Compact: every byte counts on the devices' links. NaN is not JSON.
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+class GatewayService:
+    def __init__(
+        self,
+        backend: Backend,
+        guard: IdempotencyGuard,
+        metrics: GatewayMetrics,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self._guard = guard
+        self._metrics = metrics
+        self._monotonic = monotonic
+
+    @contextmanager
+    def _upstream_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except UpstreamError as exc:
+            self._metrics.upstream_errors.labels(exc.kind).inc()
+            raise
+
+    async def signature(self, name: str, version: str) -> ModelSignature | None:
+        with self._upstream_errors():
+            return await self.backend.signature(name, version)
+
+    async def model_metadata(self, name: str, version: str) -> dict[str, Any]:
+        with self._upstream_errors():
+            return await self.backend.model_metadata(name, version)
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        with self._upstream_errors():
+            return await self.backend.model_ready(name, version)
+
+    async def ready(self) -> bool:
+        """Whether the backend can serve and the idempotency store answers."""
+        if not await self.backend.ready():
+            return False
+        try:
+            await self._guard.store.ping()
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def infer(
+        self,
+        device: str,
+        name: str,
+        version: str,
+        request: InferRequest,
+        *,
+        body: bytes,
+        idempotency_key: str | None,
+    ) -> InferOutcome:
+        """Run `request` (decoded from `body`), or replay the stored answer to its key."""
+
+        async def run() -> bytes:
+            return await self._run(name, version, request)
+
+        if idempotency_key is None:
+            return InferOutcome(await run(), replayed=False)
+        # The same key must come with the same request: same model, version and bytes.
+        fingerprint = hashlib.sha256(f"{name}\n{version}\n".encode() + body).hexdigest()
+        label = self.backend.model_label(name)
+        try:
+            outcome = await self._guard.run(scope_id(device, idempotency_key), fingerprint, run)
+        except IdempotencyKeyReused:
+            self._metrics.idempotency_refusals.labels("key_reused").inc()
+            raise
+        except IdempotencyInProgress:
+            self._metrics.idempotency_refusals.labels("in_progress").inc()
+            raise
+        if not outcome.replayed:
+            return InferOutcome(outcome.body, replayed=False)
+        self._metrics.child(self._metrics.replays, label).inc()
+        return InferOutcome(_mark_replay(outcome.body), replayed=True)
+
+    async def _run(self, name: str, version: str, request: InferRequest) -> bytes:
+        start = self._monotonic()
+        label = self.backend.model_label(name)
+        try:
+            with self._upstream_errors():
+                response = await self.backend.infer(name, version, request)
+        except Exception:
+            self._metrics.child(self._metrics.model_runs, label, "error").inc()
+            raise
+        m = self._metrics
+        label = self.backend.model_label(name)  # upstream mode learns names from answers
+        m.child(m.model_runs, label, "ok").inc()
+        m.child(m.model_run_duration, label).observe(self._monotonic() - start)
+        return _dumps(
+            encode_infer_response(
+                response.model_name,
+                response.outputs,
+                model_version=response.model_version,
+                request_id=request.id if request.id is not None else response.id,
+                parameters=response.parameters,
+            )
+        )
+
+
+def _mark_replay(body: bytes) -> bytes:
+    document = json.loads(body)
+    document.setdefault("parameters", {})[REPLAY_PARAMETER] = True
+    return _dumps(document)

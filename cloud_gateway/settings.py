@@ -1,0 +1,181 @@
+"""GatewaySettings: every knob of `cloud-gateway`, from defaults < TOML file < env < flags.
+
+Built once by the CLI and handed to constructors; nothing below the CLI reads the environment.
+Environment variables are the field names in capitals with the prefix CLOUD_GATEWAY_.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from model_runtime.demo import CLOUD_REPOSITORY
+
+__all__ = ["ENV_PREFIX", "GatewaySettings", "SettingsError", "load_settings"]
+
+ENV_PREFIX = "CLOUD_GATEWAY_"
+MiB = 1024 * 1024
+DAY_S = 86_400.0
+
+# The TOML file of the settings being built; a context variable because pydantic-settings
+# builds its sources in a classmethod with no per-call argument for it.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("_CONFIG_FILE", default=None)
+
+
+class SettingsError(Exception):
+    """Invalid settings; the message names each offending key and where to set it."""
+
+
+class GatewaySettings(BaseSettings):
+    """Settings of `cloud-gateway serve` and `cloud-gateway keys`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    """Address the v2 REST API listens on."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port of the v2 REST API; 0 picks a free one (see `--port-file`)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus `/metrics` endpoint, kept apart from the API."""
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    """Port of `/metrics`; 0 picks a free one."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Worker processes sharing the API socket."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+    """Log one line per request (method, path, status; never headers or bodies)."""
+
+    model_repository: Path = CLOUD_REPOSITORY
+    """Model repository served by the embedded onnxruntime (default: the bundled large model)."""
+    onnx_threads: int = Field(default=1, ge=1, le=64)
+    """onnxruntime intra-op threads per model session."""
+    inline_run_budget_us: float = Field(default=100.0, ge=0)
+    """Model runs known to take less than this run on the event loop instead of a worker
+    thread, whose round trip costs more than a tiny model's run. 0 always uses a thread."""
+    upstream: str | None = None
+    """Base URL of a v2 REST server to forward inference to, instead of the embedded runtime."""
+    upstream_timeout_s: float = Field(default=30.0, gt=0)
+    """Whole-call limit for an upstream request; past it the device gets 504."""
+    retry_after_s: float = Field(default=5.0, gt=0)
+    """Retry-After sent with 503 when the upstream or the idempotency store is down."""
+
+    state_dir: Path = Path("var/cloud-gateway")
+    """Directory of the gateway's SQLite files (device keys, idempotency records)."""
+    key_db: Path | None = None
+    """Device key database; default `<state_dir>/keys.sqlite3`."""
+    key_cache_s: float = Field(default=2.0, ge=0)
+    """How long a worker trusts a verified key before checking the database again; a revoked
+    key stops working within this time. 0 checks every request."""
+
+    idempotency_store: str = "sqlite"
+    """`sqlite` (one host, shared by its workers) or a Redis URL (`redis://`, `rediss://`,
+    `unix://`) shared by several replicas."""
+    idempotency_db: Path | None = None
+    """SQLite idempotency file; default `<state_dir>/idempotency.sqlite3`."""
+    idempotency_retention_s: float = Field(default=7 * DAY_S, gt=0)
+    """How long answers are kept for replay: longer than any edge queue TTL plus its retry
+    horizon, since clinics stay offline for days."""
+    idempotency_pending_ttl_s: float = Field(default=10.0, gt=0)
+    """An in-progress mark lapses this long after its worker stops renewing it (it died)."""
+    idempotency_wait_s: float = Field(default=60.0, gt=0)
+    """How long a duplicate waits for the first request before answering 409."""
+    idempotency_cleanup_interval_s: float = Field(default=3600.0, gt=0)
+    """How often expired records are deleted from the SQLite store (Redis expires its own)."""
+
+    max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    """Largest request body on the wire; larger ones get 413 while they are being read."""
+    max_decompressed_bytes: int = Field(default=16 * MiB, ge=1024)
+    """Largest gzip request body once decompressed; past it, 413 and decompression stops."""
+    rate_limit_per_s: float = Field(default=50.0, gt=0)
+    """Sustained requests per second per device, enforced by each worker."""
+    rate_limit_burst: int = Field(default=100, ge=1)
+    """Requests a device may send at once before the rate applies."""
+    gzip_min_bytes: int = Field(default=512, ge=0)
+    """Responses at least this large are gzipped for clients that accept gzip."""
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("idempotency_store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value == "sqlite" or urlsplit(value).scheme in ("redis", "rediss", "unix"):
+            return value
+        raise ValueError("must be 'sqlite' or a redis://, rediss:// or unix:// URL")
+
+    @property
+    def key_db_path(self) -> Path:
+        return self.key_db or self.state_dir / "keys.sqlite3"
+
+    @property
+    def idempotency_db_path(self) -> Path:
+        return self.idempotency_db or self.state_dir / "idempotency.sqlite3"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: flags (init), then the environment, then the file.
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
+        return (init_settings, env_settings, toml)
+
+
+@contextmanager
+def _config_file(path: Path | None) -> Iterator[None]:
+    token = _CONFIG_FILE.set(path)
+    try:
+        yield
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> GatewaySettings:
+    """Defaults < `config_file` (TOML) < CLOUD_GATEWAY_* env < `overrides` (flags; None = unset)."""
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    try:
+        with _config_file(config_file):
+            return GatewaySettings(**flags)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, config_file)) from None
+    except ValueError as exc:  # the TOML parser's errors
+        raise SettingsError(f"config file {config_file}: {exc}") from None
+
+
+def _describe(exc: ValidationError, config_file: Path | None) -> str:
+    lines = ["invalid settings:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = f"--{key.replace('_', '-')}, {ENV_PREFIX}{key.upper()}"
+        if config_file is not None:
+            where += f" or '{key}' in {config_file}"
+        message = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {message} (set by {where})")
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""Helpers of the gateway's integration tests: real `cloud-gateway serve` processes on ephemeral
+ports, and the real servers around them (redis-server, MLServer, upstreams that are down or stall).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloud_gateway.keys import KeyStore
+from model_runtime.v2_json import encode_infer_request
+from tests.support.processes import Daemon, start_daemon, wait_until
+
+ROOT = Path(__file__).resolve().parents[3]
+MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
+DEVICE = "clinic-1"
+
+
+@dataclass
+class Gateway:
+    """A running gateway and the key of a device it knows."""
+
+    daemon: Daemon
+    key: str
+    key_db: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.daemon.address('http')}"
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        kwargs.setdefault("timeout", 30.0)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"http://{self.daemon.address('metrics')}/metrics").text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
+
+    def worker_pids(self) -> list[int]:
+        pid = self.daemon.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children if "spawn_main" in _cmdline(int(c))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def add_key(key_db: Path, device: str = DEVICE) -> str:
+    store = KeyStore(key_db)
+    try:
+        return store.add(device).token
+    finally:
+        store.close()
+
+
+def start_gateway(
+    workdir: Path, *args: str, key_db: Path | None = None, env: dict[str, str] | None = None
+) -> Gateway:
+    """`cloud-gateway serve` on ports 0 with its own state dir (and a shared key db if given)."""
+    state = workdir / "state"
+    key_db = key_db or state / "keys.sqlite3"
+    key = add_key(key_db)
+
+    def live(d: Daemon) -> bool:
+        return httpx.get(f"http://{d.address('http')}/v2/health/live").status_code == 200
+
+    daemon = start_daemon(
+        "cloud-gateway",
+        [
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(state),
+            "--key-db",
+            str(key_db),
+            *args,
+        ],
+        workdir,
+        ready=live,
+        # Unbuffered, so a test reading the log sees every line written so far.
+        env={"PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    return Gateway(daemon, key, key_db)
+
+
+def infer_body(x: np.ndarray, request_id: str | None = None, **kwargs: Any) -> bytes:
+    return json.dumps(encode_infer_request({"X": x}, request_id=request_id, **kwargs)).encode()
+
+
+# -- redis-server ------------------------------------------------------------------------------
+
+
+@dataclass
+class Redis:
+    socket_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        # A unix socket in the test's directory: redis cannot report an ephemeral TCP port,
+        # and a socket path needs no port at all.
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket_path),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._pong, 10.0, what="redis-server to answer PING")
+
+    def _pong(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.socket_path))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.socket_path.unlink(missing_ok=True)
+
+
+# -- MLServer, the third-party v2 server -------------------------------------------------------
+
+
+def free_port_for_mlserver() -> int:
+    # Bind-then-close, used ONLY for MLServer: it takes fixed ports from settings.json and has
+    # no way to report a port it picked itself. Our own daemons report theirs (--port-file).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class MLServer:
+    url: str
+    model_dir: Path
+    process: subprocess.Popen[bytes]
+
+
+SKLEARN_MODEL = "digits-sklearn"
+UNDECLARED_MODEL = "digits-sklearn-undeclared"
+
+
+# -- small upstreams that misbehave ------------------------------------------------------------
+
+
+class StallingUpstream:
+    """A v2 server that answers metadata at once but never answers an inference request."""
+
+    def __init__(self) -> None:
+        self.infer_requests = 0
+        self._release = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = json.dumps(
+                    {
+                        "name": "digits-large",
+                        "versions": [],
+                        "platform": "",
+                        "inputs": [],
+                        "outputs": [],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.infer_requests += 1
+                outer._release.wait(120)  # holds the connection open, silent
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class DownThenUp:
+    """A port that refuses connections until `relay_to` makes it forward to a real server.
+
+    The socket is bound but not listening, so connecting is refused (a server that is down),
+    and nobody else can take the port meanwhile; `relay_to` starts listening on it.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._closed = False
+
+    def relay_to(self, port: int) -> None:
+        self._sock.listen()
+        threading.Thread(target=self._accept, args=(port,), daemon=True).start()
+
+    def _accept(self, port: int) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)

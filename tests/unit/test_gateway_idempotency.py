@@ -1,0 +1,215 @@
+"""IdempotencyGuard over the real SQLite store: once per key, replays, conflicts, lapses, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cloud_gateway.errors import IdempotencyInProgress, IdempotencyKeyReused
+from cloud_gateway.idempotency import (
+    IdempotencyGuard,
+    IdempotencyPolicy,
+    SqliteIdempotencyStore,
+    scope_id,
+)
+
+
+class Work:
+    """The model run: counts its calls, can be held open or made to fail."""
+
+    def __init__(self, answer: bytes = b'{"outputs":[]}') -> None:
+        self.answer = answer
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_with: Exception | None = None
+
+    async def __call__(self) -> bytes:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self.answer
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "idempotency.sqlite3"
+
+
+def guard(db: Path, **policy: float) -> IdempotencyGuard:
+    """A guard as one worker has it; two guards on one file are two workers of a host."""
+    return IdempotencyGuard(SqliteIdempotencyStore(db), IdempotencyPolicy(**policy))
+
+
+SCOPE = scope_id("clinic-1", "req-1")
+
+
+async def test_first_request_runs_and_repeats_replay(db: Path) -> None:
+    g, work = guard(db), Work()
+    first = await g.run(SCOPE, "fp", work)
+    again = await g.run(SCOPE, "fp", work)
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.body == first.body == work.answer
+    assert work.calls == 1
+    # Another worker of the host replays from the file.
+    assert (await guard(db).run(SCOPE, "fp", work)).replayed
+    assert work.calls == 1
+
+
+async def test_keys_are_scoped_per_device(db: Path) -> None:
+    g, work = guard(db), Work()
+    await g.run(scope_id("clinic-1", "req-1"), "fp", work)
+    await g.run(scope_id("clinic-2", "req-1"), "fp", work)
+    assert work.calls == 2
+
+
+async def test_same_key_with_another_request_is_refused(db: Path) -> None:
+    g, work = guard(db), Work()
+    await g.run(SCOPE, "fp-a", work)
+    with pytest.raises(IdempotencyKeyReused):
+        await g.run(SCOPE, "fp-b", work)
+    with pytest.raises(IdempotencyKeyReused):
+        await guard(db).run(SCOPE, "fp-b", work)
+    assert work.calls == 1
+
+
+async def test_a_failed_run_stores_nothing_so_the_retry_runs(db: Path) -> None:
+    g, work = guard(db), Work()
+    work.fail_with = RuntimeError("upstream 503")
+    with pytest.raises(RuntimeError):
+        await g.run(SCOPE, "fp", work)
+    assert SqliteIdempotencyStore(db).record(SCOPE) is None
+    work.fail_with = None
+    outcome = await g.run(SCOPE, "fp", work)
+    assert not outcome.replayed
+    assert work.calls == 2
+
+
+async def test_concurrent_duplicates_in_one_worker_run_once(db: Path) -> None:
+    g, work = guard(db), Work()
+    work.release.clear()
+    tasks = [asyncio.create_task(g.run(SCOPE, "fp", work)) for _ in range(50)]
+    await asyncio.wait_for(work.started.wait(), 5)
+    await asyncio.sleep(0)  # let the other 49 reach the guard while the first one runs
+    work.release.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert work.calls == 1
+    assert sum(not o.replayed for o in outcomes) == 1
+    assert {o.body for o in outcomes} == {work.answer}
+
+
+async def test_concurrent_duplicates_across_workers_run_once(db: Path) -> None:
+    workers = [guard(db, poll_min_s=0.001) for _ in range(3)]
+    work = Work()
+    work.release.clear()
+    tasks = [asyncio.create_task(workers[i % 3].run(SCOPE, "fp", work)) for i in range(30)]
+    await asyncio.wait_for(work.started.wait(), 5)
+    await asyncio.sleep(0.05)  # the other workers find the mark and poll while it runs
+    work.release.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert work.calls == 1
+    assert sum(not o.replayed for o in outcomes) == 1
+
+
+async def test_a_duplicate_that_waits_too_long_gets_in_progress(db: Path) -> None:
+    first, work = guard(db), Work()
+    work.release.clear()
+    running = asyncio.create_task(first.run(SCOPE, "fp", work))
+    await asyncio.wait_for(work.started.wait(), 5)
+    with pytest.raises(IdempotencyInProgress) as err:
+        await guard(db, wait_s=0.05).run(SCOPE, "fp", work)
+    assert err.value.retry_after_s > 0
+    work.release.set()
+    await running
+
+
+async def test_a_live_worker_renews_its_mark(db: Path) -> None:
+    # The run outlasts the mark's TTL several times over; renewal keeps the duplicate waiting
+    # for the answer instead of running the model a second time.
+    first, work = guard(db, pending_ttl_s=0.1), Work()
+    work.release.clear()
+    running = asyncio.create_task(first.run(SCOPE, "fp", work))
+    await asyncio.wait_for(work.started.wait(), 5)
+    duplicate = asyncio.create_task(guard(db, pending_ttl_s=0.1).run(SCOPE, "fp", work))
+    await asyncio.sleep(0.4)  # four TTLs pass while the first run goes on
+    work.release.set()
+    assert not (await running).replayed
+    assert (await duplicate).replayed
+    assert work.calls == 1
+
+
+async def test_the_mark_of_a_dead_worker_lapses(db: Path) -> None:
+    clock = WallClock()
+    store = SqliteIdempotencyStore(db, now=clock)
+    # A worker claimed the key, then died: nobody renews or completes its mark.
+    assert await store.claim(SCOPE, "fp", "dead-worker", 10.0) is None
+    pending = await store.claim(SCOPE, "fp", "other", 10.0)
+    assert pending is not None
+    assert pending.body is None
+    clock.now += 10.5
+    assert await store.claim(SCOPE, "fp", "other", 10.0) is None
+    # The dead worker's late completion does not overwrite the new owner's mark.
+    await store.complete(SCOPE, "dead-worker", b"stale", 100.0)
+    await store.complete(SCOPE, "other", b"fresh", 100.0)
+    done = await store.claim(SCOPE, "fp", "third", 10.0)
+    assert done is not None
+    assert done.body == b"fresh"
+
+
+async def test_answers_are_kept_for_the_retention_then_purged(db: Path) -> None:
+    clock = WallClock()
+    store = SqliteIdempotencyStore(db, now=clock)
+    g = IdempotencyGuard(store, IdempotencyPolicy(retention_s=7 * 86_400.0))
+    work = Work()
+    await g.run(SCOPE, "fp", work)
+    clock.now += 7 * 86_400.0 - 1
+    assert await store.purge_expired() == 0
+    assert (await g.run(SCOPE, "fp", work)).replayed
+    clock.now += 2
+    assert await store.purge_expired() == 1
+    assert store.record(SCOPE) is None
+    assert not (await g.run(SCOPE, "fp", work)).replayed
+    assert work.calls == 2
+
+
+async def test_writes_of_one_loop_turn_share_one_commit(db: Path) -> None:
+    store = SqliteIdempotencyStore(db)
+    before = store.commits
+    results = await asyncio.gather(
+        *(store.claim(scope_id("clinic-1", f"k{i}"), "fp", f"o{i}", 10.0) for i in range(20))
+    )
+    assert results == [None] * 20
+    assert store.commits == before + 1
+    again = await store.claim(scope_id("clinic-1", "k3"), "fp", "other", 10.0)
+    assert again is not None
+    assert again.body is None
+
+
+async def test_a_locked_database_is_waited_for_off_the_event_loop(db: Path) -> None:
+    store = SqliteIdempotencyStore(db)
+    other_worker = sqlite3.connect(db, isolation_level=None)
+    other_worker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    claim = asyncio.create_task(store.claim(SCOPE, "fp", "me", 10.0))
+    ticks = 0
+    for _ in range(20):  # the loop keeps turning while the claim waits for the lock
+        await asyncio.sleep(0.005)
+        ticks += 1
+    assert not claim.done()
+    other_worker.execute("COMMIT")
+    assert await asyncio.wait_for(claim, 10) is None
+    assert ticks == 20
+    other_worker.close()

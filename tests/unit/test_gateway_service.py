@@ -1,0 +1,123 @@
+"""GatewayService without HTTP: the real model and SQLite store, replays marked and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cloud_gateway.backends import EmbeddedBackend
+from cloud_gateway.errors import UpstreamTimeout
+from cloud_gateway.idempotency import IdempotencyGuard, SqliteIdempotencyStore
+from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.service import GatewayService, check_idempotency_key
+from model_runtime import InvalidInput, ModelRepository
+from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
+from model_runtime.v2_json import InferRequest, InferResponse, decode_infer_request
+
+REPOSITORY = ModelRepository.load(CLOUD_REPOSITORY)
+
+
+class Parts:
+    def __init__(self, tmp_path: Path, backend: EmbeddedBackend | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.backend = backend or EmbeddedBackend(REPOSITORY)
+        self.service = GatewayService(
+            self.backend,
+            IdempotencyGuard(SqliteIdempotencyStore(tmp_path / "idem.sqlite3")),
+            GatewayMetrics(self.registry),
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def request(rows: slice = slice(0, 3)) -> tuple[InferRequest, bytes]:
+    x = np.load(HELDOUT)["X"][rows]
+    body = {
+        "id": "r-1",
+        "inputs": [
+            {"name": "X", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+        ],
+    }
+    text = json.dumps(body).encode()
+    return decode_infer_request(json.loads(text), REPOSITORY.get("digits-large")), text
+
+
+async def test_answers_match_the_model_and_replays_are_marked(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    decoded, body = request()
+    first = await parts.service.infer(
+        "clinic-1", "digits-large", "", decoded, body=body, idempotency_key="k"
+    )
+    answer = json.loads(first.body)
+    expected = REPOSITORY.get("digits-large").predict(decoded.inputs).outputs["label"]
+    assert answer["id"] == "r-1"
+    assert answer["outputs"][0]["data"] == expected.tolist()
+    assert "parameters" not in answer
+
+    again = await parts.service.infer(
+        "clinic-1", "digits-large", "", decoded, body=body, idempotency_key="k"
+    )
+    replay = json.loads(again.body)
+    assert again.replayed
+    assert replay["parameters"] == {"idempotent_replay": True}
+    assert replay["outputs"] == answer["outputs"]
+    assert parts.metric("cloud_gateway_model_runs_total", model="digits-large", outcome="ok") == 1
+    assert parts.metric("cloud_gateway_idempotent_replays_total", model="digits-large") == 1
+
+
+async def test_without_a_key_every_request_runs(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    decoded, body = request()
+    for _ in range(3):
+        outcome = await parts.service.infer(
+            "clinic-1", "digits-large", "", decoded, body=body, idempotency_key=None
+        )
+        assert not outcome.replayed
+    assert parts.metric("cloud_gateway_model_runs_total", model="digits-large", outcome="ok") == 3
+
+
+async def test_requested_outputs_only(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    decoded, body = request()
+    narrowed = InferRequest(decoded.inputs, decoded.id, {}, ("probabilities",))
+    outcome = await parts.service.infer(
+        "clinic-1", "digits-large", "1", narrowed, body=body, idempotency_key=None
+    )
+    answer = json.loads(outcome.body)
+    assert [o["name"] for o in answer["outputs"]] == ["probabilities"]
+    assert answer["model_version"] == "1"
+
+
+async def test_upstream_failures_are_counted_by_kind(tmp_path: Path) -> None:
+    class TimingOut(EmbeddedBackend):
+        async def infer(self, name: str, version: str, request: InferRequest) -> InferResponse:
+            raise UpstreamTimeout(1.0)
+
+    parts = Parts(tmp_path, TimingOut(REPOSITORY))
+    decoded, body = request()
+    with pytest.raises(UpstreamTimeout):
+        await parts.service.infer(
+            "clinic-1", "digits-large", "", decoded, body=body, idempotency_key="k"
+        )
+    assert parts.metric("cloud_gateway_upstream_errors_total", kind="timeout") == 1
+    assert (
+        parts.metric("cloud_gateway_model_runs_total", model="digits-large", outcome="error") == 1
+    )
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\tkey", "naïve"])
+def test_idempotency_keys_are_checked(key: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        check_idempotency_key(key)
+    assert err.value.field == "Idempotency-Key"
+
+
+def test_usual_idempotency_keys_pass() -> None:
+    assert check_idempotency_key(None) is None
+    for key in ["0b1c5a8e-3f7d-4c1e-9a2b-6d5e4f3a2b1c", "site-7:queue:1234", "x" * 255]:
+        assert check_idempotency_key(key) == key
