@@ -1,1 +1,115 @@
+"""The router library: decide per item between edge, cloud and queue; deliver the queue later.
 
+`Router` (router.router) wires the parts; the edge agent hands it each locally answered request.
+"""
+
+from router.breaker import BreakerState, CircuitBreaker
+from router.budget import BudgetPeriod, DataBudget, PeriodUsage
+from router.clock import Clock, FakeClock, SystemClock
+from router.cloud_client import ATTEMPT_OUTCOMES, AttemptRecord, CloudAnswer, CloudClient
+from router.config import RouterConfig
+from router.connectivity import ConnectivityMonitor, LinkSnapshot, MonitorConfig
+from router.decision import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TTL_SECONDS,
+    MAX_PRIORITY,
+    MAX_TTL_SECONDS,
+    MIN_PRIORITY,
+    CallerWishes,
+    Decision,
+    Escalation,
+    LinkState,
+    LinkView,
+    Reason,
+    Route,
+)
+from router.durable_queue import (
+    DurableQueue,
+    FullPolicy,
+    ItemState,
+    ItemStatus,
+    QueuedItem,
+    QueueStats,
+)
+from router.errors import (
+    BudgetExhausted,
+    CircuitOpen,
+    CloudError,
+    CloudRejected,
+    CloudUnavailable,
+    QueueCorrupt,
+    QueueFull,
+    QueueSchemaTooNew,
+    RouterError,
+    TicketNotFound,
+)
+from router.forwarder import Forwarder, TokenBucket
+from router.local_model import LocalAnswer, LocalModel
+from router.metrics import RouterMetrics
+from router.policy import BudgetMode, EscalationPolicy
+from router.retrying import LinkBackoff, RetryPolicy
+from router.router import RoutedAnswer, RoutedItem, Router, RouterStatus
+from router.tickets import TICKET_STATES, TicketResult, TicketStore
+
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "DEFAULT_PRIORITY",
+    "DEFAULT_TTL_SECONDS",
+    "MAX_PRIORITY",
+    "MAX_TTL_SECONDS",
+    "MIN_PRIORITY",
+    "TICKET_STATES",
+    "AttemptRecord",
+    "BreakerState",
+    "BudgetExhausted",
+    "BudgetMode",
+    "BudgetPeriod",
+    "CallerWishes",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Clock",
+    "CloudAnswer",
+    "CloudClient",
+    "CloudError",
+    "CloudRejected",
+    "CloudUnavailable",
+    "ConnectivityMonitor",
+    "DataBudget",
+    "Decision",
+    "DurableQueue",
+    "Escalation",
+    "EscalationPolicy",
+    "FakeClock",
+    "Forwarder",
+    "FullPolicy",
+    "ItemState",
+    "ItemStatus",
+    "LinkBackoff",
+    "LinkSnapshot",
+    "LinkState",
+    "LinkView",
+    "LocalAnswer",
+    "LocalModel",
+    "MonitorConfig",
+    "PeriodUsage",
+    "QueueCorrupt",
+    "QueueFull",
+    "QueueSchemaTooNew",
+    "QueueStats",
+    "QueuedItem",
+    "Reason",
+    "RetryPolicy",
+    "Route",
+    "RoutedAnswer",
+    "RoutedItem",
+    "Router",
+    "RouterConfig",
+    "RouterError",
+    "RouterMetrics",
+    "RouterStatus",
+    "SystemClock",
+    "TicketNotFound",
+    "TicketResult",
+    "TicketStore",
+    "TokenBucket",
+]

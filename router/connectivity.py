@@ -15,7 +15,6 @@ Link states:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections import deque
@@ -272,10 +271,11 @@ class ConnectivityMonitor:
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, waker):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            sleeper.cancel()
+            waker.cancel()
+            # gather, not `suppress(CancelledError)`: a cancellation of run() itself must
+            # still end it, not be swallowed with the children's.
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     def _expected_latency(self) -> float | None:
         if not self._latencies:

@@ -35,6 +35,7 @@ _TICKET_STATES = {
     "delivered": rpb.TicketResult.DELIVERED,
     "expired": rpb.TicketResult.EXPIRED,
     "dropped": rpb.TicketResult.DROPPED,
+    "rejected": rpb.TicketResult.REJECTED,
 }
 
 # Which InferTensorContents field carries each datatype (FP16 and BF16 have none: raw only).
@@ -166,6 +167,7 @@ def encode_ticket_result(result: TicketResult) -> rpb.TicketResult:
         enqueued_at=result.enqueued_at,
         finished_at=result.finished_at or 0.0,
         attempts=result.attempts,
+        error=(result.error or "") if result.state not in ("pending", "delivered") else "",
     )
     for name, array in result.outputs.items():
         message.outputs.add(

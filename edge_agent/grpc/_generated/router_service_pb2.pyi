@@ -34,7 +34,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw_contents: _Optional[bytes] = ...) -> None: ...
 
 class TicketResult(_message.Message):
-    __slots__ = ("ticket", "state", "model_name", "outputs", "cursor", "enqueued_at", "finished_at", "attempts")
+    __slots__ = ("ticket", "state", "model_name", "outputs", "cursor", "enqueued_at", "finished_at", "attempts", "error")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[TicketResult.State]
@@ -42,11 +42,13 @@ class TicketResult(_message.Message):
         DELIVERED: _ClassVar[TicketResult.State]
         EXPIRED: _ClassVar[TicketResult.State]
         DROPPED: _ClassVar[TicketResult.State]
+        REJECTED: _ClassVar[TicketResult.State]
     STATE_UNSPECIFIED: TicketResult.State
     PENDING: TicketResult.State
     DELIVERED: TicketResult.State
     EXPIRED: TicketResult.State
     DROPPED: TicketResult.State
+    REJECTED: TicketResult.State
     TICKET_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +57,7 @@ class TicketResult(_message.Message):
     ENQUEUED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     ticket: str
     state: TicketResult.State
     model_name: str
@@ -63,7 +66,8 @@ class TicketResult(_message.Message):
     enqueued_at: float
     finished_at: float
     attempts: int
-    def __init__(self, ticket: _Optional[str] = ..., state: _Optional[_Union[TicketResult.State, str]] = ..., model_name: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., cursor: _Optional[int] = ..., enqueued_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, ticket: _Optional[str] = ..., state: _Optional[_Union[TicketResult.State, str]] = ..., model_name: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., cursor: _Optional[int] = ..., enqueued_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -62,7 +62,7 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchResults(self, request, context):
-        """Every ticket that reaches an end (delivered, expired, dropped) after `after_cursor`, in
+        """Every ticket that reaches an end (delivered, expired, dropped, rejected) after `after_cursor`, in
         order, then each new one as it happens. Reconnect with the last cursor seen to resume.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,163 @@
+"""RouterConfig: every knob of the router as one small immutable value, with named defaults.
+
+The edge agent builds it once from its settings; the router never reads the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.connectivity import MonitorConfig
+from router.decision import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
+from router.durable_queue import FullPolicy
+from router.policy import BudgetMode
+from router.retrying import RetryPolicy
+
+__all__ = ["BUDGET_FILE", "QUEUE_FILE", "RouterConfig"]
+
+QUEUE_FILE = "queue.sqlite"
+BUDGET_FILE = "budget.sqlite"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """What the router needs to know; every field is checked at construction (ValueError names it)."""
+
+    cloud_url: str | None = None
+    """Base URL of the cloud's v2 REST endpoint; None answers everything at the edge
+    (reason no_cloud_configured)."""
+    device_key: str | None = None
+    """Bearer key of this device at the cloud; required with `cloud_url`."""
+    state_dir: Path = Path("var/edge-agent")
+    """Directory of the queue file and the data budget's file."""
+    queue_cap_bytes: int | None = 256 * 2**20
+    """Disk the queue may account for (see DurableQueue); None or 0: no cap."""
+    full_policy: FullPolicy = FullPolicy.REFUSE
+    default_ttl_s: float = DEFAULT_TTL_SECONDS
+    max_ttl_s: float = MAX_TTL_SECONDS
+    results_retention_s: float = 7 * 86400.0
+    """How long an ended ticket (and the cloud's answer) stays readable."""
+    budget_day_bytes: int | None = None
+    """Bytes per UTC day to and from the cloud; None or 0: unlimited."""
+    budget_month_bytes: int | None = None
+    budget_mode: BudgetMode = BudgetMode.QUEUE
+    bandwidth_cap_bytes_per_s: int | None = None
+    """The forwarder sends at most this many bytes per second (requests as they go on the
+    wire: request line, headers and gzip body); None or 0: uncapped. Live escalations are not
+    capped: they are what the caller waits for."""
+    bandwidth_burst_s: float = 0.25
+    """The bucket holds this many seconds of the cap (at least one request's worth)."""
+    live_timeout_s: float = 2.0
+    """A live escalation's time limit when the caller set no deadline (and its upper bound)."""
+    live_margin_s: float = 0.05
+    """Kept free of the caller's deadline for the local fallback and encoding the answer."""
+    policy_margin_s: float = 0.02
+    """EscalationPolicy's margin in its deadline rule."""
+    drain_batch: int = 16
+    """Items the forwarder claims at once."""
+    drain_batch_bytes: int = 1 << 20
+    """Payload bytes the forwarder claims at once (at least one item)."""
+    drain_concurrency: int = 4
+    """Cloud calls the forwarder keeps in flight at once. To fill the bandwidth cap they must
+    cover cap x a call's duration: e.g. 20 kB/s x 0.4 s / 600-byte requests = 14 calls."""
+    live_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries of a live call; the caller's deadline bounds them further."""
+    drain_retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(max_attempts=1, attempt_timeout_s=30.0)
+    )
+    """One attempt per claim: the queue is the forwarder's retry loop (release, then again)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    breaker_failures: int = 3
+    """Consecutive failed calls or probes that open the circuit breaker."""
+    link_backoff_s: float = 1.0
+    """First wait between probes of a down link (and the breaker's first cool-down); then
+    x1.6 per failure, up to `link_backoff_cap_s`, ±20 % jitter."""
+    link_backoff_cap_s: float = 120.0
+    failure_backoff_s: float = 0.5
+    """The forwarder's pause after a failed delivery, growing x1.6 per failure in a row."""
+    failure_backoff_cap_s: float = 60.0
+    setup_backoff_s: float = 30.0
+    """Pause after 401/403/404: a setup problem (key, model name) that retrying won't fix soon."""
+    idle_poll_s: float = 5.0
+    """With nothing to send, the forwarder looks again this often (new items also wake it)."""
+    expire_interval_s: float = 5.0
+    """How often due items are expired and queue figures refreshed for metrics."""
+    purge_interval_s: float = 600.0
+    """How often ended items past `results_retention_s` are deleted."""
+    queue_ageing_s: float | None = 600.0
+    queue_lease_s: float = 300.0
+    max_connections: int = 4
+    """Connections of the live calls' pool; the forwarder's pool has at least
+    `drain_concurrency`."""
+    compress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cloud_url is not None:
+            if not self.cloud_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"cloud_url: must start with http:// or https://, got {self.cloud_url!r}"
+                )
+            if not self.device_key:
+                raise ValueError("device_key: required when cloud_url is set")
+        _nonneg_int("queue_cap_bytes", self.queue_cap_bytes)
+        _nonneg_int("budget_day_bytes", self.budget_day_bytes)
+        _nonneg_int("budget_month_bytes", self.budget_month_bytes)
+        _nonneg_int("bandwidth_cap_bytes_per_s", self.bandwidth_cap_bytes_per_s)
+        for name in (
+            "default_ttl_s",
+            "max_ttl_s",
+            "results_retention_s",
+            "bandwidth_burst_s",
+            "live_timeout_s",
+            "failure_backoff_s",
+            "failure_backoff_cap_s",
+            "link_backoff_s",
+            "link_backoff_cap_s",
+            "setup_backoff_s",
+            "idle_poll_s",
+            "expire_interval_s",
+            "purge_interval_s",
+            "queue_lease_s",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+        for name in ("live_margin_s", "policy_margin_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError(
+                f"default_ttl_s: must be at most max_ttl_s ({self.max_ttl_s:g}), "
+                f"got {self.default_ttl_s:g}"
+            )
+        for name in ("drain_batch", "drain_batch_bytes", "drain_concurrency", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if self.breaker_failures < 1:
+            raise ValueError(f"breaker_failures: must be >= 1, got {self.breaker_failures!r}")
+        object.__setattr__(self, "full_policy", FullPolicy(self.full_policy))
+        object.__setattr__(self, "budget_mode", BudgetMode(self.budget_mode))
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+
+    @property
+    def cloud_configured(self) -> bool:
+        return self.cloud_url is not None
+
+    @property
+    def queue_path(self) -> Path:
+        return self.state_dir / QUEUE_FILE
+
+    @property
+    def budget_path(self) -> Path:
+        return self.state_dir / BUDGET_FILE
+
+
+def _nonneg_int(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: must be an integer >= 0 (0 or None: none), got {value!r}")

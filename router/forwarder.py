@@ -1,0 +1,361 @@
+"""Forwarder: drains the durable queue to the cloud while the link is up, within a bandwidth cap.
+
+Highest priority first (the queue's claim order), in batches, up to `drain_concurrency` calls in
+flight, each call paid for in a token bucket *before* it is sent. Each claimed item ends in one
+of three ways per attempt: delivered (the answer is stored under its ticket), released for a later
+attempt (the cloud or the link failed, or the device's setup is wrong), or rejected (the cloud
+refused the request itself). A housekeeping loop expires items past their TTL and purges old ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from model_runtime.errors import InvalidInput
+from router.breaker import CircuitBreaker
+from router.budget import DataBudget
+from router.clock import Clock
+from router.cloud_client import AttemptRecord, CloudClient
+from router.config import RouterConfig
+from router.connectivity import ConnectivityMonitor
+from router.decision import LinkState
+from router.durable_queue import DurableQueue, QueuedItem
+from router.errors import CircuitOpen, CloudRejected, CloudUnavailable
+from router.metrics import CloudMeter, RouterMetrics
+from router.retrying import LinkBackoff
+from router.tickets import encode_result
+
+__all__ = ["SETUP_STATUSES", "Forwarder", "TokenBucket", "housekeep", "open_cloud"]
+
+log = logging.getLogger(__name__)
+
+SETUP_STATUSES = frozenset({401, 403, 404, 407})
+"""The device's key or the model name is wrong: no item's fault, so items wait (released)."""
+_LATER_STATUSES = frozenset({408, 409, 425})
+"""Timeout, an earlier delivery of the same key still running, too early: try again later."""
+# Any other 4xx (400, 413, 415, 422...) refuses the request itself: the item ends rejected.
+_HEADER_GUESS = 400  # request line and headers before the first call measured them
+
+
+def open_cloud(
+    config: RouterConfig, clock: Clock, on_attempt: Callable[[AttemptRecord], None]
+) -> tuple[CloudClient, CloudClient, ConnectivityMonitor]:
+    """The live and the drain CloudClients (one pool each, so escalations never queue behind
+    deliveries) and the monitor both report to, with its breaker."""
+    assert config.cloud_url is not None
+    assert config.device_key is not None
+    live, drain = (
+        CloudClient(
+            config.cloud_url,
+            config.device_key,
+            clock=clock,
+            retry=retry,
+            on_attempt=on_attempt,
+            compress=config.compress,
+            probe_timeout_s=config.monitor.probe_timeout_s,
+            max_connections=connections,
+        )
+        for retry, connections in (
+            (config.live_retry, config.max_connections),
+            # a connection per call in flight, or calls would queue in the pool, paid for
+            (config.drain_retry, max(config.max_connections, config.drain_concurrency)),
+        )
+    )
+    backoff = LinkBackoff(
+        config.link_backoff_s, cap_s=max(config.link_backoff_cap_s, config.link_backoff_s)
+    )
+    breaker = CircuitBreaker(clock, failure_threshold=config.breaker_failures, cooldown=backoff)
+    # Probes go through the live pool, keeping its connection warm for escalations.
+    monitor = ConnectivityMonitor(
+        live.ready, clock=clock, config=config.monitor, breaker=breaker, backoff=backoff
+    )
+    live.observer = drain.observer = monitor
+    return live, drain, monitor
+
+
+class TokenBucket:
+    """A byte-rate limiter: `rate` bytes per second, at most `burst` saved up; FIFO.
+
+    `take(n)` waits until the bucket holds min(n, burst) tokens and then removes n, so the
+    balance may go below zero: a call bigger than the burst is paid for by the wait of the next.
+    `settle` corrects an estimate once the real size is known. Over any long run the bytes
+    taken stay within rate * seconds + burst.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate: must be a finite number of bytes per second > 0, got {rate!r}")
+        if not (math.isfinite(burst) and burst > 0):
+            raise ValueError(f"burst: must be a finite number of bytes > 0, got {burst!r}")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = self.burst
+        self._stamp = clock.monotonic()
+        self._lock = asyncio.Lock()
+        self.taken = 0
+        """Bytes taken so far (after settling), for tests and benchmarks."""
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+    async def take(self, n: int) -> float:
+        """Wait for room for `n` bytes, take them; return the seconds waited."""
+        if n < 0:
+            raise ValueError(f"n: must be >= 0, got {n}")
+        waited = 0.0
+        async with self._lock:
+            while True:
+                self._refill()
+                need = min(float(n), self.burst)
+                # A byte of slack: clocks far from zero lose sub-microsecond precision.
+                if self._tokens >= need - 1.0:
+                    self._tokens -= n
+                    self.taken += n
+                    return waited
+                wait = (need - self._tokens) / self.rate
+                await self._clock.sleep(wait)
+                waited += wait
+
+    def settle(self, estimated: int, actual: int) -> None:
+        """The call sent `actual` bytes where `estimated` were taken: charge or refund the gap."""
+        self._refill()
+        self._tokens = min(self.burst, self._tokens - (actual - estimated))
+        self.taken += actual - estimated
+
+    def _refill(self) -> None:
+        now = self._clock.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+
+class Forwarder:
+    """Run `run()` as a task; cancel it to stop (claimed items go back to pending at the next open
+    or when their lease ends)."""
+
+    def __init__(
+        self,
+        queue: DurableQueue,
+        client: CloudClient,
+        monitor: ConnectivityMonitor,
+        budget: DataBudget,
+        meter: CloudMeter,
+        metrics: RouterMetrics,
+        config: RouterConfig,
+        clock: Clock,
+    ) -> None:
+        self._queue = queue
+        self._client = client
+        self._monitor = monitor
+        self._budget = budget
+        self._meter = meter
+        self._metrics = metrics
+        self._config = config
+        self._clock = clock
+        cap = config.bandwidth_cap_bytes_per_s
+        self.bucket = (
+            TokenBucket(cap, max(cap * config.bandwidth_burst_s, 1.0), clock) if cap else None
+        )
+        self._slots = asyncio.Semaphore(config.drain_concurrency)
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._hold_until = 0.0
+        self._failures = 0
+        self._backoff = LinkBackoff(
+            initial_s=config.failure_backoff_s,
+            cap_s=max(config.failure_backoff_cap_s, config.failure_backoff_s),
+        )
+        self._overhead = _HEADER_GUESS
+
+    def wake(self) -> None:
+        """New items were queued: look at once instead of at the next poll."""
+        self._wake.set()
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wait_ready()
+                self._wake.clear()  # before the claim: an enqueue committed after it wakes us
+                items = await self._queue.claim_batch(self._config.drain_batch, self._claim_bytes())
+                if not items:
+                    await self._nap(self._config.idle_poll_s)
+                    continue
+                self._metrics.batches.inc()
+                await self._dispatch(items)
+        finally:
+            for task in list(self._in_flight):
+                task.cancel()
+            if self._in_flight:
+                await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _claim_bytes(self) -> int:
+        """At most what the cap lets out within a quarter of the lease: claimed items waiting
+        for the bucket must not outlive their lease and be claimed a second time."""
+        limit = self._config.drain_batch_bytes
+        if self.bucket is not None:
+            limit = min(limit, int(self.bucket.rate * self._config.queue_lease_s / 4))
+        return max(1, limit)
+
+    async def _wait_ready(self) -> None:
+        while True:
+            now = self._clock.monotonic()
+            if self._hold_until > now:
+                await self._nap(self._hold_until - now)
+            elif self._monitor.state is LinkState.DOWN:
+                await self._monitor.wait_up()
+                if self._monitor.state is LinkState.DOWN:
+                    await self._nap(0.1)  # the breaker closed and opened again meanwhile
+            elif not self._budget.allows(self._overhead):
+                self._hold(self._config.idle_poll_s, "budget")
+            else:
+                return
+
+    async def _dispatch(self, items: list[QueuedItem]) -> None:
+        for i, item in enumerate(items):
+            await self._slots.acquire()
+            try:
+                body_bytes = self._body_bytes(item)
+                estimate = body_bytes + self._overhead
+                if self.bucket is not None:
+                    await self.bucket.take(estimate)
+            except BaseException:
+                self._slots.release()
+                raise
+            why = self._blocked(estimate)
+            if why is not None:
+                self._slots.release()
+                if self.bucket is not None:
+                    self.bucket.settle(estimate, 0)
+                await asyncio.gather(
+                    *(self._queue.release(r.ticket, f"not sent: {why}") for r in items[i:])
+                )
+                return
+            task = asyncio.create_task(self._send(item, body_bytes, estimate))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _blocked(self, estimate: int) -> str | None:
+        if self._monitor.state is LinkState.DOWN:
+            return "link down"
+        if self._hold_until > self._clock.monotonic():
+            return "paused"
+        if not self._budget.allows(estimate):
+            self._hold(self._config.idle_poll_s, "budget")
+            return "data budget spent"
+        return None
+
+    def _body_bytes(self, item: QueuedItem) -> int:
+        """The body's size as the client will send it (the same gzip, so the same bytes)."""
+        if not self._config.compress:
+            return len(item.payload)
+        return len(gzip.compress(item.payload, mtime=0))
+
+    async def _send(self, item: QueuedItem, body_bytes: int, estimate: int) -> None:
+        try:
+            await self._deliver(item, body_bytes, estimate)
+        except Exception:  # a failed SQLite write must not kill the forwarder; the lease saves it
+            log.exception("could not record the outcome of ticket %s", item.ticket)
+        finally:
+            self._slots.release()
+
+    async def _deliver(self, item: QueuedItem, body_bytes: int, estimate: int) -> None:
+        try:
+            with self._meter.call("drain") as tally:
+                try:
+                    answer = await self._client.infer(
+                        item.model, item.payload, idempotency_key=item.ticket
+                    )
+                finally:
+                    if self.bucket is not None:
+                        self.bucket.settle(estimate, tally.sent)
+                    if tally.attempts == 1 and tally.sent:
+                        # what the request line and headers really took, for the next estimate
+                        self._overhead = max(0, tally.sent - body_bytes)
+            answer.response()  # only an answer that decodes is stored
+        except CloudRejected as error:
+            await self._refused(item, error)
+        except CloudUnavailable as error:
+            await self._queue.release(item.ticket, str(error))
+            if error.retry_after is not None:
+                self._hold(error.retry_after, "retry_after")
+            elif not isinstance(error, CircuitOpen):
+                self._failed()
+        except InvalidInput as error:
+            await self._queue.release(item.ticket, f"cloud answer is not a v2 response: {error}")
+            self._failed()
+        else:
+            await self._queue.mark_delivered(item.ticket, encode_result(answer.body))
+            self._failures = 0
+
+    async def _refused(self, item: QueuedItem, error: CloudRejected) -> None:
+        status = error.status
+        if status in SETUP_STATUSES:
+            await self._queue.release(item.ticket, str(error))
+            if self._hold_until <= self._clock.monotonic():
+                log.error(
+                    "the cloud refused this device or model (%s); pausing delivery for %.0f s: %s",
+                    status,
+                    self._config.setup_backoff_s,
+                    error,
+                )
+            self._hold(self._config.setup_backoff_s, "setup")
+        elif status in _LATER_STATUSES:
+            await self._queue.release(item.ticket, str(error))
+            if error.retry_after is not None:
+                self._hold(error.retry_after, "retry_after")
+            else:
+                self._failed()
+        else:
+            log.warning("the cloud rejected ticket %s: %s", item.ticket, error)
+            await self._queue.mark_rejected(item.ticket, str(error))
+
+    def _failed(self) -> None:
+        self._failures += 1
+        self._hold(self._backoff(self._failures), "failure")
+
+    def _hold(self, seconds: float, reason: str) -> None:
+        self._hold_until = max(self._hold_until, self._clock.monotonic() + seconds)
+        self._metrics.holds.labels(reason).inc()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep on the clock, or less if woken."""
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Cancelled, not awaited: awaiting them here could swallow our own cancellation.
+            sleeper.cancel()
+            waker.cancel()
+
+
+async def housekeep(
+    queue: DurableQueue,
+    budget: DataBudget,
+    config: RouterConfig,
+    clock: Clock,
+    refresh: Callable[[], Awaitable[None]],
+) -> None:
+    """Until cancelled: expire due items and `refresh` the figures every `expire_interval_s`;
+    purge items ended more than `results_retention_s` ago every `purge_interval_s`. Runs with
+    or without a cloud, so TTLs hold while the link is down."""
+    next_purge = clock.monotonic()
+    while True:
+        try:
+            await queue.expire_due()
+            if clock.monotonic() >= next_purge:
+                await queue.purge(config.results_retention_s)
+                await budget.forget_before()
+                next_purge = clock.monotonic() + config.purge_interval_s
+            await refresh()
+        except Exception:  # a full disk now is no reason to stop expiring later
+            log.exception("queue housekeeping failed; trying again later")
+        await clock.sleep(config.expire_interval_s)

@@ -1,0 +1,441 @@
+"""Router: the composition root of the router library, and the path of one request through it.
+
+`route` decides per item (EscalationPolicy), answers confident items at once, sends the unsure
+ones the link can carry to the cloud in one call, and commits the others to the durable queue
+before returning; the Forwarder delivers them later and watchers hear of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry
+
+from model_runtime.errors import InvalidInput
+from model_runtime.v2_json import InferResponse, encode_infer_request
+from router.budget import DataBudget
+from router.clock import Clock, SystemClock
+from router.cloud_client import CloudClient, encode_body
+from router.config import RouterConfig
+from router.connectivity import ConnectivityMonitor
+from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
+from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
+from router.errors import CloudError
+from router.forwarder import Forwarder, housekeep, open_cloud
+from router.local_model import LocalAnswer
+from router.metrics import CloudMeter, RouterMetrics, StateReadings
+from router.policy import EscalationPolicy
+from router.tickets import Admission, TicketResult, TicketStore
+
+__all__ = ["RoutedAnswer", "RoutedItem", "Router", "RouterStatus", "TicketResult"]
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.generic]
+# Rules 1-3 of the policy (never, confident, no cloud) read neither the link, the payload nor
+# the budget, so a first pass with these placeholders settles the edge items without encoding.
+_ANY_LINK = LinkView(LinkState.UP)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedItem:
+    route: Route
+    reason: Reason
+    confidence: float
+    ticket: str | None
+    provisional: bool
+    answered_by: str
+    """"edge" or "cloud": whose row is in the outputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedAnswer:
+    outputs: dict[str, Array]
+    """The local outputs, with the rows of cloud-answered items replaced by the cloud's rows."""
+    items: tuple[RoutedItem, ...]
+    """One per item (row) of the batch, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStatus:
+    cloud_configured: bool
+    link_state: str
+    """up, degraded or down (down when no cloud is configured)."""
+    rtt_s: float | None
+    breaker_open: bool
+    depth_by_priority: dict[int, int]
+    oldest_age_s: float | None
+    queue_bytes: int
+    budget: dict[str, tuple[int | None, int, int | None]]
+    """Period (day, month) -> (limit, used, left); None limit and left: unlimited."""
+    queue_cap_bytes: int | None = None
+    in_flight: int = 0
+    ended: dict[str, int] = field(default_factory=dict)
+    """Items ended since the queue file was made, by end state."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsure:
+    """An item the cloud may answer: its row, and its own one-row request under its ticket."""
+
+    index: int
+    item: Admission
+
+
+class Router:
+    """Open with `await Router.open(config, registry)`, close with `await router.close()`."""
+
+    def __init__(self, config: RouterConfig, registry: CollectorRegistry, clock: Clock) -> None:
+        """Use `open`."""
+        self.config = config
+        self.clock = clock
+        self.policy = EscalationPolicy(
+            margin_s=config.policy_margin_s, budget_mode=config.budget_mode
+        )
+        self.metrics = RouterMetrics(registry, lambda: self._readings, clock.wall)
+        self.meter = CloudMeter(self.metrics)
+        self.tickets = TicketStore(on_admitted=self._admitted, on_refused=self._refused)
+        self._readings = StateReadings(cloud_configured=config.cloud_configured)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.queue: DurableQueue
+        self.budget: DataBudget
+        self.monitor: ConnectivityMonitor | None = None
+        self.forwarder: Forwarder | None = None
+        self._live: CloudClient | None = None
+        self._drain: CloudClient | None = None
+
+    @classmethod
+    async def open(
+        cls, config: RouterConfig, registry: CollectorRegistry, *, clock: Clock | None = None
+    ) -> Router:
+        router = cls(config, registry, clock or SystemClock())
+        try:
+            await router._start()
+        except BaseException:
+            await router.close()
+            raise
+        return router
+
+    async def _start(self) -> None:
+        config, clock = self.config, self.clock
+        self.queue = await DurableQueue.open(
+            config.queue_path,
+            clock=clock,
+            cap_bytes=config.queue_cap_bytes,
+            full_policy=config.full_policy,
+            ageing_s=config.queue_ageing_s,
+            lease_s=config.queue_lease_s,
+            on_end=self._on_end,
+        )
+        self.tickets.attach(self.queue)
+        self.metrics.quarantine("queue", self.queue.quarantined, self.queue.quarantine_problem)
+        self.budget = await DataBudget.open(
+            config.budget_path,
+            daily_bytes=config.budget_day_bytes,
+            monthly_bytes=config.budget_month_bytes,
+            clock=clock,
+        )
+        self.metrics.quarantine("budget", self.budget.quarantined, "")
+        self.meter.budget = self.budget
+        if config.cloud_configured:
+            self._live, self._drain, self.monitor = open_cloud(config, clock, self.meter.on_attempt)
+            self.monitor.add_listener(lambda _: self._refresh_link())
+            self.forwarder = Forwarder(
+                self.queue, self._drain, self.monitor, self.budget, self.meter, self.metrics,
+                config, clock,
+            )  # fmt: skip
+            self._spawn(self.monitor.run(), "monitor")
+            self._spawn(self.forwarder.run(), "forwarder")
+        await self._refresh()
+        self._spawn(
+            housekeep(self.queue, self.budget, config, clock, self._refresh), "housekeeping"
+        )
+
+    async def close(self) -> None:
+        """Stop the tasks and watchers, then close the cloud clients, the queue and the budget."""
+        if self._closed:
+            return
+        self._closed = True
+        self.tickets.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in (self._live, self._drain):
+            if client is not None:
+                await client.aclose()
+        await self.meter.aclose()
+        for part in ("queue", "budget"):
+            if hasattr(self, part):
+                await getattr(self, part).close()
+        self.metrics.close()
+
+    @property
+    def cloud_configured(self) -> bool:
+        return self.config.cloud_configured
+
+    # -- one request ----------------------------------------------------------------------------
+
+    async def route(
+        self,
+        *,
+        model: str,
+        inputs: Mapping[str, Array],
+        local: LocalAnswer,
+        wishes: CallerWishes,
+        time_left_s: float | None,
+        request_id: str,
+    ) -> RoutedAnswer:
+        """Route each item (row) of a batch the local model has answered.
+
+        Confident items never wait: a request with no unsure item returns without awaiting
+        anything. Items the policy queues are admitted all or nothing: under the refuse policy
+        QueueFull is raised, before anything is sent or stored, unless they all fit (see
+        TicketStore.check_room); under drop_oldest_lowest an item the queue cannot make room
+        for is answered at the edge with reason queue_full. The same goes for items whose live
+        call failed (reason cloud_failed), whatever the policy: their request has been sent by
+        then, so failing it would throw away the local answer for nothing.
+        """
+        confidence = np.asarray(local.confidence, dtype=np.float64).reshape(-1)
+        n = len(confidence)
+        for name, array in inputs.items():
+            if np.shape(array)[:1] != (n,):
+                raise ValueError(f"inputs.{name}: has {np.shape(array)[:1]} rows, expected {n}")
+        cloud_model = local.cloud_model if self.cloud_configured else None
+        decide = functools.partial(
+            self.policy.decide, threshold=local.threshold, wishes=wishes,
+            deadline_remaining_s=time_left_s, cloud_configured=cloud_model is not None,
+        )  # fmt: skip
+        decisions = [
+            decide(confidence=float(c), link=_ANY_LINK, payload_bytes=0, budget_allows=True)
+            for c in confidence
+        ]
+        unsure = [_Unsure(i, Admission.for_row(inputs, i)) for i, d in enumerate(decisions) if d.route is not Route.EDGE]  # fmt: skip
+        if not unsure:
+            return self._answer(local.outputs, decisions, confidence, {})
+        assert cloud_model is not None
+        assert self.monitor is not None
+        link = self.monitor.view()
+        for u in unsure:
+            size = len(u.item.body)
+            decisions[u.index] = decide(
+                confidence=float(confidence[u.index]), link=link, payload_bytes=size,
+                budget_allows=self.budget.allows(size),
+            )  # fmt: skip
+        to_cloud = [u for u in unsure if decisions[u.index].route is Route.CLOUD]
+        to_queue = [u for u in unsure if decisions[u.index].route is Route.QUEUE]
+        if self.config.full_policy is FullPolicy.REFUSE:
+            self.tickets.check_room([u.item for u in to_queue])  # before anything is sent
+        call = None
+        if to_cloud:
+            call = asyncio.ensure_future(
+                self._escalate(cloud_model, inputs, to_cloud, request_id, time_left_s)
+            )
+        try:
+            tickets = await self._admit(cloud_model, to_queue, wishes, all_or_nothing=True)
+        except BaseException:
+            if call is not None:
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+            raise
+        outputs, answered = local.outputs, set[int]()
+        if call is not None:
+            response = await call
+            rows = [u.index for u in to_cloud]
+            merged = None if response is None else _merge(local.outputs, response, rows)
+            if merged is not None:
+                outputs, answered = merged, set(rows)
+            else:
+                for u in to_cloud:
+                    decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
+                tickets |= await self._admit(cloud_model, to_cloud, wishes, all_or_nothing=False)
+        for u in unsure:
+            if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
+                decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
+        return self._answer(outputs, decisions, confidence, tickets, answered)
+
+    def _answer(
+        self,
+        outputs: dict[str, Array],
+        decisions: Sequence[Decision],
+        confidence: npt.NDArray[np.float64],
+        tickets: Mapping[int, str],
+        answered: Collection[int] = (),
+    ) -> RoutedAnswer:
+        counts: dict[tuple[Route, Reason], int] = {}
+        items = []
+        for i, d in enumerate(decisions):
+            counts[d.route, d.reason] = counts.get((d.route, d.reason), 0) + 1
+            by = "cloud" if i in answered else "edge"
+            items.append(
+                RoutedItem(
+                    d.route, d.reason, float(confidence[i]), tickets.get(i), d.provisional, by
+                )
+            )
+        for (route, reason), k in counts.items():
+            self.metrics.route(route, reason, k)
+        return RoutedAnswer(outputs, tuple(items))
+
+    async def _escalate(
+        self,
+        cloud_model: str,
+        inputs: Mapping[str, Array],
+        items: Sequence[_Unsure],
+        request_id: str,
+        time_left_s: float | None,
+    ) -> InferResponse | None:
+        """One live call for `items`; the cloud's decoded answer, or None if it failed in time.
+
+        A lone item goes as its own queued form (body and ticket as key), so if the call fails
+        after the cloud ran it, the queued redelivery is answered from the cloud's idempotency
+        store instead of running the model twice. Several items go as one request keyed by
+        the request id and the body's hash (a random key when there is no id).
+        """
+        assert self._live is not None
+        if len(items) == 1:
+            body, key = items[0].item.body, items[0].item.ticket
+        else:
+            rows = np.asarray([u.index for u in items])
+            batch = {name: np.asarray(a)[rows] for name, a in inputs.items()}
+            body = encode_body(encode_infer_request(batch, request_id=request_id or None))
+            key = _batch_key(request_id, body)
+        limit = self.config.live_timeout_s
+        if time_left_s is not None:
+            limit = min(limit, time_left_s - self.config.live_margin_s)
+        try:
+            with self.meter.call("live"):
+                answer = await self._live.infer(
+                    cloud_model, body, idempotency_key=key, deadline=self.clock.monotonic() + limit
+                )
+            return answer.response()
+        except (CloudError, InvalidInput) as error:
+            log.info("live escalation of %d item(s) failed: %s", len(items), error)
+            return None
+
+    async def _admit(
+        self, model: str, items: Sequence[_Unsure], wishes: CallerWishes, *, all_or_nothing: bool
+    ) -> dict[int, str]:
+        """Queue `items` durably; index -> ticket for those the queue took."""
+        stored = await self.tickets.admit(
+            model,
+            [u.item for u in items],
+            priority=wishes.priority,
+            ttl_s=min(wishes.ttl_seconds, self.config.max_ttl_s),
+            all_or_nothing=all_or_nothing,
+        )
+        return {u.index: u.item.ticket for u in items if stored.get(u.item.ticket)}
+
+    # -- tickets and status ---------------------------------------------------------------------
+
+    async def result(self, ticket: str) -> TicketResult:
+        """A ticket's state and, once delivered, the cloud's answer; raises TicketNotFound."""
+        return await self.tickets.result(ticket)
+
+    def watch(
+        self, after_cursor: int, tickets: Collection[str] = ()
+    ) -> AsyncIterator[TicketResult]:
+        """Every ticket that ended after the cursor, in order, then each as it ends; ends only
+        when the router closes."""
+        return self.tickets.watch(after_cursor, tickets)
+
+    async def status(self) -> RouterStatus:
+        stats = await self.queue.stats()
+        self._set_readings(stats)
+        snap = self.monitor.snapshot() if self.monitor is not None else None
+        return RouterStatus(
+            cloud_configured=self.cloud_configured,
+            link_state=snap.state.value if snap is not None else LinkState.DOWN.value,
+            rtt_s=snap.rtt_s if snap is not None else None,
+            breaker_open=snap.breaker_open if snap is not None else False,
+            depth_by_priority=dict(stats.depth_by_priority),
+            oldest_age_s=stats.oldest_pending_age_s,
+            queue_bytes=stats.used_bytes,
+            budget={
+                u.period.value: (u.limit_bytes, u.used_bytes, u.left_bytes)
+                for u in self.budget.usage()
+            },
+            queue_cap_bytes=stats.cap_bytes,
+            in_flight=stats.in_flight,
+            ended=dict(stats.ended),
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _on_end(self, ended: Sequence[ItemStatus]) -> None:
+        for status in ended:
+            self.metrics.ended.labels(status.state.value).inc()
+        self.tickets.notify(ended)
+
+    def _admitted(self, n: int) -> None:
+        self.metrics.enqueued.inc(n)
+        if self.forwarder is not None:
+            self.forwarder.wake()
+
+    def _refused(self, n: int) -> None:
+        self.metrics.admission_rejected.inc(n)
+
+    async def _refresh(self) -> None:
+        self._set_readings(await self.queue.stats())
+
+    def _set_readings(self, stats: QueueStats) -> None:
+        snap = self.monitor.snapshot() if self.monitor is not None else None
+        self._readings = StateReadings.of(self.cloud_configured, stats, snap, self.budget.usage())
+
+    def _refresh_link(self) -> None:
+        if self.monitor is not None:
+            self._readings = self._readings.with_link(self.monitor.snapshot())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda t: _log_crash(t, name))
+        self._tasks.append(task)
+
+
+def _merge(
+    local: Mapping[str, Array], response: InferResponse, rows: Sequence[int]
+) -> dict[str, Array] | None:
+    """The local outputs with `rows` replaced by the cloud's, for each output the cloud has
+    with the same trailing shape (cast to the local dtype); None if none could be replaced."""
+    merged = dict(local)
+    replaced = 0
+    for name, mine in local.items():
+        theirs = response.outputs.get(name)
+        if theirs is None or theirs.shape != (len(rows), *mine.shape[1:]):
+            continue
+        try:
+            cast = theirs.astype(mine.dtype, copy=False)
+        except (TypeError, ValueError):
+            continue
+        out = np.array(mine, copy=True)
+        out[np.asarray(rows)] = cast
+        merged[name] = out
+        replaced += 1
+    if not replaced:
+        log.warning("the cloud's answer has none of the local outputs (%s)", ", ".join(local))
+        return None
+    return merged
+
+
+def _batch_key(request_id: str, body: bytes) -> str:
+    """Stable for a repeat of the same request; the body's hash keeps two callers that reuse
+    an id (many send "1") from sharing a key, which the gateway would refuse (422)."""
+    if not request_id:
+        return str(uuid.uuid4())
+    digest = hashlib.sha256(request_id.encode() + b"\0" + body).hexdigest()
+    return f"req-{digest[:40]}"
+
+
+def _log_crash(task: asyncio.Task[None], name: str) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("router %s task stopped: %r", name, task.exception())
