@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Result", "print_table", "summarize"]
+__all__ = ["Result", "print_table", "process_cpu_seconds", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class Result:
     calls: int
     seconds: float
     latencies_s: Sequence[float]
+    server_cpu_s: float | None = None
+    """CPU time the server process used meanwhile: steadier than req/s on a shared machine."""
 
     @property
     def throughput(self) -> float:
@@ -28,7 +32,16 @@ class Result:
 
 
 def summarize(r: Result) -> dict[str, float]:
-    return {"req/s": r.throughput, "p50 ms": r.percentile_ms(50), "p99 ms": r.percentile_ms(99)}
+    figures = {"req/s": r.throughput, "p50 ms": r.percentile_ms(50), "p99 ms": r.percentile_ms(99)}
+    if r.server_cpu_s is not None:
+        figures["server CPU µs/req"] = r.server_cpu_s / r.calls * 1e6
+    return figures
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def print_table(title: str, rows: Sequence[tuple[str, dict[str, float]]]) -> str:

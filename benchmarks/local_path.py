@@ -2,7 +2,9 @@
 
 Both servers run as separate processes and answer the same v2 ModelInfer request from the
 same client; the echo server returns a canned response of the agent's own size. Prints
-throughput, p50 and p99 at concurrency 1 and 16 and the agent/echo ratios.
+throughput, p50 and p99 at concurrency 1 and 16 and the agent/echo ratios, and each
+server's CPU time per call: client and servers share the cores, so on a busy machine that
+column is steadier than req/s.
 
     .venv/bin/python benchmarks/local_path.py [--requests 6000] [--rounds 3]
 """
@@ -25,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, print_table, summarize
+from _harness import Result, print_table, process_cpu_seconds, summarize
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
@@ -49,7 +51,9 @@ def echo_server(response_file: str, port_file: str) -> None:
     server.wait_for_termination()
 
 
-def measure(address: str, request: pb.ModelInferRequest, concurrency: int, calls: int) -> Result:
+def measure(
+    address: str, request: pb.ModelInferRequest, concurrency: int, calls: int, server_pid: int
+) -> Result:
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     for _ in range(300):
@@ -67,14 +71,16 @@ def measure(address: str, request: pb.ModelInferRequest, concurrency: int, calls
             latencies.extend(mine)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    cpu_before = process_cpu_seconds(server_pid)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    cpu = process_cpu_seconds(server_pid) - cpu_before
     channel.close()
-    return Result(address, len(latencies), elapsed, latencies)
+    return Result(address, len(latencies), elapsed, latencies, cpu)
 
 
 def _median(results: list[Result]) -> dict[str, float]:
@@ -123,9 +129,17 @@ def main() -> None:
         for concurrency in (1, 16):
             runs: dict[str, list[Result]] = {"echo": [], "agent": []}
             for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
-                runs["echo"].append(measure(echo_address, request, concurrency, args.requests))
+                runs["echo"].append(
+                    measure(echo_address, request, concurrency, args.requests, echo.pid)
+                )
                 runs["agent"].append(
-                    measure(agent.address("grpc"), request, concurrency, args.requests)
+                    measure(
+                        agent.address("grpc"),
+                        request,
+                        concurrency,
+                        args.requests,
+                        agent.process.pid,
+                    )
                 )
             echo_fig, agent_fig = _median(runs["echo"]), _median(runs["agent"])
             rows.append((f"bare gRPC echo, concurrency {concurrency}", echo_fig))
