@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from _harness import print_table  # noqa: E402
+from _harness import print_table
 
-from edge_agent.grpc._generated import grpc_service_pb2 as pb  # noqa: E402
-from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from model_runtime.demo import HELDOUT  # noqa: E402
+from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from model_runtime.demo import HELDOUT
 
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 

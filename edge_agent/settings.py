@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from model_runtime.demo import EDGE_REPOSITORY
+from model_runtime.model_config import describe_validation_error
 
 __all__ = ["AgentSettings", "SettingsError", "load_settings"]
 
@@ -85,13 +86,6 @@ class AgentSettings(BaseSettings):
     """A probe slower than this counts as failed."""
 
 
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-        for err in exc.errors()
-    )
-
-
 def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:
     """Merge flags (None means not given), environment and the config file into AgentSettings."""
     if config_file is not None:
@@ -120,5 +114,5 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSetting
     try:
         merged = _FromSources(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(describe_validation_error(exc, "settings")) from None
     return AgentSettings.model_construct(**merged.model_dump())

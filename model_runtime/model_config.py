@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model_runtime.confidence import ConfidenceMethod, OutputKind
 from model_runtime.errors import ModelLoadError
 
-__all__ = ["CONFIG_FILE", "ModelConfig", "load_model_config", "write_model_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "ModelConfig",
+    "describe_validation_error",
+    "load_model_config",
+    "write_model_config",
+]
 
 CONFIG_FILE = "config.toml"
 
@@ -42,9 +48,10 @@ class ModelConfig(BaseModel):
     """Name of the model in the cloud that unsure items escalate to."""
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, whole: str = "config") -> str:
+    """One line naming each offending key and its problem: `threshold: Input should be ...`."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in exc.errors()
     )
 
 
@@ -59,7 +66,7 @@ def load_model_config(model: str, path: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ModelLoadError(model, f"{path.name}: {_describe(exc)}") from None
+        raise ModelLoadError(model, f"{path.name}: {describe_validation_error(exc)}") from None
 
 
 def write_model_config(path: Path, config: ModelConfig) -> Path | None:

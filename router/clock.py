@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Protocol
 
-__all__ = ["Clock", "FakeClock", "SystemClock"]
+__all__ = ["Clock", "FakeClock", "SystemClock", "sleep_or_wake"]
 
 
 class Clock(Protocol):
@@ -50,3 +50,17 @@ class FakeClock:
         self.slept.append(seconds)
         self._now += seconds
         await asyncio.sleep(0)
+
+
+async def sleep_or_wake(clock: Clock, seconds: float, wake: asyncio.Event) -> None:
+    """Sleep on `clock` for `seconds`, or less if `wake` is set meanwhile."""
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    waker = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waker.cancel()
+        # gather, not `suppress(CancelledError)`: a cancellation of the caller itself must
+        # still end it, not be swallowed with the children's.
+        await asyncio.gather(sleeper, waker, return_exceptions=True)

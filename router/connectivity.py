@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from router.breaker import BreakerState, CircuitBreaker
-from router.clock import Clock, SystemClock
+from router.clock import Clock, SystemClock, sleep_or_wake
 from router.decision import LinkState, LinkView
 from router.retrying import LinkBackoff
 
@@ -266,16 +266,7 @@ class ConnectivityMonitor:
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
-            # gather, not `suppress(CancelledError)`: a cancellation of run() itself must
-            # still end it, not be swallowed with the children's.
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await sleep_or_wake(self._clock, seconds, self._wake)
 
     def _expected_latency(self) -> float | None:
         if not self._latencies:

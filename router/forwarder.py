@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from model_runtime.errors import InvalidInput
 from router.breaker import CircuitBreaker
 from router.budget import DataBudget
-from router.clock import Clock
+from router.clock import Clock, sleep_or_wake
 from router.cloud_client import AttemptRecord, CloudClient
 from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
@@ -327,14 +327,7 @@ class Forwarder:
 
     async def _nap(self, seconds: float) -> None:
         """Sleep on the clock, or less if woken."""
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Cancelled, not awaited: awaiting them here could swallow our own cancellation.
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_or_wake(self._clock, seconds, self._wake)
 
 
 async def housekeep(

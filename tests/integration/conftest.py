@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, start_daemon
 
 
@@ -78,3 +80,49 @@ def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "slow" / "1").mkdir(parents=True)
     onnx.save(model, root / "slow" / "1" / "model.onnx")
     return root
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A real `cloud-gateway serve` on ephemeral ports, with a key for one device."""
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.daemon.stop()
+
+
+@pytest.fixture
+def proxy(gateway: Gateway) -> Iterator[FaultProxy]:
+    """The link between the edge and the gateway: cut, delay, throttle or reset it at will."""
+    with FaultProxy("127.0.0.1", gateway.daemon.ports["http"]) as p:
+        yield p
+
+
+def start_agent_with_cloud(
+    workdir: Path,
+    gateway: Gateway,
+    proxy: FaultProxy,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Daemon:
+    """An agent escalating to `gateway` through `proxy`, probing the link often, so a cut or a
+    black hole shows within a few seconds."""
+    key_file = workdir / "device.key"
+    key_file.write_text(gateway.key, encoding="utf-8")
+    fast_probes = {
+        "EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.3",
+        "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5",
+    }
+    return start_agent(
+        workdir,
+        "--cloud-url",
+        proxy.url,
+        "--device-key-file",
+        str(key_file),
+        *args,
+        env={**fast_probes, **(env or {})},
+    )
+
+
+def model_runs(gateway: Gateway) -> float:
+    """How often the gateway ran the cloud model, from its /metrics."""
+    return gateway.metric("cloud_gateway_model_runs_total", model="digits-large")

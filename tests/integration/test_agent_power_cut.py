@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import HELDOUT
-from tests.integration.conftest import start_agent
-from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.conftest import model_runs, start_agent_with_cloud
+from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
 
@@ -29,29 +27,11 @@ X = np.load(HELDOUT)["X"]
 CUTS = 20
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
-    yield gw
-    gw.daemon.stop()
-
-
-def model_runs(gateway: Gateway) -> float:
-    return gateway.metric("cloud_gateway_model_runs_total", model="digits-large")
-
-
 def start(workdir: Path, gateway: Gateway, proxy: FaultProxy) -> Daemon:
-    key_file = workdir / "device.key"
-    key_file.write_text(gateway.key, encoding="utf-8")
     # Store-and-forward only: a live escalation could never fit in a millisecond, so every
     # unsure request is queued, and the count of model runs has one meaning.
-    return start_agent(
-        workdir,
-        "--cloud-url",
-        proxy.url,
-        "--device-key-file",
-        str(key_file),
-        env={"EDGE_AGENT_LIVE_TIMEOUT_SECONDS": "0.001"},
+    return start_agent_with_cloud(
+        workdir, gateway, proxy, env={"EDGE_AGENT_LIVE_TIMEOUT_SECONDS": "0.001"}
     )
 
 

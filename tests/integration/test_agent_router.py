@@ -22,8 +22,8 @@ from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
-from tests.integration.conftest import start_agent
-from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.conftest import model_runs, start_agent_with_cloud
+from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
 
@@ -37,43 +37,11 @@ UNSURE = np.flatnonzero(CONFIDENCE < THRESHOLD)
 CONFIDENT = np.flatnonzero(CONFIDENCE >= THRESHOLD + 0.05)
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
-    yield gw
-    gw.daemon.stop()
-
-
-@pytest.fixture
-def proxy(gateway: Gateway) -> Iterator[FaultProxy]:
-    with FaultProxy("127.0.0.1", gateway.daemon.ports["http"]) as p:
-        yield p
-
-
-def agent_for(workdir: Path, gateway: Gateway, proxy: FaultProxy, *args: str) -> Daemon:
-    key_file = workdir / "device.key"
-    key_file.write_text(gateway.key, encoding="utf-8")
-    # Probed often, so a cut or a black hole shows within a few seconds.
-    return start_agent(
-        workdir,
-        "--cloud-url",
-        proxy.url,
-        "--device-key-file",
-        str(key_file),
-        *args,
-        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.3", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5"},
-    )
-
-
 @pytest.fixture
 def agent(tmp_path: Path, gateway: Gateway, proxy: FaultProxy) -> Iterator[Daemon]:
-    daemon = agent_for(tmp_path, gateway, proxy)
+    daemon = start_agent_with_cloud(tmp_path, gateway, proxy)
     yield daemon
     daemon.stop()
-
-
-def model_runs(gateway: Gateway) -> float:
-    return gateway.metric("cloud_gateway_model_runs_total", model="digits-large")
 
 
 def status(agent: Daemon) -> rpb.StatusResponse:

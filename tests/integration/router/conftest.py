@@ -4,7 +4,7 @@ front of it, and Routers on real SQLite files talking to it through the proxy.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from model_runtime.demo import HELDOUT
 from router import Router
-from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.gateway.helpers import Gateway
 from tests.integration.router.helpers import fast_config
 from tests.support.fault_proxy import FaultProxy
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
-    yield gw
-    gw.daemon.stop()
-
-
-@pytest.fixture
-def proxy(gateway: Gateway) -> Iterator[FaultProxy]:
-    with FaultProxy("127.0.0.1", gateway.daemon.ports["http"]) as p:
-        yield p
 
 
 @pytest.fixture(scope="session")
