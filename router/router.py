@@ -1,7 +1,7 @@
 """Router: the composition root of the router library, and the path of one request through it.
 
 `route` decides per item (EscalationPolicy), answers confident items at once, sends the unsure
-ones the link can carry to the cloud in one call, and commits the others to the durable queue
+ones the link can carry to the cloud (a call each, at once), and commits the others to the durable queue
 before returning; the Forwarder delivers them later and watchers hear of it.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +19,10 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
 from model_runtime.errors import InvalidInput
-from model_runtime.v2_json import InferResponse, encode_infer_request
+from model_runtime.v2_json import InferResponse
 from router.budget import DataBudget
 from router.clock import Clock, SystemClock
-from router.cloud_client import CloudClient, encode_body
+from router.cloud_client import CloudClient
 from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
@@ -239,9 +237,7 @@ class Router:
             self.tickets.check_room([u.item for u in to_queue])  # before anything is sent
         call = None
         if to_cloud:
-            call = asyncio.ensure_future(
-                self._escalate(cloud_model, inputs, to_cloud, request_id, time_left_s)
-            )
+            call = asyncio.ensure_future(self._escalate(cloud_model, to_cloud, time_left_s))
         try:
             tickets = await self._admit(cloud_model, to_queue, wishes, all_or_nothing=True)
         except BaseException:
@@ -251,15 +247,16 @@ class Router:
             raise
         outputs, answered = local.outputs, set[int]()
         if call is not None:
-            response = await call
-            rows = [u.index for u in to_cloud]
-            merged = None if response is None else _merge(local.outputs, response, rows)
-            if merged is not None:
-                outputs, answered = merged, set(rows)
-            else:
-                for u in to_cloud:
-                    decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
-                tickets |= await self._admit(cloud_model, to_cloud, wishes, all_or_nothing=False)
+            for index, response in (await call).items():
+                merged = _merge(outputs, response, [index])
+                if merged is not None:
+                    outputs = merged
+                    answered.add(index)
+            failed = [u for u in to_cloud if u.index not in answered]
+            for u in failed:
+                decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
+            if failed:
+                tickets |= await self._admit(cloud_model, failed, wishes, all_or_nothing=False)
         for u in unsure:
             if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
                 decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
@@ -288,40 +285,36 @@ class Router:
         return RoutedAnswer(outputs, tuple(items))
 
     async def _escalate(
-        self,
-        cloud_model: str,
-        inputs: Mapping[str, Array],
-        items: Sequence[_Unsure],
-        request_id: str,
-        time_left_s: float | None,
-    ) -> InferResponse | None:
-        """One live call for `items`; the cloud's decoded answer, or None if it failed in time.
+        self, cloud_model: str, items: Sequence[_Unsure], time_left_s: float | None
+    ) -> dict[int, InferResponse]:
+        """Live calls for `items`, all at once; row index -> the cloud's answer, for those
+        answered in time.
 
-        A lone item goes as its own queued form (body and ticket as key), so if the call fails
+        Each item goes in its queued form, its ticket as the Idempotency-Key: if a call fails
         after the cloud ran it, the queued redelivery is answered from the cloud's idempotency
-        store instead of running the model twice. Several items go as one request keyed by
-        the request id and the body's hash (a random key when there is no id).
+        store instead of running the model twice. One call per item costs a few hundred bytes
+        of headers each, the price of that promise for batches.
         """
         assert self._live is not None
-        if len(items) == 1:
-            body, key = items[0].item.body, items[0].item.ticket
-        else:
-            rows = np.asarray([u.index for u in items])
-            batch = {name: np.asarray(a)[rows] for name, a in inputs.items()}
-            body = encode_body(encode_infer_request(batch, request_id=request_id or None))
-            key = _batch_key(request_id, body)
+        live = self._live
         limit = self.config.live_timeout_s
         if time_left_s is not None:
             limit = min(limit, time_left_s - self.config.live_margin_s)
-        try:
-            with self.meter.call("live"):
-                answer = await self._live.infer(
-                    cloud_model, body, idempotency_key=key, deadline=self.clock.monotonic() + limit
-                )
-            return answer.response()
-        except (CloudError, InvalidInput) as error:
-            log.info("live escalation of %d item(s) failed: %s", len(items), error)
-            return None
+        deadline = self.clock.monotonic() + limit
+
+        async def call(u: _Unsure) -> tuple[int, InferResponse | None]:
+            try:
+                with self.meter.call("live"):
+                    answer = await live.infer(
+                        cloud_model, u.item.body, idempotency_key=u.item.ticket, deadline=deadline
+                    )
+                return u.index, answer.response()
+            except (CloudError, InvalidInput) as error:
+                log.info("live escalation failed: %s", error)
+                return u.index, None
+
+        answers = await asyncio.gather(*(call(u) for u in items))
+        return {index: response for index, response in answers if response is not None}
 
     async def _admit(
         self, model: str, items: Sequence[_Unsure], wishes: CallerWishes, *, all_or_nothing: bool
@@ -425,15 +418,6 @@ def _merge(
         log.warning("the cloud's answer has none of the local outputs (%s)", ", ".join(local))
         return None
     return merged
-
-
-def _batch_key(request_id: str, body: bytes) -> str:
-    """Stable for a repeat of the same request; the body's hash keeps two callers that reuse
-    an id (many send "1") from sharing a key, which the gateway would refuse (422)."""
-    if not request_id:
-        return str(uuid.uuid4())
-    digest = hashlib.sha256(request_id.encode() + b"\0" + body).hexdigest()
-    return f"req-{digest[:40]}"
 
 
 def _log_crash(task: asyncio.Task[None], name: str) -> None:
