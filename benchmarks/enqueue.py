@@ -22,7 +22,8 @@ import persistqueue
 
 from benchmarks._harness import Result, print_table, summarize
 from router.durable_queue import DurableQueue
-from router.queue_schema import QUEUE_MIGRATIONS, open_database
+from router.queue_schema import QUEUE_MIGRATIONS
+from router.sqlite_files import open_database
 
 
 @dataclass(frozen=True)

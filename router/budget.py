@@ -14,7 +14,7 @@ from pathlib import Path
 
 from router.clock import Clock, SystemClock
 from router.errors import BudgetExhausted
-from router.queue_schema import Migration, OpenedDatabase, SqliteWorker, open_database
+from router.sqlite_files import Migration, OpenedDatabase, SqliteWorker, open_database
 
 __all__ = ["BUDGET_MIGRATIONS", "BudgetPeriod", "DataBudget", "PeriodUsage"]
 

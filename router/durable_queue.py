@@ -45,12 +45,10 @@ from router.queue_schema import (
     QUEUE_MIGRATIONS,
     ItemState,
     ItemStatus,
-    OpenedDatabase,
     QueuedItem,
     QueueStats,
-    SqliteWorker,
-    open_database,
 )
+from router.sqlite_files import OpenedDatabase, SqliteWorker, open_database
 
 __all__ = [
     "ROW_OVERHEAD_BYTES",

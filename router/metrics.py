@@ -188,6 +188,9 @@ class RouterMetrics:
             self.ended.labels(state)
         for reason in HOLD_REASONS:
             self.holds.labels(reason)
+        # Exported at 0 from the start: the quarantine alert then tells "none" from "not scraped".
+        for part in ("queue", "budget"):
+            self.quarantined.labels(part)
         self._route_children: dict[tuple[Route, Reason], Counter] = {}
         self._collector = _StateCollector(readings, wall)
         registry.register(self._collector)

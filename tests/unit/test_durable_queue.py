@@ -20,7 +20,7 @@ import pytest
 from router.clock import FakeClock
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState, ItemStatus
 from router.errors import QueueFull, QueueSchemaTooNew, TicketNotFound
-from router.queue_schema import SqliteWorker, open_database
+from router.sqlite_files import SqliteWorker, open_database
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
