@@ -35,7 +35,7 @@ class StartupError(Exception):
 
 def run(settings: AgentSettings) -> int:
     """Serve until SIGTERM or SIGINT; the process exit code."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, site=settings.site, device=settings.device)
     try:
         return asyncio.run(_serve(settings))
     except StartupError as exc:
@@ -56,7 +56,13 @@ async def _serve(settings: AgentSettings) -> int:
     # The _created series double the scrape and answer no operator's question.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
-    metrics = AgentMetrics(registry, repository)
+    metrics = AgentMetrics(
+        registry,
+        repository,
+        site=settings.site,
+        device=settings.device,
+        default_ttl_seconds=settings.default_ttl_seconds,
+    )
     router = await Router.open(_router_config(settings), registry)
     try:
         code = await _serve_with(settings, repository, router, registry, metrics)
@@ -155,6 +161,9 @@ def _build_router_config(settings: AgentSettings, device_key: str | None) -> Rou
             probe_interval_s=settings.probe_interval_seconds,
             probe_timeout_s=settings.probe_timeout_seconds,
         ),
+        audit_share=settings.audit_share,
+        hard_examples_retention_s=settings.hard_examples_retention_days * 86400.0,
+        hard_examples_cap_bytes=settings.hard_examples_cap_bytes or None,
     )
 
 

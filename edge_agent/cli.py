@@ -1,4 +1,4 @@
-"""The `edge-agent` command: serve, calibrate. Builds the settings once and hands them down."""
+"""The `edge-agent` command and its subcommands. Builds the settings once and hands them down."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from edge_agent.calibrate import calibrate_command
+from edge_agent.config_cli import config_app
+from edge_agent.export_cli import export_hard_examples_command
+from edge_agent.queue_cli import queue_app
 from edge_agent.settings import SettingsError, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -95,6 +98,9 @@ def demo() -> None:
 
 # Each command lives beside what it drives; this module only gathers them.
 app.command("calibrate")(calibrate_command)
+app.command("export-hard-examples")(export_hard_examples_command)
+app.add_typer(queue_app, name="queue")
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

@@ -11,11 +11,17 @@ __all__ = ["configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, identity: dict[str, str] | None = None) -> None:
+        """`identity` (site, device) is put on every line, so a fleet's logs can be merged."""
+        super().__init__()
+        self.identity = identity or {}
+
     def format(self, record: logging.LogRecord) -> str:
         event = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
+            **self.identity,
             "logger": record.name,
             "msg": record.getMessage(),
         }
@@ -25,10 +31,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, **identity: str) -> None:
+    """JSON lines carrying `identity` (e.g. site=..., device=...), or plain text on a terminal."""
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty():
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(identity))
     logging.basicConfig(level=level, handlers=[handler], force=True)

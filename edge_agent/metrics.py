@@ -6,12 +6,16 @@ as "unknown"), codes from gRPC's fixed set, reasons from InvalidInput's fixed ki
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from edge_agent import __version__
+from edge_agent.settings import DEFAULT_DEVICE
 from model_runtime import ModelRepository
+from router.decision import DEFAULT_TTL_SECONDS
 
 __all__ = ["AgentMetrics", "ModelMetrics", "serve_metrics"]
 
@@ -35,8 +39,32 @@ class ModelMetrics:
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry, repository: ModelRepository) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        repository: ModelRepository,
+        *,
+        site: str | None = None,
+        device: str = DEFAULT_DEVICE,
+        default_ttl_seconds: float = DEFAULT_TTL_SECONDS,
+    ) -> None:
+        """`site` (default: the host name) and `device` identify this agent in every query that
+        joins on edge_agent_info; `default_ttl_seconds` is the queue's TTL, for the alert on
+        items about to expire."""
         self.registry = registry
+        # An info metric: dashboards and alerts join on it to name the site of any series.
+        Gauge(
+            "edge_agent_info",
+            "Always 1; its labels name this agent's site, device and software version.",
+            ["site", "device", "version"],
+            registry=registry,
+        ).labels(site or socket.gethostname(), device, __version__).set(1)
+        Gauge(
+            "edge_agent_queue_default_ttl_seconds",
+            "How long a queued request waits for the cloud before it expires, unless its "
+            "caller set another time-to-live.",
+            registry=registry,
+        ).set(default_ttl_seconds)
         self.requests = Counter(
             "edge_agent_requests",
             "gRPC calls answered, by method, model and gRPC status code.",

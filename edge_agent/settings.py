@@ -6,11 +6,15 @@ config file (--config), then the defaults below, which work on a fresh machine.
 
 from __future__ import annotations
 
+import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,17 +24,38 @@ from pydantic_settings import (
 
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.model_config import describe_validation_error
+from router.decision import MAX_TTL_SECONDS
 
-__all__ = ["AgentSettings", "SettingsError", "load_settings"]
+__all__ = ["DEFAULT_DEVICE", "AgentSettings", "SettingsError", "load_settings"]
+
+DEFAULT_DEVICE = "edge-agent"
+# Site and device ids become Prometheus label values and log fields: short, printable, no spaces.
+_IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
+
+
+def _host_name() -> str:
+    """The host name, made a valid site id, so the default never stops a start-up."""
+    name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname()).lstrip("._:-")[:63]
+    return name or "unknown"
 
 
 class SettingsError(Exception):
     """The settings are invalid; the message names each key and its problem."""
 
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+        """One line per problem, each naming its key (`port: Input should be ...`)."""
+
 
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", extra="forbid", frozen=True)
 
+    site: str = Field(default_factory=_host_name)
+    """Where this agent runs (a clinic, a kiosk's location): the `site` label of
+    edge_agent_info on /metrics and a field of every log line. Default: the host name."""
+    device: str = DEFAULT_DEVICE
+    """Which agent of the site this is, when a site has several."""
     model_repository: Path = EDGE_REPOSITORY
     """Directory of models: <model>/<version>/model.onnx and <model>/config.toml."""
     host: str = "127.0.0.1"
@@ -58,7 +83,7 @@ class AgentSettings(BaseSettings):
     cloud_url: str | None = None
     """Base URL of the cloud's v2 REST endpoint (the cloud gateway, or any v2 server). Unset:
     every request is answered at the edge, and responses say so (reason no_cloud_configured)."""
-    device_key_file: Path | None = None
+    device_key_file: Path | None = Field(default=None, validate_default=True)
     """File holding this device's key for the cloud (`cloud-gateway keys add`); read once."""
     state_dir: Path = Path("var/edge-agent")
     """Where the durable queue, results and data-budget counters are kept."""
@@ -66,7 +91,7 @@ class AgentSettings(BaseSettings):
     """Disk the queue may use; 0 means no cap."""
     queue_full_policy: str = Field(default="refuse", pattern="^(refuse|drop_oldest_lowest)$")
     """At the cap: refuse new requests (RESOURCE_EXHAUSTED) or drop the lowest-priority oldest."""
-    default_ttl_seconds: float = Field(default=24 * 3600.0, gt=0)
+    default_ttl_seconds: float = Field(default=24 * 3600.0, gt=0, le=MAX_TTL_SECONDS)
     """How long a queued request waits for the link before it expires, unless the caller says."""
     budget_day_bytes: int = Field(default=0, ge=0)
     """Bytes the agent may send to the cloud per UTC day; 0 means unlimited."""
@@ -84,6 +109,43 @@ class AgentSettings(BaseSettings):
     probe costs a few hundred bytes: shorter finds a dead link sooner, longer spends less."""
     probe_timeout_seconds: float = Field(default=5.0, gt=0)
     """A probe slower than this counts as failed."""
+
+    # -- field quality: audits and hard examples --------------------------------------------
+    audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of confident answers also sent to the cloud in the background (lowest priority,
+    within the data budget) to measure how often the edge model agrees with it; 0 is off.
+    Off by default: it spends metered data and sends inputs that would have stayed here."""
+    hard_examples_retention_days: float = Field(default=0.0, ge=0.0, le=3650.0)
+    """Keep escalated inputs with the cloud's answers this many days, for retraining
+    (`edge-agent export-hard-examples`); 0 is off, and deletes what was kept before."""
+    hard_examples_cap_bytes: int = Field(default=64 * 2**20, ge=0)
+    """Disk the hard examples may take; beyond it new ones are not kept. 0 means no cap."""
+
+    @field_validator("site", "device")
+    @classmethod
+    def _identity(cls, value: str) -> str:
+        if not _IDENTITY.fullmatch(value):
+            raise ValueError(
+                f"must be 1-63 of A-Z a-z 0-9 . _ : - starting with a letter or digit, got {value!r}"
+            )
+        return value
+
+    @field_validator("cloud_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("device_key_file")
+    @classmethod
+    def _key_with_cloud(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Checked here rather than at router start-up, so the error names the setting.
+        if value is None and info.data.get("cloud_url") is not None:
+            raise ValueError("required when cloud_url is set")
+        return value
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:
@@ -114,5 +176,14 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSetting
     try:
         merged = _FromSources(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        raise SettingsError(describe_validation_error(exc, "settings")) from None
+        problems = [_problem(err) for err in exc.errors()]
+        raise SettingsError(describe_validation_error(exc, "settings"), problems) from None
     return AgentSettings.model_construct(**merged.model_dump())
+
+
+def _problem(err: ErrorDetails) -> str:
+    """`key: what is wrong`, for one error of a validation."""
+    key = ".".join(str(p) for p in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown setting"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}"

@@ -3,6 +3,7 @@
 `Router` (router.router) wires the parts; the edge agent hands it each locally answered request.
 """
 
+from router.audit import Auditor, AuditSampler
 from router.breaker import BreakerState, CircuitBreaker
 from router.budget import BudgetPeriod, DataBudget, PeriodUsage
 from router.clock import Clock, FakeClock, SystemClock
@@ -44,6 +45,13 @@ from router.errors import (
     TicketNotFound,
 )
 from router.forwarder import Forwarder, TokenBucket
+from router.hard_examples import (
+    HardExamples,
+    HardExamplesError,
+    HardExampleStore,
+    NoHardExamples,
+    load_hard_examples,
+)
 from router.local_model import LocalAnswer, LocalModel
 from router.metrics import RouterMetrics
 from router.policy import BudgetMode, EscalationPolicy
@@ -60,6 +68,8 @@ __all__ = [
     "MIN_PRIORITY",
     "TICKET_STATES",
     "AttemptRecord",
+    "AuditSampler",
+    "Auditor",
     "BreakerState",
     "BudgetExhausted",
     "BudgetMode",
@@ -82,6 +92,9 @@ __all__ = [
     "FakeClock",
     "Forwarder",
     "FullPolicy",
+    "HardExampleStore",
+    "HardExamples",
+    "HardExamplesError",
     "ItemState",
     "ItemStatus",
     "LinkBackoff",
@@ -91,6 +104,7 @@ __all__ = [
     "LocalAnswer",
     "LocalModel",
     "MonitorConfig",
+    "NoHardExamples",
     "PeriodUsage",
     "QueueCorrupt",
     "QueueFull",
@@ -112,4 +126,5 @@ __all__ = [
     "TicketResult",
     "TicketStore",
     "TokenBucket",
+    "load_hard_examples",
 ]

@@ -15,10 +15,12 @@ from router.durable_queue import FullPolicy
 from router.policy import BudgetMode
 from router.retrying import RetryPolicy
 
-__all__ = ["BUDGET_FILE", "QUEUE_FILE", "RouterConfig"]
+__all__ = ["AUDIT_FILE", "BUDGET_FILE", "HARD_EXAMPLES_FILE", "QUEUE_FILE", "RouterConfig"]
 
 QUEUE_FILE = "queue.sqlite"
 BUDGET_FILE = "budget.sqlite"
+AUDIT_FILE = "audit.sqlite"
+HARD_EXAMPLES_FILE = "hard_examples.sqlite"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,16 @@ class RouterConfig:
     """Connections of the live calls' pool; the forwarder's pool has at least
     `drain_concurrency`."""
     compress: bool = True
+    audit_share: float = 0.0
+    """Share of confident items also sent to the cloud, in the background at the lowest
+    priority, to measure how often the edge model agrees with it (router.audit); 0: off."""
+    audit_max_waiting: int = 100
+    """Audits waiting for the cloud at most; more are skipped (counted as backlog)."""
+    hard_examples_retention_s: float = 0.0
+    """How long escalated inputs are kept with the cloud's answers for retraining
+    (router.hard_examples); 0: off, and a file kept before is deleted at start-up."""
+    hard_examples_cap_bytes: int | None = 64 * 2**20
+    """Disk the hard examples may take (compressed); beyond it new ones are not kept."""
 
     def __post_init__(self) -> None:
         if self.cloud_url is not None:
@@ -133,10 +145,28 @@ class RouterConfig:
                 f"default_ttl_s: must be at most max_ttl_s ({self.max_ttl_s:g}), "
                 f"got {self.default_ttl_s:g}"
             )
-        for name in ("drain_batch", "drain_batch_bytes", "drain_concurrency", "max_connections"):
+        for name in (
+            "drain_batch",
+            "drain_batch_bytes",
+            "drain_concurrency",
+            "max_connections",
+            "audit_max_waiting",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.audit_share, int | float) and 0.0 <= self.audit_share <= 1.0):
+            raise ValueError(f"audit_share: must be a number in [0, 1], got {self.audit_share!r}")
+        if not (
+            isinstance(self.hard_examples_retention_s, int | float)
+            and math.isfinite(self.hard_examples_retention_s)
+            and self.hard_examples_retention_s >= 0
+        ):
+            raise ValueError(
+                "hard_examples_retention_s: must be a finite number >= 0 (0: off), "
+                f"got {self.hard_examples_retention_s!r}"
+            )
+        _nonneg_int("hard_examples_cap_bytes", self.hard_examples_cap_bytes)
         if self.breaker_failures < 1:
             raise ValueError(f"breaker_failures: must be >= 1, got {self.breaker_failures!r}")
         object.__setattr__(self, "full_policy", FullPolicy(self.full_policy))
@@ -154,6 +184,14 @@ class RouterConfig:
     @property
     def budget_path(self) -> Path:
         return self.state_dir / BUDGET_FILE
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / AUDIT_FILE
+
+    @property
+    def hard_examples_path(self) -> Path:
+        return self.state_dir / HARD_EXAMPLES_FILE
 
 
 def _nonneg_int(name: str, value: object) -> None:

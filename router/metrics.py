@@ -114,6 +114,13 @@ class RouterMetrics:
             ["route", "reason"],
             registry=registry,
         )
+        self.model_routes = Counter(
+            f"{NS}_model_routes",
+            "Items (rows) routed, by model and route taken (edge, cloud, queue): the share not "
+            "answered at the edge is each model's escalation rate.",
+            ["model", "route"],
+            registry=registry,
+        )
         self.attempts = Counter(
             f"{NS}_cloud_attempts",
             "HTTP attempts at the cloud, by path (live, drain) and outcome.",
@@ -192,6 +199,7 @@ class RouterMetrics:
         for part in ("queue", "budget"):
             self.quarantined.labels(part)
         self._route_children: dict[tuple[Route, Reason], Counter] = {}
+        self._model_route_children: dict[tuple[str, Route], Counter] = {}
         self._collector = _StateCollector(readings, wall)
         registry.register(self._collector)
 
@@ -215,6 +223,14 @@ class RouterMetrics:
         if child is None:
             child = self._route_children[route, reason] = self.routes.labels(
                 route.value, reason.value
+            )
+        child.inc(n)
+
+    def model_route(self, model: str, route: Route, n: int = 1) -> None:
+        child = self._model_route_children.get((model, route))
+        if child is None:
+            child = self._model_route_children[model, route] = self.model_routes.labels(
+                model, route.value
             )
         child.inc(n)
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from model_runtime.errors import InvalidInput
 from model_runtime.v2_json import InferResponse
+from router.audit import Auditor, AuditSampler
 from router.budget import DataBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import CloudClient
@@ -29,6 +30,7 @@ from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason,
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
 from router.errors import CloudError
 from router.forwarder import Forwarder, housekeep, open_cloud
+from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
 from router.policy import EscalationPolicy
@@ -111,6 +113,8 @@ class Router:
         self.forwarder: Forwarder | None = None
         self._live: CloudClient | None = None
         self._drain: CloudClient | None = None
+        self.audit: Auditor | None = None
+        self.hard_examples: HardExampleStore | None = None
 
     @classmethod
     async def open(
@@ -154,6 +158,7 @@ class Router:
             )  # fmt: skip
             self._spawn(self.monitor.run(), "monitor")
             self._spawn(self.forwarder.run(), "forwarder")
+        await self._open_quality()
         await self._refresh()
         self._spawn(
             housekeep(self.queue, self.budget, config, clock, self._refresh), "housekeeping"
@@ -170,6 +175,9 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for store in (self.audit, self.hard_examples):
+            if store is not None:
+                await store.aclose()
         for client in (self._live, self._drain):
             if client is not None:
                 await client.aclose()
@@ -178,6 +186,30 @@ class Router:
             if hasattr(self, part):
                 await getattr(self, part).close()
         self.metrics.close()
+
+    async def _open_quality(self) -> None:
+        """Audit sampling (router.audit), also to settle audits left from before it was turned
+        off; hard examples (router.hard_examples), deleted when they are off."""
+        config = self.config
+        if config.cloud_configured and (config.audit_share > 0 or config.audit_path.exists()):
+            self.audit = await Auditor.open(
+                config.audit_path, self.queue, self.budget, self.metrics.registry,
+                sampler=AuditSampler(config.audit_share), max_waiting=config.audit_max_waiting,
+                ttl_s=config.default_ttl_s, clock=self.clock, on_queued=self._admitted,
+            )  # fmt: skip
+            self._spawn(self.audit.settle_left_over(), "audit")
+        if config.hard_examples_retention_s > 0:
+            self.hard_examples = await HardExampleStore.open(
+                config.hard_examples_path, self.metrics.registry,
+                retention_s=config.hard_examples_retention_s,
+                cap_bytes=config.hard_examples_cap_bytes, clock=self.clock,
+            )  # fmt: skip
+            self._spawn(self.hard_examples.run(config.purge_interval_s), "hard examples")
+        elif discard_hard_examples(config.hard_examples_path):
+            log.warning(
+                "hard examples are off: deleted %s and the examples it kept",
+                config.hard_examples_path,
+            )
 
     @property
     def cloud_configured(self) -> bool:
@@ -204,7 +236,27 @@ class Router:
         for is answered at the edge with reason queue_full. The same goes for items whose live
         call failed (reason cloud_failed), whatever the policy: their request has been sent by
         then, so failing it would throw away the local answer for nothing.
+
+        Afterwards, without waiting, a share of the confident items may be drawn for an audit
+        (router.audit).
         """
+        answer = await self._route(model, inputs, local, wishes, time_left_s, request_id)
+        for route in {i.route for i in answer.items}:
+            self.metrics.model_route(model, route, sum(i.route is route for i in answer.items))
+        if self.audit is not None:
+            reasons = [i.reason for i in answer.items]
+            self.audit.consider(model, local.cloud_model, inputs, local.outputs, reasons)
+        return answer
+
+    async def _route(
+        self,
+        model: str,
+        inputs: Mapping[str, Array],
+        local: LocalAnswer,
+        wishes: CallerWishes,
+        time_left_s: float | None,
+        request_id: str,
+    ) -> RoutedAnswer:
         confidence = np.asarray(local.confidence, dtype=np.float64).reshape(-1)
         n = len(confidence)
         for name, array in inputs.items():
@@ -240,6 +292,7 @@ class Router:
             call = asyncio.ensure_future(self._escalate(cloud_model, to_cloud, time_left_s))
         try:
             tickets = await self._admit(cloud_model, to_queue, wishes, all_or_nothing=True)
+            self._keep_queued(model, cloud_model, to_queue, tickets)
         except BaseException:
             if call is not None:
                 call.cancel()
@@ -247,16 +300,21 @@ class Router:
             raise
         outputs, answered = local.outputs, set[int]()
         if call is not None:
-            for index, response in (await call).items():
+            responses = await call
+            for index, response in responses.items():
                 merged = _merge(outputs, response, [index])
                 if merged is not None:
                     outputs = merged
                     answered.add(index)
+            if self.hard_examples is not None:
+                kept = [(u.item.ticket, u.item.body, responses[u.index].outputs) for u in to_cloud if u.index in answered]  # fmt: skip
+                self.hard_examples.keep_live(model, cloud_model, kept)
             failed = [u for u in to_cloud if u.index not in answered]
             for u in failed:
                 decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
             if failed:
                 tickets |= await self._admit(cloud_model, failed, wishes, all_or_nothing=False)
+                self._keep_queued(model, cloud_model, failed, tickets)
         for u in unsure:
             if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
                 decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
@@ -329,6 +387,14 @@ class Router:
         )
         return {u.index: u.item.ticket for u in items if stored.get(u.item.ticket)}
 
+    def _keep_queued(
+        self, model: str, cloud_model: str, items: Sequence[_Unsure], tickets: Mapping[int, str]
+    ) -> None:
+        # Synchronous, right after the queue's commit: see HardExampleStore.keep_queued.
+        if self.hard_examples is not None:
+            kept = [(u.item.ticket, u.item.body) for u in items if u.index in tickets]
+            self.hard_examples.keep_queued(model, cloud_model, kept)
+
     # -- tickets and status ---------------------------------------------------------------------
 
     async def result(self, ticket: str) -> TicketResult:
@@ -369,6 +435,10 @@ class Router:
         for status in ended:
             self.metrics.ended.labels(status.state.value).inc()
         self.tickets.notify(ended)
+        if self.audit is not None:
+            self.audit.on_end(ended)
+        if self.hard_examples is not None:
+            self.hard_examples.on_end(ended)
 
     def _admitted(self, n: int) -> None:
         self.metrics.enqueued.inc(n)

@@ -25,12 +25,14 @@ from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, I
 from router.errors import QueueFull
 
 __all__ = [
+    "AUDIT_PREFIX",
     "TICKET_STATES",
     "Admission",
     "TicketResult",
     "TicketStore",
     "decode_result",
     "encode_result",
+    "is_audit",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,13 @@ TICKET_STATES = ("pending", "delivered", "expired", "dropped", "rejected")
 """`rejected`: the cloud refused the request itself (400, 422...): it will never be answered."""
 
 _WATCH_PAGE = 100
+
+AUDIT_PREFIX = "audit-"
+"""Tickets of audit items (router.audit): internal, so WatchResults never shows them."""
+
+
+def is_audit(ticket: str) -> bool:
+    return ticket.startswith(AUDIT_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +251,8 @@ class TicketStore:
     ) -> AsyncIterator[TicketResult]:
         """Every ticket that ended after `after_cursor`, in end order, then each one as it ends.
 
-        With `tickets`, only those are yielded (the cursor still moves past the others). Ends
+        With `tickets`, only those are yielded (the cursor still moves past the others, and
+        past audit items, which are never yielded). Ends
         only when the store closes. A watcher that reconnects passes the last cursor it got.
         """
         if isinstance(after_cursor, bool) or not isinstance(after_cursor, int) or after_cursor < 0:
@@ -258,6 +268,8 @@ class TicketStore:
                 page = await self.queue.results_after(cursor, _WATCH_PAGE)
                 for status in page:
                     cursor = max(cursor, status.end_seq or cursor)
+                    if is_audit(status.ticket):
+                        continue
                     if not wanted or status.ticket in wanted:
                         yield to_result(status)
                 if len(page) < _WATCH_PAGE and not self._closed:

@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real third-party servers the integration tests start: redis-server for the gateway's shared
-# idempotency store. Installed when missing and we may; otherwise those tests skip and say so.
+# idempotency store, Prometheus (and its promtool) for the metric, rule and scrape checks.
+# Installed when missing and we may; otherwise those tests skip and say so.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
