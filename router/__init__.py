@@ -52,7 +52,7 @@ from router.hard_examples import (
     NoHardExamples,
     load_hard_examples,
 )
-from router.local_model import LocalAnswer, LocalModel
+from router.local_model import LocalAnswer
 from router.metrics import RouterMetrics
 from router.policy import BudgetMode, EscalationPolicy
 from router.retrying import LinkBackoff, RetryPolicy
@@ -102,7 +102,6 @@ __all__ = [
     "LinkState",
     "LinkView",
     "LocalAnswer",
-    "LocalModel",
     "MonitorConfig",
     "NoHardExamples",
     "PeriodUsage",

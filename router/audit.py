@@ -177,23 +177,9 @@ class Auditor:
         )
 
     @classmethod
-    async def open(
-        cls,
-        path: Path,
-        queue: DurableQueue,
-        budget: DataBudget,
-        registry: CollectorRegistry,
-        *,
-        sampler: AuditSampler,
-        max_waiting: int = 100,
-        ttl_s: float = 24 * 3600.0,
-        clock: Clock | None = None,
-        on_queued: Callable[[int], None] | None = None,
-    ) -> Auditor:
-        auditor = cls(
-            path, queue, budget, registry, sampler=sampler, max_waiting=max_waiting,
-            ttl_s=ttl_s, clock=clock, on_queued=on_queued,
-        )  # fmt: skip
+    async def open(cls, *args: Any, **kwargs: Any) -> Auditor:
+        """Construct (same arguments as the class) and open its file."""
+        auditor = cls(*args, **kwargs)
         opened = await auditor._worker.start(
             lambda: open_database(auditor.path, AUDIT_MIGRATIONS, now=auditor.clock.wall)
         )

@@ -289,7 +289,9 @@ class Router:
             self.tickets.check_room([u.item for u in to_queue])  # before anything is sent
         call = None
         if to_cloud:
-            call = asyncio.ensure_future(self._escalate(cloud_model, to_cloud, time_left_s))
+            call = asyncio.ensure_future(
+                self._escalate(cloud_model, to_cloud, time_left_s, request_id)
+            )
         try:
             tickets = await self._admit(cloud_model, to_queue, wishes, all_or_nothing=True)
             self._keep_queued(model, cloud_model, to_queue, tickets)
@@ -343,7 +345,11 @@ class Router:
         return RoutedAnswer(outputs, tuple(items))
 
     async def _escalate(
-        self, cloud_model: str, items: Sequence[_Unsure], time_left_s: float | None
+        self,
+        cloud_model: str,
+        items: Sequence[_Unsure],
+        time_left_s: float | None,
+        request_id: str,
     ) -> dict[int, InferResponse]:
         """Live calls for `items`, all at once; row index -> the cloud's answer, for those
         answered in time.
@@ -368,7 +374,16 @@ class Router:
                     )
                 return u.index, answer.response()
             except (CloudError, InvalidInput) as error:
-                log.info("live escalation failed: %s", error)
+                log.info(
+                    "live escalation failed; queued",
+                    extra={
+                        "fields": {
+                            "request_id": request_id,
+                            "ticket": u.item.ticket,
+                            "error": str(error),
+                        }
+                    },
+                )
                 return u.index, None
 
         answers = await asyncio.gather(*(call(u) for u in items))
