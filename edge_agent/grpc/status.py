@@ -26,10 +26,10 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def status_for(exc: Exception, request_id: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and message a caller gets for `exc`."""
     for error_type, code in STATUS_BY_ERROR:
         if isinstance(exc, error_type):
             return code, str(exc)
-    log.error("internal error", exc_info=exc)
+    log.error("internal error", exc_info=exc, extra={"fields": {"request_id": request_id or "-"}})
     return grpc.StatusCode.INTERNAL, "internal error; see the agent's log"

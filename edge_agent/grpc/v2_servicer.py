@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TypeVar
 
@@ -17,6 +18,8 @@ from edge_agent.metrics import AgentMetrics
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
 
 __all__ = ["V2Servicer"]
+
+log = logging.getLogger(__name__)
 
 _OK = grpc.StatusCode.OK.name
 _R = TypeVar("_R")
@@ -91,11 +94,16 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await self.service.infer(decoded)
             response = encode_infer_result(result)
         except Exception as exc:
-            return self._fail(context, "ModelInfer", request.model_name, exc, pb.ModelInferResponse)
+            return self._fail(
+                context, "ModelInfer", request.model_name, exc, pb.ModelInferResponse, request.id
+            )
         finally:
             self.metrics.in_flight -= 1
-        self.metrics.models[model.name].request_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.models[model.name].request_seconds.observe(elapsed)
         self.metrics.count_request("ModelInfer", model.name, _OK)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request only when asked for
+            _log_request(request.id, model.name, _OK, elapsed, result.parameters.get("route"))
         return response
 
     def _fail(
@@ -105,11 +113,31 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         model: str,
         exc: Exception,
         response_type: type[_R],
+        request_id: str = "",
     ) -> _R:
-        code, message = status_for(exc)
+        code, message = status_for(exc, request_id)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_request(request_id, model, code.name, None, None, message)
         if isinstance(exc, InvalidInput):
             self.metrics.invalid_requests.labels(self.metrics.model_label(model), exc.kind).inc()
         self.metrics.count_request(method, model, code.name)
         context.set_code(code)
         context.set_details(message)
         return response_type()
+
+
+def _log_request(
+    request_id: str,
+    model: str,
+    code: str,
+    seconds: float | None,
+    route: object,
+    problem: str | None = None,
+) -> None:
+    # Never the payload: only what identifies the call and how it ended.
+    fields = {"request_id": request_id or "-", "model": model, "code": code, "route": route}
+    if seconds is not None:
+        fields["seconds"] = round(seconds, 6)
+    if problem is not None:
+        fields["problem"] = problem
+    log.debug("infer", extra={"fields": fields})
