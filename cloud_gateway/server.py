@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ def write_port_file(path: Path, ports: dict[str, int]) -> None:
 
 def _log_config(level: str) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
+    if not sys.stderr.isatty():
+        # JSON lines for the journal and log shippers, as the edge agent writes them;
+        # uvicorn's own colourful lines stay for a terminal.
+        for name in ("default", "access"):
+            config["formatters"][name] = {"()": "model_runtime.logs.JsonFormatter"}
     config["loggers"]["cloud_gateway"] = {
         "handlers": ["default"],
         "level": level.upper(),

@@ -18,10 +18,10 @@ from edge_agent.grpc.router_servicer import RouterServicer
 from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
-from edge_agent.logs import configure_logging
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.settings import AgentSettings
 from model_runtime import ModelLoadError, ModelRepository
+from model_runtime.logs import configure_logging
 from router import BudgetMode, FullPolicy, MonitorConfig, Router, RouterConfig
 
 __all__ = ["run"]

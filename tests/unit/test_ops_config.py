@@ -19,11 +19,11 @@ from cloud_gateway.cli import app as gateway_app
 from cloud_gateway.settings import GatewaySettings
 from edge_agent import __version__
 from edge_agent.config_cli import config_app
-from edge_agent.logs import JsonFormatter
 from edge_agent.metrics import AgentMetrics
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from model_runtime import ModelRepository
 from model_runtime.demo import EDGE_REPOSITORY
+from model_runtime.logs import JsonFormatter
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "config"

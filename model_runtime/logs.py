@@ -1,4 +1,6 @@
-"""Logging set-up: JSON lines for machines, plain text on a terminal. Never payloads or keys."""
+"""Logging for both daemons: JSON lines for machines, plain text on a terminal. Never payloads
+or keys: callers log what identifies a call and how it ended, not its tensors.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import logging
 import sys
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["JsonFormatter", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
