@@ -7,6 +7,8 @@ a v2 error body through the single table in errors.py.
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -22,6 +24,8 @@ from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.service import GatewayService, check_idempotency_key
 from model_runtime import InvalidInput, ModelError, RequestTooLarge
 from model_runtime.v2_json import decode_infer_request, error_body
+
+log = logging.getLogger("cloud_gateway.requests")
 
 __all__ = ["REPLAYED_HEADER", "V2Routes", "exception_handlers"]
 
@@ -127,6 +131,8 @@ class V2Routes:
             device, name, version, decoded, body=body, idempotency_key=key
         )
         headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
+        if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
+            _log_request(request, 200, model=name, replayed=outcome.replayed)
         return Response(outcome.body, media_type="application/json", headers=headers)
 
 
@@ -145,8 +151,19 @@ def _parse_json(body: bytes) -> Any:
         raise InvalidInput("body", "is not UTF-8 text") from None
 
 
+def _log_request(request: Request, status: int, **fields: object) -> None:
+    # An id of the gateway's own for the line: the device's Idempotency-Key and the body may
+    # carry what a clinic entered, so neither is logged, nor the Authorization header.
+    log.debug(
+        f"{request.method} {request.url.path}",
+        extra={"fields": {"request_id": uuid.uuid4().hex[:16], "status": status, **fields}},
+    )
+
+
 async def _error_response(request: Request, exc: Exception) -> Response:
     error = http_error(exc)
+    if log.isEnabledFor(logging.DEBUG):
+        _log_request(request, error.status)
     return JSONResponse(error_body(error.message), error.status, headers=error.headers)
 
 

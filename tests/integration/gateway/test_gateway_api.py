@@ -407,6 +407,10 @@ def test_keys_and_payloads_never_reach_the_logs(
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     # JSON lines, and the access log is on and was read
     assert any(f'"POST {INFER} HTTP/1.1" 200' in e["msg"] for e in events)
+    # at debug, one event per call with a request id of its own
+    calls = [e for e in events if e["msg"] == f"POST {INFER}"]
+    assert {e["status"] for e in calls} >= {200, 400}
+    assert all(len(str(e["request_id"])) == 16 for e in calls)
     secret = gateway.key.split(".", 1)[1]
     assert secret not in log
     assert gateway.key not in log
