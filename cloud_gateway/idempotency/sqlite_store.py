@@ -16,6 +16,7 @@ costs more than the transaction itself. Checkpoints, which do fsync, run in a th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -50,9 +51,14 @@ _COMPLETE = (
 _CHECKPOINT_EVERY = 1000
 
 
+_SETUP_TIMEOUT_S = 30.0
+"""Opening waits this long for a lock: workers start together, and one creating the file or
+switching it to WAL holds the others back for a moment."""
+
+
 def _connect(path: Path, *, busy_timeout_ms: int, autocheckpoint: bool) -> sqlite3.Connection:
     db = sqlite3.connect(
-        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        path, timeout=_SETUP_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
@@ -79,8 +85,11 @@ class SqliteIdempotencyStore:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(
+            _connect(path, busy_timeout_ms=int(_SETUP_TIMEOUT_S * 1000), autocheckpoint=True)
+        ) as setup:
+            setup.executescript(_SCHEMA)
         self._loop_db = _connect(path, busy_timeout_ms=0, autocheckpoint=False)
-        self._loop_db.executescript(_SCHEMA)
         self._batch: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._commits = 0

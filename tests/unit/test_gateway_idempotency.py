@@ -213,3 +213,19 @@ async def test_a_locked_database_is_waited_for_off_the_event_loop(db: Path) -> N
     assert await asyncio.wait_for(claim, 10) is None
     assert ticks == 20
     other_worker.close()
+
+
+async def test_a_worker_opens_the_store_while_another_holds_its_lock(tmp_path: Path) -> None:
+    """Workers start together; one that finds the file locked waits instead of dying."""
+    db = tmp_path / "idempotency.sqlite3"
+    # A new file, still in rollback-journal mode, locked by a worker that is creating it.
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE being_created (x)")
+    released = asyncio.get_running_loop().call_later(0.3, holder.execute, "COMMIT")
+    try:
+        store = await asyncio.to_thread(SqliteIdempotencyStore, db)
+    finally:
+        released.cancel()
+        holder.close()
+    await store.aclose()
