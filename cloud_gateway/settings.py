@@ -6,22 +6,18 @@ Environment variables are the field names in capitals with the prefix CLOUD_GATE
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from model_runtime.demo import CLOUD_REPOSITORY
+from model_runtime.layered_settings import LayeredSettings
 
 __all__ = ["ENV_PREFIX", "GatewaySettings", "SettingsError", "load_settings"]
 
@@ -31,14 +27,13 @@ DAY_S = 86_400.0
 
 # The TOML file of the settings being built; a context variable because pydantic-settings
 # builds its sources in a classmethod with no per-call argument for it.
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("_CONFIG_FILE", default=None)
 
 
 class SettingsError(Exception):
     """Invalid settings; the message names each offending key and where to set it."""
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(LayeredSettings):
     """Settings of `cloud-gateway serve` and `cloud-gateway keys`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -130,39 +125,16 @@ class GatewaySettings(BaseSettings):
     def idempotency_db_path(self) -> Path:
         return self.idempotency_db or self.state_dir / "idempotency.sqlite3"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Earlier sources win: flags (init), then the environment, then the file.
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
-        return (init_settings, env_settings, toml)
-
-
-@contextmanager
-def _config_file(path: Path | None) -> Iterator[None]:
-    token = _CONFIG_FILE.set(path)
-    try:
-        yield
-    finally:
-        _CONFIG_FILE.reset(token)
-
 
 def load_settings(
     config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> GatewaySettings:
     """Defaults < `config_file` (TOML) < CLOUD_GATEWAY_* env < `overrides` (flags; None = unset)."""
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    flags = overrides or {}
     if config_file is not None and not config_file.is_file():
         raise SettingsError(f"config file {config_file} does not exist")
     try:
-        with _config_file(config_file):
-            return GatewaySettings(**flags)
+        return GatewaySettings.from_layers(config_file, flags)
     except ValidationError as exc:
         raise SettingsError(_describe(exc, config_file)) from None
     except ValueError as exc:  # the TOML parser's errors

@@ -16,13 +16,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from model_runtime.demo import EDGE_REPOSITORY
+from model_runtime.layered_settings import LayeredSettings
 from model_runtime.model_config import describe_validation_error
 from router.decision import MAX_TTL_SECONDS
 
@@ -48,7 +46,7 @@ class SettingsError(Exception):
         """One line per problem, each naming its key (`port: Input should be ...`)."""
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(LayeredSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", extra="forbid", frozen=True)
 
     site: str = Field(default_factory=_host_name)
@@ -158,27 +156,11 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSetting
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
 
-    class _FromSources(AgentSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-            if config_file is not None:
-                sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
-            return sources
-
     try:
-        merged = _FromSources(**{k: v for k, v in flags.items() if v is not None})
+        return AgentSettings.from_layers(config_file, flags)
     except ValidationError as exc:
         problems = [_problem(err) for err in exc.errors()]
         raise SettingsError(describe_validation_error(exc, "settings"), problems) from None
-    return AgentSettings.model_construct(**merged.model_dump())
 
 
 def _problem(err: ErrorDetails) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -12,6 +16,8 @@ import tritonclient.grpc as triton
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, start_daemon
+
+T = TypeVar("T")
 
 
 def agent_ready(daemon: Daemon) -> bool:
@@ -126,3 +132,19 @@ def start_agent_with_cloud(
 def model_runs(gateway: Gateway) -> float:
     """How often the gateway ran the cloud model, from its /metrics."""
     return gateway.metric("cloud_gateway_model_runs_total", model="digits-large")
+
+
+def collect_stream(stream: Iterator[T]) -> queue.Queue[T]:
+    """Read a server stream (WatchResults) in a thread into a queue; cancelling the stream
+    ends the thread."""
+    received: queue.Queue[T] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for item in stream:
+                received.put(item)
+        except grpc.RpcError:  # the test's own cancel ends the stream
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    return received

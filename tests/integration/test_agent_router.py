@@ -6,8 +6,6 @@ is up, are queued with a ticket while it is down, and the ticket resolves when i
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
-from tests.integration.conftest import model_runs, start_agent_with_cloud
+from tests.integration.conftest import collect_stream, model_runs, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
@@ -103,17 +101,8 @@ def test_link_down_gives_a_provisional_answer_and_a_ticket_that_resolves(
         stub.GetResult(rpb.GetResultRequest(ticket=ticket), timeout=5).state
         == rpb.TicketResult.PENDING
     )
-    pushed: queue.Queue[rpb.TicketResult] = queue.Queue()
     stream = stub.WatchResults(rpb.WatchResultsRequest(tickets=[ticket]))
-
-    def watch() -> None:
-        try:
-            for result in stream:
-                pushed.put(result)
-        except grpc.RpcError:  # our own cancel below ends the stream
-            pass
-
-    threading.Thread(target=watch, daemon=True).start()
+    pushed = collect_stream(stream)
 
     proxy.restore()
     delivered = pushed.get(timeout=30)

@@ -4,8 +4,6 @@ model for each of them in the background, and the agent counts agreement per mod
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import grpc
@@ -20,7 +18,7 @@ from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
-from tests.integration.conftest import model_runs, start_agent_with_cloud
+from tests.integration.conftest import collect_stream, model_runs, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
@@ -107,20 +105,11 @@ def test_confident_answers_are_audited_in_the_background(
         # A watcher from the start is told of the app's ticket, never of the audits before it.
         proxy.cut()
         ticket = str(ask(agent, int(UNSURE[2]), escalation="always")["ticket"])
-        pushed: queue.Queue[rpb.TicketResult] = queue.Queue()
         channel = grpc.insecure_channel(agent.address("grpc"))
         stream = rpb_grpc.RouterServiceStub(channel).WatchResults(
             rpb.WatchResultsRequest(after_cursor=0)
         )
-
-        def watch() -> None:
-            try:
-                for result in stream:
-                    pushed.put(result)
-            except grpc.RpcError:  # our own cancel below ends the stream
-                pass
-
-        threading.Thread(target=watch, daemon=True).start()
+        pushed = collect_stream(stream)
         proxy.restore()
         first = pushed.get(timeout=30)
         stream.cancel()
