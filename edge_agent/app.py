@@ -23,6 +23,7 @@ from edge_agent.settings import AgentSettings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.logs import configure_logging
 from router import BudgetMode, FullPolicy, MonitorConfig, Router, RouterConfig
+from router.state_lock import StateDirInUse
 
 __all__ = ["run"]
 
@@ -63,7 +64,12 @@ async def _serve(settings: AgentSettings) -> int:
         device=settings.device,
         default_ttl_seconds=settings.default_ttl_seconds,
     )
-    router = await Router.open(_router_config(settings), registry)
+    try:
+        router = await Router.open(_router_config(settings), registry)
+    except StateDirInUse as exc:
+        raise StartupError(_in_use(exc)) from None
+    except OSError as exc:  # a state dir that cannot be made or written
+        raise StartupError(f"cannot use state dir {settings.state_dir}: {exc.strerror}") from None
     try:
         code = await _serve_with(settings, repository, router, registry, metrics)
     finally:
@@ -165,6 +171,12 @@ def _build_router_config(settings: AgentSettings, device_key: str | None) -> Rou
         hard_examples_retention_s=settings.hard_examples_retention_days * 86400.0,
         hard_examples_cap_bytes=settings.hard_examples_cap_bytes or None,
     )
+
+
+def _in_use(exc: StateDirInUse) -> str:
+    """Another agent (a systemd restart racing the old one, a second start by mistake) has it."""
+    who = "another edge-agent" + ("" if exc.holder is None else f" (pid {exc.holder})")
+    return f"state dir {exc.path} is in use by {who}; stop it or give --state-dir another directory"
 
 
 def _reload_configs(repository: ModelRepository, metrics: AgentMetrics) -> None:

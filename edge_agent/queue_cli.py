@@ -2,6 +2,7 @@
 
 Works while the agent runs: reads go through a read-only SQLite connection (WAL lets readers
 in beside the writer) and `purge` takes SQLite's write lock like the agent does, waiting its turn.
+It leaves the running agent's figures true: it deletes only rows they no longer count (see PURGED).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ ConfigOpt = Annotated[
     Path | None, typer.Option(help="The agent's TOML config; its state_dir is used.")
 ]
 WAITING = (ItemState.PENDING.value, ItemState.IN_FLIGHT.value)
+PURGED = "state = 'expired' AND payload_bytes = 0 AND result_bytes = 0"
+"""The rows purge deletes, beside a running agent that keeps its queue's bytes and end counts in
+memory (DurableQueue) rather than re-reading them. An expired row holds no payload and no result,
+so it accounts for no bytes, and the end counts live in the counters table: deleting it changes
+none of those figures. Testing the bytes keeps that true should an expired row ever hold some."""
 BUSY_TIMEOUT_S = 10.0
 """How long purge waits for the agent to finish a write (its commits take milliseconds)."""
 
@@ -245,7 +251,7 @@ def purge(
     path = _queue_path(state_dir, config)
     with _guard(), _connect(path, write=True) as conn:
         count, last = conn.execute(
-            "SELECT COUNT(*), MAX(end_seq) FROM items WHERE state = 'expired'"
+            f"SELECT COUNT(*), MAX(end_seq) FROM items WHERE {PURGED}"
         ).fetchone()
         if count == 0:
             typer.echo(f"no expired items in {path}; nothing changed")
@@ -258,7 +264,7 @@ def purge(
         # to BUSY_TIMEOUT_S for a commit in progress; only the items counted above go.
         conn.execute("BEGIN IMMEDIATE")
         deleted = conn.execute(
-            "DELETE FROM items WHERE state = 'expired' AND end_seq <= ?", (last,)
+            f"DELETE FROM items WHERE {PURGED} AND end_seq <= ?", (last,)
         ).rowcount
         conn.execute("COMMIT")
     typer.echo(f"deleted {deleted} expired item(s) from {path}")

@@ -34,6 +34,7 @@ from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
 from router.policy import EscalationPolicy
+from router.state_lock import StateDirLock
 from router.tickets import Admission, TicketResult, TicketStore
 
 __all__ = ["RoutedAnswer", "RoutedItem", "Router", "RouterStatus", "TicketResult"]
@@ -107,6 +108,7 @@ class Router:
         self._readings = StateReadings(cloud_configured=config.cloud_configured)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._lock: StateDirLock | None = None
         self.queue: DurableQueue
         self.budget: DataBudget
         self.monitor: ConnectivityMonitor | None = None
@@ -130,6 +132,9 @@ class Router:
 
     async def _start(self) -> None:
         config, clock = self.config, self.clock
+        # First: a second process on these files would keep its own mirror of the queue's
+        # bytes and counts, and drain the same items (StateDirInUse).
+        self._lock = StateDirLock.acquire(config.state_dir)
         self.queue = await DurableQueue.open(
             config.queue_path,
             clock=clock,
@@ -165,7 +170,8 @@ class Router:
         )
 
     async def close(self) -> None:
-        """Stop the tasks and watchers, then close the cloud clients, the queue and the budget."""
+        """Stop the tasks and watchers, close the cloud clients, the queue and the budget, then
+        let go of the state dir (StateDirLock)."""
         if self._closed:
             return
         self._closed = True
@@ -186,6 +192,8 @@ class Router:
             if hasattr(self, part):
                 await getattr(self, part).close()
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()  # last: the files are closed, the next process may have them
 
     async def _open_quality(self) -> None:
         """Audit sampling (router.audit), also to settle audits left from before it was turned

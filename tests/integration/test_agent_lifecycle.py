@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -23,12 +24,22 @@ X = np.load(HELDOUT)["X"][:4]
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "edge-agent"), "serve", "--metrics-port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # A state dir of its own: the default one may be held by another agent (StateDirLock).
+    with tempfile.TemporaryDirectory(prefix="agent-state-") as state_dir:
+        return subprocess.run(
+            [
+                str(BIN / "edge-agent"),
+                "serve",
+                "--metrics-port",
+                "0",
+                "--state-dir",
+                state_dir,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def test_sigterm_lets_calls_in_flight_finish_then_exits_zero(
