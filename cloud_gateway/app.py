@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.gzip import GZipMiddleware
 from uvicorn.config import STARTUP_FAILURE
 
 from cloud_gateway.auth import Authenticator
 from cloud_gateway.backends.base import Backend
 from cloud_gateway.backends.embedded import EmbeddedBackend
 from cloud_gateway.backends.upstream import UpstreamBackend
+from cloud_gateway.compression import GzipWhenAsked
 from cloud_gateway.idempotency import (
     IdempotencyGuard,
     IdempotencyPolicy,
@@ -50,7 +50,11 @@ def make_backend(settings: GatewaySettings) -> Backend:
         )
     # Loaded and warmed here, before the server accepts a connection.
     repository = ModelRepository.load(settings.model_repository, threads=settings.onnx_threads)
-    return EmbeddedBackend(repository, inline_budget_s=settings.inline_run_budget_us / 1e6)
+    return EmbeddedBackend(
+        repository,
+        inline_budget_s=settings.inline_run_budget_us / 1e6,
+        single_threaded=settings.onnx_threads == 1,
+    )
 
 
 def make_store(settings: GatewaySettings) -> IdempotencyStore:
@@ -110,13 +114,7 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
         routes=routes.routes(),
         middleware=[
             Middleware(RequestMetricsMiddleware, metrics=metrics, model_label=backend.model_label),
-            # Only JSON is served: no content types to exclude, none to check per response.
-            Middleware(
-                GZipMiddleware,
-                minimum_size=settings.gzip_min_bytes,
-                compresslevel=6,
-                exclude_content_types=(),
-            ),
+            Middleware(GzipWhenAsked, minimum_size=settings.gzip_min_bytes, compresslevel=6),
         ],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,

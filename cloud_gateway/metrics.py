@@ -22,6 +22,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 M = TypeVar("M", bound=MetricWrapperBase)
+# requests, request_duration, request_bytes, response_bytes of one endpoint, model and code
+_RequestChildren = tuple[Counter, Histogram, Counter, Counter]
 
 
 class GatewayMetrics:
@@ -29,6 +31,7 @@ class GatewayMetrics:
         # Labelled children by (metric, label values): `labels()` validates and locks on every
         # call, a cost worth saving on the per-request path. Label values are bounded.
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+        self._request_children: dict[tuple[str, str, str], _RequestChildren] = {}
         ns = "cloud_gateway"
         self.requests = Counter(
             "requests",
@@ -124,6 +127,19 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found  # type: ignore[return-value]
 
+    def request_children(self, endpoint: str, model: str, code: str) -> _RequestChildren:
+        """The children every answered request updates, found with one lookup."""
+        key = (endpoint, model, code)
+        found = self._request_children.get(key)
+        if found is None:
+            found = self._request_children[key] = (
+                self.child(self.requests, endpoint, model, code),
+                self.child(self.request_duration, endpoint),
+                self.child(self.request_bytes, endpoint),
+                self.child(self.response_bytes, endpoint),
+            )
+        return found
+
 
 class RequestMetricsMiddleware:
     """Outermost ASGI middleware: sees the compressed bytes and the final status code."""
@@ -172,8 +188,10 @@ class RequestMetricsMiddleware:
             endpoint = route.name if isinstance(route, Route) else "unmatched"
             name = scope.get("path_params", {}).get("name")
             model = self._model_label(name) if isinstance(name, str) else ""
-            m = self._metrics
-            m.child(m.requests, endpoint, model, str(status)).inc()
-            m.child(m.request_duration, endpoint).observe(self._monotonic() - start)
-            m.child(m.request_bytes, endpoint).inc(received)
-            m.child(m.response_bytes, endpoint).inc(sent)
+            requests, duration, request_bytes, response_bytes = self._metrics.request_children(
+                endpoint, model, str(status)
+            )
+            requests.inc()
+            duration.observe(self._monotonic() - start)
+            request_bytes.inc(received)
+            response_bytes.inc(sent)

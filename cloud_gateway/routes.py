@@ -22,7 +22,7 @@ from cloud_gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 from cloud_gateway.limits import BodyLimits, RateLimiter, read_body
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.service import GatewayService, check_idempotency_key
-from model_runtime import InvalidInput, ModelError, RequestTooLarge
+from model_runtime import InvalidInput, ModelError, RequestTooLarge, json_codec
 from model_runtime.v2_json import decode_infer_request, error_body
 
 log = logging.getLogger("cloud_gateway.requests")
@@ -142,7 +142,7 @@ def _model(request: Request) -> tuple[str, str]:
 
 def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json_codec.loads(body)
     except json.JSONDecodeError as exc:
         raise InvalidInput(
             "body", f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"

@@ -5,7 +5,6 @@ per device and Idempotency-Key. Knows nothing of HTTP; routes.py wraps it.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from cloud_gateway.errors import (
 )
 from cloud_gateway.idempotency import IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
-from model_runtime import InvalidInput
+from model_runtime import InvalidInput, json_codec
 from model_runtime.v2_json import InferRequest, ModelSignature, encode_infer_response
 
 __all__ = ["REPLAY_PARAMETER", "GatewayService", "InferOutcome", "check_idempotency_key"]
@@ -53,7 +52,7 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 def _dumps(body: dict[str, Any]) -> bytes:
     # Compact: every byte counts on the devices' links. NaN is not JSON.
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return json_codec.dumps(body)
 
 
 class GatewayService:
@@ -79,8 +78,12 @@ class GatewayService:
             raise
 
     async def signature(self, name: str, version: str) -> ModelSignature | None:
-        with self._upstream_errors():
+        # On every request: a plain try costs less than the context manager.
+        try:
             return await self.backend.signature(name, version)
+        except UpstreamError as exc:
+            self._metrics.upstream_errors.labels(exc.kind).inc()
+            raise
 
     async def model_metadata(self, name: str, version: str) -> dict[str, Any]:
         with self._upstream_errors():
@@ -137,9 +140,10 @@ class GatewayService:
         start = self._monotonic()
         label = self.backend.model_label(name)
         try:
-            with self._upstream_errors():
-                response = await self.backend.infer(name, version, request)
-        except Exception:
+            response = await self.backend.infer(name, version, request)
+        except Exception as exc:
+            if isinstance(exc, UpstreamError):
+                self._metrics.upstream_errors.labels(exc.kind).inc()
             self._metrics.child(self._metrics.model_runs, label, "error").inc()
             raise
         m = self._metrics
@@ -158,6 +162,6 @@ class GatewayService:
 
 
 def _mark_replay(body: bytes) -> bytes:
-    document = json.loads(body)
+    document = json_codec.loads(body)
     document.setdefault("parameters", {})[REPLAY_PARAMETER] = True
     return _dumps(document)

@@ -204,9 +204,13 @@ class OnnxModel:
 
     def predict(self, inputs: Mapping[str, Array]) -> Prediction:
         """Run the model on validated inputs; blocks for the duration of the run."""
-        values = self._session.run(None, dict(inputs))
-        outputs = dict(zip(self.output_names, values, strict=True))
+        outputs = self.outputs_for(inputs)
         return Prediction(outputs, self.confidence(outputs[self.scores_output]))
+
+    def outputs_for(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """`predict` without the confidence, for callers that only pass the outputs on."""
+        values = self._session.run(None, dict(inputs))
+        return dict(zip(self.output_names, values, strict=True))
 
     def confidence(self, scores: Array) -> npt.NDArray[np.float64]:
         c = self.config

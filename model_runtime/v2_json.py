@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from model_runtime.errors import InvalidInput
 from model_runtime.tensors import TensorSpec, array_from_values, check_finite, datatype_of
@@ -79,11 +80,18 @@ def _data(array: Array) -> list[Any]:
     """Row-major flat values, floats in their shortest round-tripping form.
 
     float32 values converted to Python floats print as float64 ("0.10000000149011612");
-    numpy's str() of the float32 is the shortest text that reads back to the same float32
-    ("0.1"), which halves the bytes of a typical probability tensor on the wire.
+    the shortest text that reads back to the same float32 ("0.1") halves the bytes of a typical
+    probability tensor on the wire. orjson writes exactly that text for a float32 array, fifty
+    times faster than numpy's str() of each value; it writes NaN and infinities as null, so
+    those (which no JSON body may hold) keep the slow path, where the encoder refuses them.
     """
     flat = array.reshape(-1)
     if flat.dtype.kind == "f" and flat.dtype.itemsize < 8:
+        if flat.dtype == np.float32 and np.isfinite(flat).all():
+            values: list[Any] = orjson.loads(
+                orjson.dumps(np.ascontiguousarray(flat), option=orjson.OPT_SERIALIZE_NUMPY)
+            )
+            return values
         return [float(s) for s in flat.astype(str)]
     if flat.dtype.kind in "SO":
         return [v.decode() if isinstance(v, bytes) else str(v) for v in flat.tolist()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -16,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from model_runtime import json_codec
 from model_runtime.v2_json import InferResponse, decode_infer_response
 from router.clock import Clock, SystemClock
 from router.errors import CircuitOpen, CloudError, CloudRejected, CloudUnavailable
@@ -99,8 +99,9 @@ class CloudAnswer:
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
-    """A v2 JSON request (as built by model_runtime.v2_json.encode_infer_request) as bytes."""
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    """A v2 JSON request (as built by model_runtime.v2_json.encode_infer_request) as bytes;
+    ValueError for NaN or infinities."""
+    return json_codec.dumps(body)
 
 
 @dataclass(slots=True)
@@ -337,7 +338,7 @@ def _response_bytes(response: httpx.Response) -> int:
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
     try:
-        parsed = json.loads(raw)
+        parsed = json_codec.loads(raw)
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None
