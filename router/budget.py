@@ -111,7 +111,8 @@ class DataBudget:
 
     def allows(self, n_bytes: int) -> bool:
         """Whether `n_bytes` more fit in both the current day and month."""
-        return self.exhausted_by(n_bytes) is None
+        # Asked for every unsure item: without limits, skip working out today's periods.
+        return not self.limited or self.exhausted_by(n_bytes) is None
 
     def exhausted_by(self, n_bytes: int) -> PeriodUsage | None:
         """The first period that `n_bytes` more would overspend, or None if they fit."""

@@ -12,7 +12,7 @@ import gzip
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,13 +209,14 @@ class TicketStore:
         reserve = sum(a.need for a in items)
         self._reserved += reserve
         try:
-            outcomes = await asyncio.gather(
-                *(
-                    self.queue.enqueue(a.ticket, model, a.body, priority=priority, ttl_s=ttl_s)
-                    for a in items
-                ),
-                return_exceptions=True,
-            )
+            enqueues = [
+                self.queue.enqueue(a.ticket, model, a.body, priority=priority, ttl_s=ttl_s)
+                for a in items
+            ]
+            if len(enqueues) == 1:  # nearly always: a task per item would cost a turn of the loop
+                outcomes: list[bool | BaseException] = [await _outcome(enqueues[0])]
+            else:
+                outcomes = await asyncio.gather(*enqueues, return_exceptions=True)
         finally:
             self._reserved -= reserve
         stored: dict[str, bool] = {}
@@ -276,3 +277,11 @@ class TicketStore:
                     await event.wait()
         finally:
             self._wakers.discard(event)
+
+
+async def _outcome(enqueue: Awaitable[bool]) -> bool | BaseException:
+    """As asyncio.gather(..., return_exceptions=True) would give it, for one awaitable."""
+    try:
+        return await enqueue
+    except Exception as exc:
+        return exc
