@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model_runtime import InvalidInput, ModelRepository, OnnxModel, TensorSpec
+from model_runtime import InvalidInput, ModelRepository, OnnxModel, TensorSpec, json_codec
 from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
 from model_runtime.v2_json import (
     decode_infer_request,
@@ -69,6 +69,27 @@ def test_float32_is_sent_in_its_shortest_exact_form() -> None:
     assert "0.10000000149" not in text
     back = decode_infer_response(wire({"model_name": "m", "outputs": body["inputs"]})).outputs["x"]
     np.testing.assert_array_equal(back.astype(np.float32), values)
+
+
+def test_float32_text_is_numpys_shortest_form_for_every_kind_of_value() -> None:
+    # Random values of every magnitude, plus the edges: the smallest subnormal, the largest
+    # float32, the smallest normal, negative zero. The fast path must write what str() writes.
+    rng = np.random.default_rng(7)
+    values = np.concatenate(
+        [
+            (rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 37, 2000)).astype(np.float32),
+            np.array([1e-45, 3.4028235e38, 1.17549435e-38, -0.0, 0.0], dtype=np.float32),
+        ]
+    )
+    assert np.isfinite(values).all()  # else neither path is the fast one
+    data = encode_infer_request({"x": values})["inputs"][0]["data"]
+    assert json.dumps(data) == json.dumps([float(s) for s in values.astype(str)])
+
+
+def test_non_finite_float32_cannot_be_sent() -> None:
+    body = encode_infer_request({"x": np.array([1.0, np.nan], dtype=np.float32)})
+    with pytest.raises(ValueError, match="JSON"):
+        json_codec.dumps(body)
 
 
 @pytest.mark.parametrize(
