@@ -120,11 +120,12 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, agent in (("no cloud", plain), ("cloud black-holed", routed)):
                 latencies = _measure(agent.address("grpc"), requests)
-                confident_only = [t for t, c in zip(latencies, confident, strict=True) if c]
-                for group, values in (
-                    ("all items", latencies),
-                    ("confident items", confident_only),
-                ):
+                by_group = {
+                    "all items": latencies,
+                    "confident items": [t for t, c in zip(latencies, confident, strict=True) if c],
+                    "unsure items": [t for t, c in zip(latencies, confident, strict=True) if not c],
+                }
+                for group, values in by_group.items():
                     runs.setdefault(f"{name}, {group}", []).append(
                         Result(name, len(values), sum(values), values)
                     )
@@ -141,7 +142,7 @@ def main() -> None:
         for name, results in runs.items()
     }
     rows = []
-    for group in ("all items", "confident items"):
+    for group in ("all items", "confident items", "unsure items"):
         base, hole = figures[f"no cloud, {group}"], figures[f"cloud black-holed, {group}"]
         rows += [
             (f"no cloud, {group}", base),

@@ -21,7 +21,7 @@ from pathlib import Path
 import persistqueue
 
 from benchmarks._harness import Result, print_table, summarize
-from router.durable_queue import DurableQueue
+from router.durable_queue import _INSERT, DurableQueue
 from router.queue_schema import QUEUE_MIGRATIONS
 from router.sqlite_files import open_database
 
@@ -102,29 +102,33 @@ def in_threads(name: str, load: Load, one: Callable[[int, int], None]) -> Result
     return Result(name, len(latencies), time.perf_counter() - start, latencies)
 
 
+def _plain_connection(path: Path) -> sqlite3.Connection:
+    """A connection to a fresh file with the queue's own schema and pragmas."""
+    open_database(path, QUEUE_MIGRATIONS, now=time.time).connection.close()
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous = FULL")  # journal_mode=WAL is stored in the file
+    return conn
+
+
+def _row(load: Load, c: int, i: int) -> tuple[object, ...]:
+    now = time.time()
+    return (f"c{c}-{i}", "digits", 5, now, now + 3600, load.payload, len(load.payload))
+
+
 def commit_per_insert(directory: Path, load: Load) -> Result:
     """The plain way: the queue's own schema and pragmas, one INSERT and one COMMIT per item.
 
     One shared connection behind a lock is the fastest form of it: a connection per thread adds
     SQLite's busy-wait sleeps on top of the same one-fsync-per-item cost.
     """
-    path = directory / "plain.sqlite3"
-    conn = open_database(path, QUEUE_MIGRATIONS, now=time.time).connection
-    conn.close()
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA synchronous = FULL")  # journal_mode=WAL is stored in the file
+    conn = _plain_connection(directory / "plain.sqlite3")
     lock = threading.Lock()
 
     def insert(c: int, i: int) -> None:
-        now = time.time()
-        row = (f"c{c}-{i}", "digits", 5, now, now + 3600, load.payload, len(load.payload))
+        row = _row(load, c, i)
         with lock:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state,"
-                " payload, payload_bytes) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                row,
-            )
+            conn.execute(_INSERT, row)
             conn.execute("COMMIT")
 
     result = in_threads(
@@ -132,6 +136,26 @@ def commit_per_insert(directory: Path, load: Load) -> Result:
     )
     conn.close()
     return result
+
+
+def rows_per_commit(directory: Path, load: Load) -> Result:
+    """The ceiling of any group commit at this concurrency: one thread, no Python around it,
+    `concurrency` rows per INSERT and COMMIT. Latencies are per commit; throughput counts rows."""
+    conn = _plain_connection(directory / "ceiling.sqlite3")
+    latencies: list[float] = []
+    rows, stop = 0, time.perf_counter() + load.seconds
+    start = time.perf_counter()
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_INSERT, [_row(load, c, rows) for c in range(load.concurrency)])
+        conn.execute("COMMIT")
+        latencies.append(time.perf_counter() - t)
+        rows += load.concurrency
+    elapsed = time.perf_counter() - start
+    conn.close()
+    name = f"sqlite3, {load.concurrency} rows per commit, one thread (the ceiling)"
+    return Result(name, rows, elapsed, latencies)
 
 
 def persist_queue(directory: Path, load: Load) -> Result:
@@ -156,7 +180,9 @@ def main() -> None:
     heavier = Load(4 * args.concurrency, args.seconds, load.payload)
     configurations: list[Callable[[Path], Result]] = [
         lambda d: commit_per_insert(d, load),
+        lambda d: rows_per_commit(d, load),
         lambda d: asyncio.run(durable_queue(d, load)),
+        lambda d: rows_per_commit(d, heavier),
         lambda d: asyncio.run(durable_queue(d, heavier)),
         lambda d: asyncio.run(durable_queue_cycle(d, load)),
         lambda d: persist_queue(d, load),

@@ -1,8 +1,9 @@
 """Cloud gateway throughput vs. the bare ASGI server, and the cost of a replay vs. a model run.
 
-Both servers are uvicorn + starlette, one worker each, on this machine. The gateway runs with
+All servers are uvicorn + starlette, one worker each, on this machine. The gateway runs with
 device auth and idempotency on (a fresh Idempotency-Key per request, so every one is a model run
-and two SQLite writes); the canned server reads the body and returns a stored v2 answer. The
+and two SQLite writes); the canned server reads the body and returns a stored v2 answer; a third
+server answers with the model and does nothing else (the floor for any server that does). The
 load keeps 16 requests in flight over 16 keep-alive connections, generated twice: by a minimal
 asyncio client (what the servers can do) and by httpx (what a device's client sees).
 Target: gateway >= 0.6 x canned. About a minute:
@@ -32,8 +33,9 @@ from _harness import Result, print_table, summarize  # beside this script
 
 from cloud_gateway.keys import KeyStore
 from cloud_gateway.server import bind_socket
-from model_runtime.demo import HELDOUT
-from model_runtime.v2_json import encode_infer_request
+from model_runtime import ModelRepository, json_codec
+from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
+from model_runtime.v2_json import decode_infer_request, encode_infer_request, encode_infer_response
 
 INFER = "/v2/models/digits-large/infer"
 BIN = Path(sys.executable).parent
@@ -43,7 +45,10 @@ CONCURRENCY = 16
 # -- the canned server: same ASGI stack, no gateway ----------------------------------------------
 
 
-def serve_canned(answer_file: Path, port_file: Path) -> None:
+def serve_canned(answer_file: Path, port_file: Path, with_model: bool) -> None:
+    """Read the body, return the stored answer; `with_model`: answer it with the model instead
+    (parse, check and decode the v2 body, one run, encode), and nothing else a gateway does:
+    no auth, no idempotency, no metrics. That is the floor for any server answering with it."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -51,10 +56,18 @@ def serve_canned(answer_file: Path, port_file: Path) -> None:
     from starlette.routing import Route
 
     answer = answer_file.read_bytes()
+    model = ModelRepository.load(CLOUD_REPOSITORY).get("digits-large")
 
     async def infer(request: Request) -> Response:
-        await request.body()
-        return Response(answer, media_type="application/json")
+        body = await request.body()
+        if not with_model:
+            return Response(answer, media_type="application/json")
+        decoded = decode_infer_request(json_codec.loads(body), model)
+        outputs = model.outputs_for(decoded.inputs)
+        encoded = encode_infer_response(
+            model.name, outputs, model_version=str(model.version), request_id=decoded.id
+        )
+        return Response(json_codec.dumps(encoded), media_type="application/json")
 
     app = Starlette(routes=[Route(INFER, infer, methods=["POST"])])
     sock = bind_socket("127.0.0.1", 0)  # the gateway's own listening socket, for equal footing
@@ -200,9 +213,10 @@ def main() -> None:
     parser.add_argument(
         "--canned", nargs=2, metavar=("ANSWER", "PORT_FILE"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--with-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.canned:
-        serve_canned(Path(args.canned[0]), Path(args.canned[1]))
+        serve_canned(Path(args.canned[0]), Path(args.canned[1]), args.with_model)
         return
 
     x = np.load(HELDOUT)["X"]
@@ -244,48 +258,36 @@ def main() -> None:
         (root / "answer.json").write_bytes(
             httpx.post(url + INFER, content=one, headers=auth).content
         )
-        canned_port = servers.enter_context(
-            daemon(
-                [
-                    sys.executable,
-                    __file__,
-                    "--canned",
-                    str(root / "answer.json"),
-                    str(root / "canned.json"),
-                ],
-                root / "canned.json",
-                {},
+        bare_ports = {}
+        for name, extra in (("canned", []), ("model", ["--with-model"])):
+            bare_ports[name] = servers.enter_context(
+                daemon(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--canned",
+                        str(root / "answer.json"),
+                        str(root / f"{name}.json"),
+                        *extra,
+                    ],
+                    root / f"{name}.json",
+                    {},
+                )
             )
-        )
+        contenders: list[tuple[str, int, Callable[[int], dict[str, str]]]] = [
+            ("canned v2 answer", bare_ports["canned"], lambda i: auth),
+            ("v2 answered by the model, nothing else", bare_ports["model"], lambda i: auth),
+            ("gateway: auth, idempotency, model run", gateway_port, fresh_key),
+        ]
 
         # Alternating rounds, best of each: other load on a shared machine only slows a round.
         tables = []
         for client in ("raw", "httpx"):
-            canned_rounds, gateway_rounds = [], []
+            rounds: list[list[Result]] = [[] for _ in contenders]
             for _ in range(args.rounds):
-                canned_rounds.append(
-                    run_load(
-                        "canned v2 answer",
-                        canned_port,
-                        one,
-                        lambda i: auth,
-                        args.requests,
-                        client=client,
-                    )
-                )
-                gateway_rounds.append(
-                    run_load(
-                        "gateway: auth, idempotency, model run",
-                        gateway_port,
-                        one,
-                        fresh_key,
-                        args.requests,
-                        client=client,
-                    )
-                )
-            canned = max(canned_rounds, key=lambda r: r.throughput)
-            gateway = max(gateway_rounds, key=lambda r: r.throughput)
-            tables.append((client, canned, gateway))
+                for results, (name, port, headers) in zip(rounds, contenders, strict=True):
+                    results.append(run_load(name, port, one, headers, args.requests, client=client))
+            tables.append((client, [max(r, key=lambda x: x.throughput) for r in rounds]))
 
         n = max(300, args.requests // 10)
         costs = []
@@ -301,10 +303,10 @@ def main() -> None:
         "raw": "a minimal asyncio HTTP/1.1 client (server capacity)",
         "httpx": "httpx.AsyncClient (as a device's cloud client sends)",
     }
-    for client, canned, gateway in tables:
-        rows = [(r.name, summarize(r)) for r in (canned, gateway)]
-        rows[0][1]["x canned"] = 1.0
-        rows[1][1]["x canned"] = gateway.throughput / canned.throughput
+    for client, best in tables:
+        rows = [
+            (r.name, summarize(r) | {"x canned": r.throughput / best[0].throughput}) for r in best
+        ]
         print_table(
             f"Gateway vs. bare uvicorn + starlette, load from {clients[client]}: 1 worker each, "
             f"{CONCURRENCY} requests in flight, 1 image per request, best of {args.rounds} "
@@ -314,7 +316,7 @@ def main() -> None:
     print_table(
         "Replay vs. model run, one request at a time", [(name, summarize(r)) for name, r in costs]
     )
-    for client, canned, gateway in tables:
+    for client, (canned, _, gateway) in tables:
         ratio = gateway.throughput / canned.throughput
         print(f"gateway / canned throughput, {client} client: {ratio:.2f} (target >= 0.6)")
 

@@ -1,10 +1,11 @@
 """Local path: the edge agent serving the demo model vs a bare gRPC echo server, one run.
 
 Both servers run as separate processes and answer the same v2 ModelInfer request from the
-same client; the echo server returns a canned response of the agent's own size. Prints
-throughput, p50 and p99 at concurrency 1 and 16 and the agent/echo ratios, and each
-server's CPU time per call: client and servers share the cores, so on a busy machine that
-column is steadier than req/s.
+same client; the echo server returns a canned response of the agent's own size. A third
+server, the echo plus one onnxruntime run of the demo model on the request's tensor, is the
+floor for anything that answers with the model. Prints throughput, p50 and p99 at concurrency
+1 and 16, the ratios to the echo, and each server's CPU time per call: client and servers
+share the cores, so on a busy machine that column is steadier than req/s.
 
     .venv/bin/python benchmarks/local_path.py [--requests 6000] [--rounds 3]
 """
@@ -12,6 +13,7 @@ column is steadier than req/s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,24 +34,62 @@ from _harness import Result, print_table, process_cpu_seconds, summarize
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
-from model_runtime.demo import HELDOUT
+from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
 from tests.support.processes import Daemon, start_daemon, wait_until
 
+FLOORS = (
+    ("echo-model", "echo + one model run, thread pool"),
+    ("echo-model-aio", "echo + one model run, grpc.aio"),
+)
 
-def echo_server(response_file: str, port_file: str) -> None:
-    """A bare v2 server: no decoding, no model, the canned response for every call."""
+
+def echo_server(kind: str, response_file: str, port_file: str) -> None:
+    """A bare v2 server: no checks, the canned response for every call. `echo-model` and
+    `echo-model-aio` first run the demo model once on the request's raw tensor, in a session
+    made as the agent makes it (one thread, no spinning): on a thread-pool server, or on the
+    event loop's thread of a grpc.aio server, as the agent itself runs small batches."""
     canned = pb.ModelInferResponse.FromString(Path(response_file).read_bytes())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(
+        str(EDGE_REPOSITORY / "digits" / "1" / "model.onnx"), options,
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+
+    def answer(request: pb.ModelInferRequest) -> object:
+        if kind != "echo":
+            x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(1, 64)
+            session.run(None, {"X": x})
+        return canned
 
     class Echo(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> object:
-            return canned
+            return answer(request)
 
-    server = grpc.server(futures.ThreadPoolExecutor(16), options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    Path(port_file).write_text(f'{{"grpc": {port}}}')
-    server.wait_for_termination()
+    class AsyncEcho(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+        async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> object:
+            return answer(request)
+
+    grpc_options = [("grpc.so_reuseport", 0)]
+    if kind != "echo-model-aio":
+        server = grpc.server(futures.ThreadPoolExecutor(16), options=grpc_options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        Path(port_file).write_text(f'{{"grpc": {port}}}')
+        server.wait_for_termination()
+        return
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=grpc_options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(AsyncEcho(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        Path(port_file).write_text(f'{{"grpc": {port}}}')  # noqa: ASYNC240 (once, at start)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 def measure(
@@ -117,41 +158,36 @@ def main() -> None:
     with grpc.insecure_channel(agent.address("grpc")) as ch:
         response = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
     (work / "response.bin").write_bytes(response.SerializeToString())
-    echo_ports = work / "echo.json"
-    echo = subprocess.Popen(
-        [sys.executable, __file__, "--echo", str(work / "response.bin"), str(echo_ports)]
-    )
-    wait_until(echo_ports.exists, what="echo server")
-    echo_address = "127.0.0.1:" + echo_ports.read_text().split(":")[1].strip(" }")
+    servers = {"agent": (agent.address("grpc"), agent.process.pid)}
+    echoes = []
+    for name in ("echo", "echo-model", "echo-model-aio"):
+        ports = work / f"{name}.json"
+        echo = subprocess.Popen(
+            [sys.executable, __file__, f"--{name}", str(work / "response.bin"), str(ports)]
+        )
+        echoes.append(echo)
+        wait_until(ports.exists, what=name)
+        servers[name] = ("127.0.0.1:" + ports.read_text().split(":")[1].strip(" }"), echo.pid)
 
     rows = []
     try:
         for concurrency in (1, 16):
-            runs: dict[str, list[Result]] = {"echo": [], "agent": []}
-            for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
-                runs["echo"].append(
-                    measure(echo_address, request, concurrency, args.requests, echo.pid)
-                )
-                runs["agent"].append(
-                    measure(
-                        agent.address("grpc"),
-                        request,
-                        concurrency,
-                        args.requests,
-                        agent.process.pid,
-                    )
-                )
-            echo_fig, agent_fig = _median(runs["echo"]), _median(runs["agent"])
+            runs: dict[str, list[Result]] = {name: [] for name in servers}
+            for _ in range(args.rounds):  # alternate, so drift in the machine hits all alike
+                for name, (address, pid) in servers.items():
+                    runs[name].append(measure(address, request, concurrency, args.requests, pid))
+            figures = {name: _median(results) for name, results in runs.items()}
+            echo_fig = figures["echo"]
             rows.append((f"bare gRPC echo, concurrency {concurrency}", echo_fig))
-            rows.append((f"edge agent, concurrency {concurrency}", agent_fig))
-            rows.append(
-                (
-                    f"agent / echo, concurrency {concurrency}",
-                    {k: agent_fig[k] / echo_fig[k] for k in echo_fig},
-                )
-            )
+            others = (*FLOORS, ("agent", "edge agent"))
+            for name, label in others:
+                rows.append((f"{label}, concurrency {concurrency}", figures[name]))
+            for name, label in others:
+                ratio = {k: figures[name][k] / echo_fig[k] for k in echo_fig}
+                rows.append((f"{label} / echo, concurrency {concurrency}", ratio))
     finally:
-        echo.terminate()
+        for echo in echoes:
+            echo.terminate()
         agent.stop()
     print_table(
         f"Local path: {args.requests} calls x {args.rounds} rounds per row (medians of rounds); "
@@ -162,7 +198,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--echo":
-        echo_server(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] in ("--echo", "--echo-model", "--echo-model-aio"):
+        echo_server(sys.argv[1][2:], sys.argv[2], sys.argv[3])
     else:
         main()
