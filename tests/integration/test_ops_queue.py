@@ -217,3 +217,51 @@ def test_queue_commands_on_the_command_line(
     restored = run("show", ticket, "--state-dir", str(backup.parent))
     assert restored.returncode == 0, restored.stderr
     assert row(restored.stdout, "state", "pending")
+
+
+def figure(output: str, name: str) -> int:
+    """A number from the `queue status` figures table."""
+    found = re.search(rf"│\s*{re.escape(name)}\s*│\s*([\d,]+)\s*│", output)
+    assert found is not None, output
+    return int(found.group(1).replace(",", ""))
+
+
+def agent_queue_bytes(agent: Daemon) -> int:
+    with grpc.insecure_channel(agent.address("grpc")) as channel:
+        status = rpb_grpc.RouterServiceStub(channel).Status(rpb.StatusRequest(), timeout=5)
+    return int(status.queue_bytes)
+
+
+def test_purge_beside_the_running_agent_keeps_its_figures_true(
+    tmp_path: Path, agent: Daemon, proxy: FaultProxy
+) -> None:
+    """The agent keeps the queue's bytes in memory (its disk cap is checked against them); purge
+    deletes from the same file, so after it the agent's figure must still be the file's."""
+    state = tmp_path / "state"
+    cut_link(agent, proxy)
+    short = [escalate(agent, i, ttl_seconds=1) for i in range(2)]
+    escalate(agent, 2)
+    wait_until(
+        lambda: all(ticket_state(agent, t) == "EXPIRED" for t in short),
+        timeout=20,
+        what="the agent to expire two tickets",
+    )
+    code, before = queue(state, "status")
+    assert code == 0, before
+    accounted = figure(before, "accounted bytes (vs queue_cap_bytes)")
+    assert agent_queue_bytes(agent) == accounted > 0
+
+    code, out = queue(state, "purge", "--expired", "--yes")
+    assert code == 0, out
+    assert "deleted 2 expired item(s)" in out
+    assert [ticket_state(agent, t) for t in short] == ["NOT_FOUND", "NOT_FOUND"]
+    code, after = queue(state, "status")
+    assert figure(after, "accounted bytes (vs queue_cap_bytes)") == accounted
+    assert figure(after, "expired since the file was created") == 2
+    assert agent_queue_bytes(agent) == accounted
+
+    escalate(agent, 3)  # the agent's accounting carries on from the right figure
+    code, later = queue(state, "status")
+    grown = figure(later, "accounted bytes (vs queue_cap_bytes)")
+    assert grown > accounted
+    assert agent_queue_bytes(agent) == grown
