@@ -96,6 +96,20 @@ def test_taken_port_is_one_clear_line(tmp_path: Path) -> None:
     ]
 
 
+def test_unusable_state_dir_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [str(BIN / "edge-agent"), "serve", "--port", "0", "--metrics-port", "0",
+         "--state-dir", str(blocker / "state")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"edge-agent: cannot use state dir {blocker / 'state'}: Not a directory"
+    ]
+
+
 def test_broken_repository_is_one_clear_line(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     shutil.copytree(EDGE_REPOSITORY, repo)
