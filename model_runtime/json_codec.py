@@ -21,7 +21,7 @@ _LONG_RUN = b"0" * 19
 
 
 def loads(body: bytes) -> Any:
-    """Parse a request body; raises what `json.loads` raises for input it refuses."""
+    """Parse a v2 body; raises what `json.loads` raises for input it refuses."""
     if _LONG_RUN in body.translate(_DIGITS):
         # Perhaps an integer beyond 64 bits, which orjson reads as a float without a word
         # (an INT64 tensor would then hold garbage instead of getting a 400). Shortest float
@@ -37,12 +37,12 @@ def loads(body: bytes) -> Any:
 
 
 def dumps(document: Any) -> bytes:
-    """Compact JSON of a response; ValueError for NaN or infinities, which JSON cannot hold."""
+    """Compact JSON of a v2 body; ValueError for NaN or infinities, which JSON cannot hold."""
     try:
         text = orjson.dumps(document)
     except orjson.JSONEncodeError:
         text = None
-    # orjson writes NaN and infinities as null; a v2 response has no null of its own, so a
+    # orjson writes NaN and infinities as null; a v2 body has no null of its own, so a
     # null means the standard library must look (and refuse), or a string happened to hold it.
     if text is None or b"null" in text:
         return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()

@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from types import TracebackType
 
 from router.errors import RouterError
 
@@ -30,7 +29,7 @@ class StateDirInUse(RouterError):
 
 
 class StateDirLock:
-    """Hold with `StateDirLock.acquire(state_dir)`, let go with `release()` (or `with`).
+    """Hold with `StateDirLock.acquire(state_dir)`, let go with `release()`.
 
     The lock is advisory: it keeps out whatever takes it too (every Router does). The file stays
     after release: deleting it would let two processes lock two different files of that name.
@@ -69,10 +68,6 @@ class StateDirLock:
         os.ftruncate(fd, len(mine))
         return cls(state_dir, fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         """Let go (idempotent). Call it after the state dir's files are closed."""
         fd, self._fd = self._fd, None
@@ -81,17 +76,6 @@ class StateDirLock:
         with contextlib.suppress(OSError):  # the pid is only a hint; never fail a clean stop
             os.ftruncate(fd, 0)
         os.close(fd)  # closing the last fd of the open file drops the flock
-
-    def __enter__(self) -> StateDirLock:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 def _read_pid(fd: int) -> int | None:
