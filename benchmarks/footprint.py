@@ -146,6 +146,8 @@ def main() -> None:
             str(port),
             "--metrics-port",
             "0",
+            "--state-dir",
+            tempfile.mkdtemp(prefix="bench-footprint-"),
         ]
         runs.append(_start_and_measure(agent, port, "digits", "X", x))
     rows.append(

@@ -149,9 +149,10 @@ def main() -> None:
                 pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready
             )
 
+    serve = ["serve", "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"]
     agent = start_daemon(
         "edge-agent",
-        ["serve", "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"],
+        [*serve, "--state-dir", str(work / "state")],
         work,
         ready=ready,
     )
