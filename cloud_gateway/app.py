@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -31,12 +32,13 @@ from cloud_gateway.idempotency import (
 from cloud_gateway.keys import KeyStore
 from cloud_gateway.limits import BodyLimits, RateLimiter
 from cloud_gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
+from cloud_gateway.rate_limit import DeviceRateLimiter, RedisRateLimiter
 from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelRepository
 
-__all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store"]
+__all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store_and_limiter"]
 
 log = logging.getLogger("cloud_gateway")
 
@@ -57,19 +59,30 @@ def make_backend(settings: GatewaySettings) -> Backend:
     )
 
 
-def make_store(settings: GatewaySettings) -> IdempotencyStore:
+def make_store_and_limiter(
+    settings: GatewaySettings, metrics: GatewayMetrics
+) -> tuple[IdempotencyStore, DeviceRateLimiter]:
+    """SQLite: the host's store, and a rate limit per worker. Redis: one client for the store and
+    a rate limit shared by every worker and replica; the store closes the client."""
+    rate, burst = settings.rate_limit_per_s, settings.rate_limit_burst
     if settings.idempotency_store == "sqlite":
-        return SqliteIdempotencyStore(
+        store = SqliteIdempotencyStore(
             settings.idempotency_db_path, retry_after_s=settings.retry_after_s
         )
-    return RedisIdempotencyStore(settings.idempotency_store, retry_after_s=settings.retry_after_s)
+        return store, RateLimiter(rate, burst)
+    url = settings.idempotency_store
+    client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    return (
+        RedisIdempotencyStore(url, retry_after_s=settings.retry_after_s, client=client),
+        RedisRateLimiter(client, rate, burst, errors=metrics.rate_limit_errors),
+    )
 
 
 def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Starlette:
     """The gateway as an ASGI app; metrics go to `registry`."""
     metrics = GatewayMetrics(registry)
     backend = make_backend(settings)
-    store = make_store(settings)
+    store, limiter = make_store_and_limiter(settings, metrics)
     keys = KeyStore(settings.key_db_path)
     guard = IdempotencyGuard(
         store,
@@ -83,7 +96,7 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
     routes = V2Routes(
         service,
         Authenticator(keys, cache_s=settings.key_cache_s),
-        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        limiter,
         BodyLimits(settings.max_body_bytes, settings.max_decompressed_bytes),
         metrics,
     )

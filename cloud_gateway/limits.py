@@ -92,7 +92,8 @@ class RateLimiter:
     """Token bucket per device: `burst` at once, then `rate_per_s` sustained.
 
     Each worker process keeps its own buckets: a device on one keep-alive connection meets
-    exactly this limit; one spread over W workers could reach up to W times it.
+    exactly this limit; one spread over W workers could reach up to W times it. This is the
+    limiter of SQLite mode; with Redis the gateway shares one bucket (rate_limit.py).
     """
 
     def __init__(
@@ -116,3 +117,7 @@ class RateLimiter:
             self._buckets[device] = (tokens, now)
             raise RateLimited(math.ceil((1.0 - tokens) / self._rate * 1000) / 1000)
         self._buckets[device] = (tokens - 1.0, now)
+
+    async def acquire(self, device: str) -> None:
+        """`check`, as the gateway's routes call every limiter (rate_limit.DeviceRateLimiter)."""
+        self.check(device)

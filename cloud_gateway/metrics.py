@@ -105,6 +105,12 @@ class GatewayMetrics:
             namespace=ns,
             registry=registry,
         )
+        self.rate_limit_errors = Counter(
+            "rate_limit_errors",
+            "Rate-limit checks that could not reach Redis; the worker's own bucket decided.",
+            namespace=ns,
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "upstream_errors",
             "Upstream calls that gave no answer: unavailable, timeout, bad_response.",

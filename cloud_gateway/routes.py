@@ -19,8 +19,9 @@ from starlette.routing import Route
 
 from cloud_gateway.auth import Authenticator
 from cloud_gateway.errors import AuthenticationFailed, GatewayError, RateLimited, http_error
-from cloud_gateway.limits import BodyLimits, RateLimiter, read_body
+from cloud_gateway.limits import BodyLimits, read_body
 from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.rate_limit import DeviceRateLimiter
 from cloud_gateway.service import GatewayService, check_idempotency_key
 from model_runtime import InvalidInput, ModelError, RequestTooLarge, json_codec
 from model_runtime.v2_json import decode_infer_request, error_body
@@ -42,7 +43,7 @@ class V2Routes:
         self,
         service: GatewayService,
         authenticator: Authenticator,
-        limiter: RateLimiter,
+        limiter: DeviceRateLimiter,
         limits: BodyLimits,
         metrics: GatewayMetrics,
     ) -> None:
@@ -76,7 +77,7 @@ class V2Routes:
             self._metrics.auth_failures.labels(exc.reason).inc()
             raise
         try:
-            self._limiter.check(device)
+            await self._limiter.acquire(device)
         except RateLimited:
             self._metrics.rate_limited.inc()
             raise

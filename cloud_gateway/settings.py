@@ -94,7 +94,8 @@ class GatewaySettings(LayeredSettings):
     max_decompressed_bytes: int = Field(default=16 * MiB, ge=1024)
     """Largest gzip request body once decompressed; past it, 413 and decompression stops."""
     rate_limit_per_s: float = Field(default=50.0, gt=0)
-    """Sustained requests per second per device, enforced by each worker."""
+    """Sustained requests per second per device: shared by every worker and replica through Redis
+    with the Redis store, kept by each worker with SQLite."""
     rate_limit_burst: int = Field(default=100, ge=1)
     """Requests a device may send at once before the rate applies."""
     gzip_min_bytes: int = Field(default=512, ge=0)
