@@ -25,6 +25,9 @@ from tests.support.processes import Daemon, wait_until
 
 X = np.load(HELDOUT)["X"]
 CUTS = 20
+# Requests per life of the agent: the kill then lands mid-enqueue in some lives and mid-drain in
+# the others, and the run's length does not grow with the agent's speed.
+PER_LIFE = 50
 
 
 def start(workdir: Path, gateway: Gateway, proxy: FaultProxy) -> Daemon:
@@ -38,8 +41,12 @@ def start(workdir: Path, gateway: Gateway, proxy: FaultProxy) -> Daemon:
 def enqueue_until_stopped(
     agent: Daemon, stop: threading.Event, acked: list[str], rng: np.random.Generator
 ) -> None:
+    """Up to PER_LIFE escalations, one at a time, until the power goes; the ticket of each
+    acknowledged one goes to `acked`."""
     client = triton.InferenceServerClient(agent.address("grpc"))
-    while not stop.is_set():
+    for _ in range(PER_LIFE):
+        if stop.is_set():
+            return
         i = int(rng.integers(len(X)))
         inp = triton.InferInput("X", [1, 64], "FP32")
         inp.set_data_from_numpy(X[i : i + 1])
