@@ -127,8 +127,12 @@ async def _serve_with(
         },
     )
     await stop.wait()
+    service.stop_accepting()  # before the log line: from then on, every new call is refused
     log.info("stopping", extra={"fields": {"grace_seconds": settings.grace_seconds}})
-    await server.stop(settings.grace_seconds)
+    deadline = loop.time() + settings.grace_seconds
+    await server.not_serving()
+    await service.wait_idle(settings.grace_seconds)
+    await server.stop(max(0.0, deadline - loop.time()))  # then the streams (WatchResults)
     metrics_server.shutdown()
     return 0
 

@@ -5,6 +5,8 @@ each item whether the local answer stands, the cloud answered, or the request wa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,14 @@ from edge_agent.metrics import AgentMetrics
 from model_runtime import InvalidInput, ModelRepository, OnnxModel
 from router import CallerWishes, LocalAnswer, RoutedAnswer, Router
 
-__all__ = ["ROUTING_OUTPUTS", "InferRequest", "InferResult", "InferenceService", "ServerInfo"]
+__all__ = [
+    "ROUTING_OUTPUTS",
+    "InferRequest",
+    "InferResult",
+    "InferenceService",
+    "ServerInfo",
+    "ServiceStopping",
+]
 
 Array = npt.NDArray[np.generic]
 ParameterValue = bool | int | float | str
@@ -33,6 +42,13 @@ ROUTING_OUTPUTS = frozenset(
     }
 )
 MIXED = "mixed"
+
+
+class ServiceStopping(Exception):
+    """The agent is draining before it stops: it answers the calls it has, takes no new ones."""
+
+    def __init__(self) -> None:
+        super().__init__("the agent is stopping; send the request again shortly")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +95,10 @@ class InferenceService:
         self.metrics = metrics
         self.info = info
         self.default_ttl_seconds = default_ttl_seconds
+        self._accepting = True
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def model(self, name: str, version: str = "") -> OnnxModel:
         """The model to answer with; raises ModelNotFound."""
@@ -88,7 +108,31 @@ class InferenceService:
         # Every model is loaded and warmed before the server starts, so serving means ready.
         return True
 
+    def stop_accepting(self) -> None:
+        """From now on `infer` raises ServiceStopping; those already in `infer` go on."""
+        self._accepting = False
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no `infer` is in progress, at most `timeout_s`; whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._in_flight == 0
+
     async def infer(self, request: InferRequest) -> InferResult:
+        # Refused by the agent itself while it drains, so that every late caller gets the same
+        # retryable answer: the gRPC server, once stopping, would reset some calls (CANCELLED).
+        if not self._accepting:
+            raise ServiceStopping()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._infer(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _infer(self, request: InferRequest) -> InferResult:
         model = request.model
         model.check_input_names(list(request.inputs))
         model.check_output_names(request.outputs, extra=ROUTING_OUTPUTS)

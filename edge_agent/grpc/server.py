@@ -58,7 +58,10 @@ class GrpcServer:
         for service in ("", V2_SERVICE, ROUTER_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    async def not_serving(self) -> None:
+        """Tell health checkers the agent is going (NOT_SERVING), before it stops."""
+        await self.health.enter_graceful_shutdown()
+
     async def stop(self, grace_seconds: float) -> None:
         """Refuse new calls, let calls in flight finish within the grace period, then stop."""
-        await self.health.enter_graceful_shutdown()
         await self._server.stop(grace_seconds)

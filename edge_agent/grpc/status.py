@@ -10,6 +10,7 @@ import logging
 
 import grpc
 
+from edge_agent.inference import ServiceStopping
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
 from router.errors import QueueFull, TicketNotFound
 
@@ -23,6 +24,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TicketNotFound, grpc.StatusCode.NOT_FOUND),
+    (ServiceStopping, grpc.StatusCode.UNAVAILABLE),
 )
 
 
