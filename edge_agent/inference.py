@@ -105,8 +105,9 @@ class InferenceService:
         return self.repository.get(name, version)
 
     def ready(self) -> bool:
-        # Every model is loaded and warmed before the server starts, so serving means ready.
-        return True
+        # Every model is loaded and warmed before the server starts, so serving means ready,
+        # until the drain before a stop begins.
+        return self._accepting
 
     def stop_accepting(self) -> None:
         """From now on `infer` raises ServiceStopping; those already in `infer` go on."""
