@@ -152,14 +152,20 @@ def split_token(token: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+# Compared with when the key id is unknown, so that an unknown id costs what a known id with a
+# wrong secret costs (a hash and a comparison): timing does not tell which ids exist. Random per
+# process, so no secret can match it.
+_DUMMY_DIGEST = _digest(secrets.token_urlsafe(32))
+
+
 def check_secret(found: tuple[str, bytes, bool] | None, secret: str) -> str:
     """The device, if `secret` matches the stored hash of a key that is not revoked."""
-    if found is None:
-        raise AuthenticationFailed("unknown")
-    device, stored, revoked = found
+    stored = _DUMMY_DIGEST if found is None else found[1]
     # Constant time, so response timing says nothing about how much of a guess was right.
-    if not hmac.compare_digest(stored, _digest(secret)):
+    matches = hmac.compare_digest(stored, _digest(secret))
+    if found is None or not matches:
         raise AuthenticationFailed("unknown")
+    device, _, revoked = found
     if revoked:
         raise AuthenticationFailed("revoked")
     return device

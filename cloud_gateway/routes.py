@@ -24,6 +24,7 @@ from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.rate_limit import DeviceRateLimiter
 from cloud_gateway.service import GatewayService, check_idempotency_key
 from model_runtime import InvalidInput, ModelError, RequestTooLarge, json_codec
+from model_runtime.repository import parse_version
 from model_runtime.v2_json import decode_infer_request, error_body
 
 log = logging.getLogger("cloud_gateway.requests")
@@ -138,12 +139,16 @@ class V2Routes:
 
 
 def _model(request: Request) -> tuple[str, str]:
-    return request.path_params["name"], request.path_params.get("version", "")
+    version: str = request.path_params.get("version", "")
+    parse_version(version)  # refused here for the upstream too, which might read "01" as 1
+    return request.path_params["name"], version
 
 
 def _parse_json(body: bytes) -> Any:
     try:
         return json_codec.loads(body)
+    except json_codec.JsonTooComplex as exc:
+        raise InvalidInput("body", exc.msg) from None
     except json.JSONDecodeError as exc:
         raise InvalidInput(
             "body", f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"

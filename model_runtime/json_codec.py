@@ -9,31 +9,67 @@ the two disagree, the standard library decides, so a body reads and writes exact
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import orjson
 
-__all__ = ["dumps", "loads"]
+__all__ = ["JsonTooComplex", "dumps", "loads"]
 
 # Digits to "0", every other byte to " ": a run of 19 zeros is then a run of 19 digits.
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_RUN = b"0" * 19
 
 
+class JsonTooComplex(json.JSONDecodeError):
+    """Valid JSON that no v2 body needs and no parser should chase: nesting deeper than
+    orjson's 1,024 levels, or an integer longer than Python converts (4,300 digits).
+
+    A JSONDecodeError, so callers that refuse broken JSON refuse this too; `msg` is one line.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem, "", 0)
+
+
 def loads(body: bytes) -> Any:
-    """Parse a v2 body; raises what `json.loads` raises for input it refuses."""
+    """Parse a v2 body; raises what `json.loads` raises for input it refuses, and
+    JsonTooComplex (never RecursionError or the digit-limit ValueError) for the two above."""
     if _LONG_RUN in body.translate(_DIGITS):
         # Perhaps an integer beyond 64 bits, which orjson reads as a float without a word
         # (an INT64 tensor would then hold garbage instead of getting a 400). Shortest float
         # texts have at most 17 digits, so real bodies rarely come this way.
-        return json.loads(body)
+        return _standard_loads(body)
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if _DEPTH_LIMIT in str(exc):
+            # The standard parser would recurse until Python's own limit and fail with a
+            # RecursionError (a 500 with a traceback); no v2 body nests this deep.
+            raise JsonTooComplex(_TOO_DEEP) from None
         # orjson refuses some text `json` takes: NaN, Infinity, 1e400, lone surrogates, UTF-16.
         # The standard parser decides: such a body then meets the tensor checks that name the
         # field, as before, and truly broken JSON gets the familiar error.
+        return _standard_loads(body)
+
+
+_DEPTH_LIMIT = "depth limit exceeded"  # orjson's message past 1,024 levels
+_TOO_DEEP = "is nested more than 1024 levels deep"
+
+
+def _standard_loads(body: bytes) -> Any:
+    try:
         return json.loads(body)
+    except RecursionError:
+        raise JsonTooComplex(_TOO_DEEP) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        if "digits" not in str(exc):  # int_max_str_digits: CPython's guard against slow parses
+            raise
+        raise JsonTooComplex(
+            f"holds an integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
 
 
 def dumps(document: Any) -> bytes:

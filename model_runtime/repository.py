@@ -5,16 +5,33 @@ Loaded whole at start-up; a broken entry stops the load with a ModelLoadError na
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from model_runtime.errors import ModelLoadError, ModelNotFound
+from model_runtime.errors import InvalidInput, ModelLoadError, ModelNotFound
 from model_runtime.model_config import CONFIG_FILE, load_model_config
 from model_runtime.onnx_model import OnnxModel
 
-__all__ = ["MODEL_FILE", "ModelRepository"]
+__all__ = ["MODEL_FILE", "ModelRepository", "parse_version"]
 
 MODEL_FILE = "model.onnx"
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def parse_version(version: str) -> int | None:
+    """A requested model version as a number; None for "" (the newest).
+
+    Only canonical decimal numerals: `int()` would also read "01", " +1" and an Arabic-Indic one as 1, so one
+    version would answer to many names (and an Idempotency-Key's fingerprint differ for them).
+    """
+    if not version:
+        return None
+    if not _VERSION.fullmatch(version):
+        raise InvalidInput(
+            "version", f"{version!r} is not a version: use a positive number without leading zeros"
+        )
+    return int(version)
 
 
 class ModelRepository:
@@ -42,11 +59,12 @@ class ModelRepository:
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(name)
-        if not version:
+        number = parse_version(version)
+        if number is None:
             return versions[max(versions)]
         try:
-            return versions[int(version)]
-        except (ValueError, KeyError):
+            return versions[number]
+        except KeyError:
             raise ModelNotFound(name, version) from None
 
     def versions(self, name: str) -> list[int]:

@@ -221,6 +221,47 @@ def _shape(value: object, name: str) -> list[int]:
     return dims
 
 
+# JSON value types each datatype takes: numpy would turn "0.5" and true into 0.5 and 1.0, and
+# truncate 1.5 to an INT32 1, without a word.
+_FLOATS = frozenset({int, float})
+_INTEGERS = frozenset({int})
+_BOOLS = frozenset({bool})
+
+
+def _check_value_types(name: str, datatype: str, data: list[Any], depth: int) -> None:
+    allowed = _BOOLS if datatype == "BOOL" else _FLOATS if datatype.startswith("FP") else _INTEGERS
+    wrong = _leaf_types(data, depth) - allowed
+    if wrong:
+        found = ", ".join(sorted(_TYPE_NAMES.get(t, t.__name__) for t in wrong))
+        raise InvalidInput(
+            name, f"values are not {datatype}: {_EXPECTED[allowed]} only, found {found}", "datatype"
+        )
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    float: "a fraction",
+    int: "an integer",
+    dict: "an object",
+    list: "an array",
+    type(None): "null",
+}
+_EXPECTED = {_BOOLS: "true or false", _FLOATS: "numbers", _INTEGERS: "integers"}
+
+
+def _leaf_types(data: list[Any], depth: int) -> set[type]:
+    """The types of the values in `data`, looking into nested arrays up to `depth` levels."""
+    types = set(map(type, data))
+    if list not in types or depth <= 1:
+        return types
+    types.discard(list)
+    for item in data:
+        if type(item) is list:
+            types |= _leaf_types(item, depth - 1)
+    return types
+
+
 def _decode_tensor(
     raw: object, where: str, spec: TensorSpec | None, *, finite: bool
 ) -> tuple[str, Array]:
@@ -235,6 +276,8 @@ def _decode_tensor(
     if "data" not in tensor:
         raise InvalidInput(f"{name}.data", "is missing")
     data = _list(tensor["data"], f"{name}.data")
+    if finite:  # requests; answers may spell infinities as "-inf" (log-probabilities)
+        _check_value_types(name, datatype, data, len(shape))
     array = array_from_values(name, datatype, shape, data)
     if finite:
         check_finite(name, array)

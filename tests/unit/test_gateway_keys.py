@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_gateway import keys
 from cloud_gateway.auth import Authenticator
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
 from cloud_gateway.keys import KeyStore
@@ -120,3 +121,27 @@ async def test_the_cache_still_checks_the_secret(store: KeyStore) -> None:
     forged = new.token[:-1] + ("A" if new.token[-1] != "A" else "B")
     with pytest.raises(AuthenticationFailed):
         await auth.device(f"Bearer {forged}")
+
+
+def test_an_unknown_key_id_costs_a_hash_and_a_comparison_as_a_wrong_secret_does(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The code path, not a timing: both refusals hash the guess and compare it, in constant
+    # time, with a digest of the same length (issue 12: they differed by 4-11 µs).
+    compared: list[tuple[int, int]] = []
+    real = keys.hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(keys.hmac, "compare_digest", recording)
+    token = store.add("clinic-1").token
+    key_id, secret = token.removeprefix("cgk_").split(".")
+    wrong_secret = f"cgk_{key_id}.{'A' * 43}"
+    unknown_id = f"cgk_{'0' * 16}.{secret}"
+    for bad in (wrong_secret, unknown_id):
+        with pytest.raises(AuthenticationFailed) as err:
+            store.authenticate(bad)
+        assert err.value.reason == "unknown"  # the caller cannot tell them apart either
+    assert compared == [(32, 32), (32, 32)]

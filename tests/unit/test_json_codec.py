@@ -50,3 +50,20 @@ def test_long_integers_stay_exact_integers(digits: str) -> None:
     parsed = json_codec.loads(f'{{"data": [{digits}, 1.5]}}'.encode())
     assert parsed == {"data": [int(digits), 1.5]}
     assert isinstance(parsed["data"][0], int)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested more than 1024 levels"),
+        (b"[" * 2_000 + b"]" * 2_000, "nested more than 1024 levels"),
+        (b'{"data": [' + b"7" * 5_000 + b"]}", "more than 4300 digits"),
+    ],
+)
+def test_bodies_no_parser_should_chase_are_one_clear_error(body: bytes, words: str) -> None:
+    # Before issue 12: RecursionError and the stdlib's digit-limit ValueError, i.e. a 500.
+    with pytest.raises(json_codec.JsonTooComplex) as error:
+        json_codec.loads(body)
+    assert words in error.value.msg
+    assert "\n" not in error.value.msg
+    assert isinstance(error.value, json.JSONDecodeError)  # refused wherever broken JSON is

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_runtime import ModelLoadError, ModelNotFound, ModelRepository
+from model_runtime import InvalidInput, ModelLoadError, ModelNotFound, ModelRepository
 from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
+from model_runtime.repository import parse_version
 
 
 @pytest.fixture
@@ -104,3 +105,13 @@ def test_empty_or_missing_repository(tmp_path: Path) -> None:
         ModelRepository.load(tmp_path)
     with pytest.raises(ModelLoadError, match="is not a directory"):
         ModelRepository.load(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("version", ["01", " +1", "+1", "1 ", "\u0661", "1_0", "0", "-1", "1e3"])
+def test_only_canonical_decimal_versions_are_read(version: str) -> None:
+    # int() reads every one of these but the last four as a version (issue 12).
+    with pytest.raises(InvalidInput) as err:
+        parse_version(version)
+    assert err.value.field == "version"
+    assert parse_version("") is None
+    assert parse_version("12") == 12

@@ -148,6 +148,10 @@ def test_without_a_signature_only_the_form_is_checked() -> None:
         ({"inputs": [x_tensor(data={"a": 1})]}, "X.data", "JSON array"),
         ({"inputs": [x_tensor(data=[0.5] * 63)]}, "X", "63 values"),
         ({"inputs": [x_tensor(data=["a"] * 64)]}, "X", "not FP32"),
+        # numpy alone would read these as 0.5 and 1.0 (issue 12)
+        ({"inputs": [x_tensor(data=["0.5"] + [0.5] * 63)]}, "X", "found a string"),
+        ({"inputs": [x_tensor(data=[True] + [0.5] * 63)]}, "X", "found a boolean"),
+        ({"inputs": [x_tensor(data=[[0.5] * 63 + [True]])]}, "X", "found a boolean"),
         ({"inputs": [x_tensor(data=[float("nan")] + [0.0] * 63)]}, "X", "finite"),
         ({"inputs": [x_tensor(datatype="BF16")]}, "X", "expected FP32"),
         ({"id": 5, "inputs": [x_tensor()]}, "id", "string"),
@@ -164,6 +168,18 @@ def test_malformed_requests_name_the_field(
         decode_infer_request(wire(body), model)
     assert err.value.field == field
     assert words in err.value.problem
+
+
+def test_integer_and_bool_tensors_take_only_their_own_json_values() -> None:
+    def tensor(datatype: str, data: list[Any]) -> Any:
+        return {"inputs": [{"name": "t", "datatype": datatype, "shape": [len(data)], "data": data}]}
+
+    assert decode_infer_request(wire(tensor("INT32", [1, 2]))).inputs["t"].tolist() == [1, 2]
+    assert decode_infer_request(wire(tensor("BOOL", [True]))).inputs["t"].tolist() == [True]
+    for datatype, data, found in [("INT32", [1.5], "a fraction"), ("BOOL", [1], "an integer")]:
+        with pytest.raises(InvalidInput) as err:
+            decode_infer_request(wire(tensor(datatype, data)))
+        assert found in err.value.problem
 
 
 def test_a_declared_input_missing_from_the_request_is_named() -> None:
