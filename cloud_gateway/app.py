@@ -30,13 +30,15 @@ from cloud_gateway.idempotency import (
     SqliteIdempotencyStore,
 )
 from cloud_gateway.keys import KeyStore
-from cloud_gateway.limits import BodyLimits, RateLimiter
+from cloud_gateway.limits import BodyLimits, InFlight, RateLimiter
 from cloud_gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
+from cloud_gateway.offload import Offloader
 from cloud_gateway.rate_limit import DeviceRateLimiter, RedisRateLimiter
 from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelRepository
+from model_runtime.v2_json import TensorLimits
 
 __all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store_and_limiter"]
 
@@ -92,13 +94,19 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
             wait_s=settings.idempotency_wait_s,
         ),
     )
-    service = GatewayService(backend, guard, metrics)
+    offloader = Offloader()
+    service = GatewayService(
+        backend, guard, metrics, max_answer_bytes=settings.max_answer_bytes, offloader=offloader
+    )
     routes = V2Routes(
         service,
         Authenticator(keys, cache_s=settings.key_cache_s),
         limiter,
         BodyLimits(settings.max_body_bytes, settings.max_decompressed_bytes),
         metrics,
+        tensor_limits=TensorLimits(settings.max_items_per_request, settings.max_tensor_elements),
+        in_flight=InFlight(settings.max_in_flight_per_device, settings.max_in_flight),
+        offloader=offloader,
     )
 
     @contextlib.asynccontextmanager

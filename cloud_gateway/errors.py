@@ -4,17 +4,21 @@ GatewayError
 ├── AuthenticationFailed    no, malformed, unknown or revoked device key
 ├── InvalidDeviceName       `keys add` got a name it cannot store
 ├── RateLimited             the device is over its request rate
+├── DeviceBusy              the device has too many requests in flight already
+├── Overloaded              the worker has too many requests in flight already
 ├── UnsupportedEncoding     a Content-Encoding other than gzip or identity
 ├── IdempotencyKeyReused    the same Idempotency-Key came with a different request
 ├── IdempotencyInProgress   a duplicate waited too long for the first request to finish
 ├── StoreUnavailable        the idempotency store (SQLite or Redis) cannot be reached
+├── StoreFull               the idempotency store holds its cap of answers, none expired
 └── UpstreamError           the upstream v2 server gave no usable answer
     ├── UpstreamUnavailable refused the connection, or answered 503 / 429
     ├── UpstreamTimeout     no answer within the configured time
     └── UpstreamBadResponse an answer that is not a v2 response, or another 5xx
 
 The errors carry facts (a reason, a retry delay), never status codes: `http_error` maps them,
-with model_runtime's errors (ModelNotFound, InvalidInput, RequestTooLarge), by type.
+with model_runtime's errors (ModelNotFound, InvalidInput, RequestTooLarge, LimitExceeded), by
+type.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from model_runtime import InvalidInput, ModelError, ModelNotFound, RequestTooLarge
+from model_runtime import InvalidInput, LimitExceeded, ModelError, ModelNotFound, RequestTooLarge
 
 __all__ = [
     "AuthenticationFailed",
+    "DeviceBusy",
     "GatewayError",
     "HttpError",
     "IdempotencyInProgress",
     "IdempotencyKeyReused",
     "InvalidDeviceName",
+    "Overloaded",
     "RateLimited",
+    "StoreFull",
     "StoreUnavailable",
     "UnsupportedEncoding",
     "UpstreamBadResponse",
@@ -67,6 +74,23 @@ class RateLimited(GatewayError):
         super().__init__("too many requests from this device; slow down")
 
 
+class DeviceBusy(GatewayError):
+    def __init__(self, limit: int, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"this device already has {limit} requests in flight (max_in_flight_per_device); "
+            "wait for their answers"
+        )
+
+
+class Overloaded(GatewayError):
+    def __init__(self, limit: int, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the gateway already has {limit} requests in flight (max_in_flight); retry later"
+        )
+
+
 class UnsupportedEncoding(GatewayError):
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
@@ -91,6 +115,16 @@ class StoreUnavailable(GatewayError):
         self.store = store
         self.retry_after_s = retry_after_s
         super().__init__(f"idempotency store ({store}) is unavailable: {problem}")
+
+
+class StoreFull(GatewayError):
+    def __init__(self, limit_bytes: int, retry_after_s: float) -> None:
+        self.limit_bytes = limit_bytes
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the idempotency store holds its limit of {limit_bytes} bytes of answers "
+            "(idempotency_max_bytes) and none has expired yet; retry later"
+        )
 
 
 class UpstreamError(GatewayError):
@@ -161,9 +195,13 @@ _TABLE: dict[type[Exception], tuple[int, _Headers]] = {
     ModelNotFound: (404, None),
     IdempotencyInProgress: (409, _retry_header),
     RequestTooLarge: (413, None),
+    LimitExceeded: (413, None),
     UnsupportedEncoding: (415, None),
     IdempotencyKeyReused: (422, None),
     RateLimited: (429, _retry_header),
+    DeviceBusy: (429, _retry_header),
+    Overloaded: (503, _retry_header),
+    StoreFull: (503, _retry_header),
     InvalidDeviceName: (400, None),
     ModelError: (500, None),
     UpstreamBadResponse: (502, None),

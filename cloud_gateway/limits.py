@@ -1,8 +1,9 @@
-"""What a device may send: body size on the wire and after gzip, and requests per second.
+"""What a device may send: body size on the wire and after gzip, requests per second, and
+requests in flight at once, per device and per worker.
 
 Bodies are read chunk by chunk and refused the moment they pass the limit, so an oversized
 upload costs at most the limit; gzip is inflated with a cap on its output, so a zip bomb costs
-at most the decompressed limit.
+at most the decompressed limit. A body's size bounds the time its JSON takes to parse.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cloud_gateway.errors import RateLimited, UnsupportedEncoding
+from cloud_gateway.errors import DeviceBusy, Overloaded, RateLimited, UnsupportedEncoding
 from model_runtime import InvalidInput, RequestTooLarge
 
-__all__ = ["BodyLimits", "RateLimiter", "read_body"]
+__all__ = ["BodyLimits", "InFlight", "RateLimiter", "read_body"]
 
 _CHUNK = 64 * 1024
 
@@ -57,6 +59,8 @@ async def read_body(
         if inflater is None:
             parts.append(chunk)
             size = wire
+            if size > limits.max_decompressed_bytes:  # the limit on what is parsed, for all
+                raise RequestTooLarge(size, limits.max_decompressed_bytes)
         else:
             size = _inflate(inflater, chunk, parts, size, limits.max_decompressed_bytes)
     if inflater is not None:
@@ -121,3 +125,40 @@ class RateLimiter:
     async def acquire(self, device: str) -> None:
         """`check`, as the gateway's routes call every limiter (rate_limit.DeviceRateLimiter)."""
         self.check(device)
+
+
+class InFlight:
+    """Counts the requests being worked on, per device and in this worker, and refuses one
+    more past either limit: a device waits for its own answers (429), the rest retry (503).
+
+    Per worker process, like RateLimiter: only the event loop's thread touches it.
+    """
+
+    def __init__(self, per_device: int, total: int) -> None:
+        self.per_device = per_device
+        self.total = total
+        self._devices: dict[str, int] = {}
+        self._total = 0
+
+    @contextmanager
+    def hold(self, device: str) -> Iterator[None]:
+        held = self._devices.get(device, 0)
+        if held >= self.per_device:
+            raise DeviceBusy(self.per_device)
+        if self._total >= self.total:
+            raise Overloaded(self.total)
+        self._devices[device] = held + 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            left = self._devices[device] - 1
+            if left:
+                self._devices[device] = left
+            else:
+                del self._devices[device]  # idle devices leave nothing behind
+
+    @property
+    def count(self) -> int:
+        return self._total

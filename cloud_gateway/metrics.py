@@ -125,6 +125,15 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.limit_refusals = Counter(
+            "limit_refusals",
+            "Requests refused before the work they asked for: limit is items_per_request, "
+            "elements_per_tensor, answer_bytes (413), device_in_flight (429) or in_flight (503).",
+            ["limit"],
+            namespace=ns,
+            registry=registry,
+        )
+
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, cached."""
         key = (id(metric), labels)

@@ -18,14 +18,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cloud_gateway.auth import Authenticator
-from cloud_gateway.errors import AuthenticationFailed, GatewayError, RateLimited, http_error
-from cloud_gateway.limits import BodyLimits, read_body
+from cloud_gateway.errors import (
+    AuthenticationFailed,
+    DeviceBusy,
+    GatewayError,
+    Overloaded,
+    RateLimited,
+    http_error,
+)
+from cloud_gateway.limits import BodyLimits, InFlight, read_body
 from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.offload import Offloader
 from cloud_gateway.rate_limit import DeviceRateLimiter
-from cloud_gateway.service import GatewayService, check_idempotency_key
-from model_runtime import InvalidInput, ModelError, RequestTooLarge, json_codec
+from cloud_gateway.service import GatewayService, InferOutcome, check_idempotency_key
+from model_runtime import InvalidInput, LimitExceeded, ModelError, RequestTooLarge, json_codec
 from model_runtime.repository import parse_version
-from model_runtime.v2_json import decode_infer_request, error_body
+from model_runtime.v2_json import InferRequest, TensorLimits, decode_infer_request, error_body
 
 log = logging.getLogger("cloud_gateway.requests")
 
@@ -47,12 +55,19 @@ class V2Routes:
         limiter: DeviceRateLimiter,
         limits: BodyLimits,
         metrics: GatewayMetrics,
+        *,
+        tensor_limits: TensorLimits | None = None,
+        in_flight: InFlight | None = None,
+        offloader: Offloader | None = None,
     ) -> None:
         self._service = service
         self._auth = authenticator
         self._limiter = limiter
         self._limits = limits
         self._metrics = metrics
+        self._tensor_limits = tensor_limits
+        self._in_flight = in_flight or InFlight(per_device=2**31, total=2**31)
+        self._offload = offloader or Offloader()
 
     def routes(self) -> list[Route]:
         model = "/v2/models/{name}"
@@ -114,6 +129,27 @@ class V2Routes:
         device = await self._device(request)
         name, version = _model(request)
         key = check_idempotency_key(request.headers.get("idempotency-key"))
+        try:
+            # Counted from before the body is read: a body held in memory is work too.
+            with self._in_flight.hold(device):
+                outcome = await self._infer(request, device, name, version, key)
+        except LimitExceeded as exc:
+            self._metrics.child(self._metrics.limit_refusals, exc.limit).inc()
+            raise
+        except DeviceBusy:
+            self._metrics.child(self._metrics.limit_refusals, "device_in_flight").inc()
+            raise
+        except Overloaded:
+            self._metrics.child(self._metrics.limit_refusals, "in_flight").inc()
+            raise
+        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
+        if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
+            _log_request(request, 200, model=name, replayed=outcome.replayed)
+        return Response(outcome.body, media_type="application/json", headers=headers)
+
+    async def _infer(
+        self, request: Request, device: str, name: str, version: str, key: str | None
+    ) -> InferOutcome:
         # Unknown model: 404 before reading a byte of the body.
         signature = await self._service.signature(name, version)
         try:
@@ -128,14 +164,14 @@ class V2Routes:
             raise
         except ClientDisconnect:
             raise InvalidInput("body", "the client went away before sending all of it") from None
-        decoded = decode_infer_request(_parse_json(body), signature)
-        outcome = await self._service.infer(
-            device, name, version, decoded, body=body, idempotency_key=key
+
+        def decode() -> InferRequest:
+            return decode_infer_request(_parse_json(body), signature, self._tensor_limits)
+
+        decoded = await self._offload.run(len(body), decode)
+        return await self._service.infer(
+            device, name, version, decoded, body=body, idempotency_key=key, signature=signature
         )
-        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
-        if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
-            _log_request(request, 200, model=name, replayed=outcome.replayed)
-        return Response(outcome.body, media_type="application/json", headers=headers)
 
 
 def _model(request: Request) -> tuple[str, str]:

@@ -21,14 +21,21 @@ from cloud_gateway.errors import (
 )
 from cloud_gateway.idempotency import IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
-from model_runtime import InvalidInput, json_codec
-from model_runtime.v2_json import InferRequest, ModelSignature, encode_infer_response
+from cloud_gateway.offload import Offloader
+from model_runtime import InvalidInput, LimitExceeded, json_codec
+from model_runtime.v2_json import (
+    InferRequest,
+    ModelSignature,
+    answer_bytes_bound,
+    encode_infer_response,
+)
 
 __all__ = ["REPLAY_PARAMETER", "GatewayService", "InferOutcome", "check_idempotency_key"]
 
 # Response parameter set on a replayed answer, so aware clients can tell; plain ones ignore it.
 REPLAY_PARAMETER = "idempotent_replay"
 _MAX_KEY_LENGTH = 255
+_JSON_BYTES_PER_VALUE = 10  # a typical probability's text, to decide where to encode
 _KEY = re.compile(rf"[\x21-\x7e]{{1,{_MAX_KEY_LENGTH}}}")
 
 
@@ -62,11 +69,15 @@ class GatewayService:
         guard: IdempotencyGuard,
         metrics: GatewayMetrics,
         *,
+        max_answer_bytes: int = 1024 * 1024,
+        offloader: Offloader | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self._guard = guard
         self._metrics = metrics
+        self._max_answer_bytes = max_answer_bytes
+        self._offload = offloader or Offloader()
         self._monotonic = monotonic
 
     @contextmanager
@@ -112,8 +123,14 @@ class GatewayService:
         *,
         body: bytes,
         idempotency_key: str | None,
+        signature: ModelSignature | None = None,
     ) -> InferOutcome:
-        """Run `request` (decoded from `body`), or replay the stored answer to its key."""
+        """Run `request` (decoded from `body`), or replay the stored answer to its key.
+
+        Raises LimitExceeded, before the model runs, when the answer `signature` declares could
+        be larger than `max_answer_bytes`; after it, when the answer is.
+        """
+        self._check_answer_bound(signature, request)
 
         async def run() -> bytes:
             return await self._run(name, version, request)
@@ -134,7 +151,23 @@ class GatewayService:
         if not outcome.replayed:
             return InferOutcome(outcome.body, replayed=False)
         self._metrics.child(self._metrics.replays, label).inc()
-        return InferOutcome(_mark_replay(outcome.body), replayed=True)
+        replay = outcome.body
+        return InferOutcome(
+            await self._offload.run(len(replay), lambda: _mark_replay(replay)), True
+        )
+
+    def _check_answer_bound(self, signature: ModelSignature | None, request: InferRequest) -> None:
+        if signature is None:
+            return
+        rows = max((a.shape[0] for a in request.inputs.values() if a.ndim), default=1)
+        bound = answer_bytes_bound(signature.outputs, rows, request.outputs)
+        if bound is not None and bound > self._max_answer_bytes:
+            raise LimitExceeded(
+                "outputs",
+                f"the answer for {rows} items could take {bound} bytes, over the limit of "
+                f"{self._max_answer_bytes} (max_answer_bytes); send fewer items per request",
+                "answer_bytes",
+            )
 
     async def _run(self, name: str, version: str, request: InferRequest) -> bytes:
         start = self._monotonic()
@@ -150,15 +183,29 @@ class GatewayService:
         label = self.backend.model_label(name)  # upstream mode learns names from answers
         m.child(m.model_runs, label, "ok").inc()
         m.child(m.model_run_duration, label).observe(self._monotonic() - start)
-        return _dumps(
-            encode_infer_response(
-                response.model_name,
-                response.outputs,
-                model_version=response.model_version,
-                request_id=request.id if request.id is not None else response.id,
-                parameters=response.parameters,
+
+        def encode() -> bytes:
+            return _dumps(
+                encode_infer_response(
+                    response.model_name,
+                    response.outputs,
+                    model_version=response.model_version,
+                    request_id=request.id if request.id is not None else response.id,
+                    parameters=response.parameters,
+                )
             )
-        )
+
+        values = sum(a.size for a in response.outputs.values())
+        answer = await self._offload.run(values * _JSON_BYTES_PER_VALUE, encode)
+        if len(answer) > self._max_answer_bytes:
+            # Only when the outputs' shapes were not declared: otherwise refused before the run.
+            raise LimitExceeded(
+                "outputs",
+                f"the answer takes {len(answer)} bytes, over the limit of "
+                f"{self._max_answer_bytes} (max_answer_bytes)",
+                "answer_bytes",
+            )
+        return answer
 
 
 def _mark_replay(body: bytes) -> bytes:

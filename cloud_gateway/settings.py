@@ -89,10 +89,25 @@ class GatewaySettings(LayeredSettings):
     idempotency_cleanup_interval_s: float = Field(default=3600.0, gt=0)
     """How often expired records are deleted from the SQLite store (Redis expires its own)."""
 
-    max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    max_body_bytes: int = Field(default=2 * MiB, ge=1024)
     """Largest request body on the wire; larger ones get 413 while they are being read."""
-    max_decompressed_bytes: int = Field(default=16 * MiB, ge=1024)
-    """Largest gzip request body once decompressed; past it, 413 and decompression stops."""
+    max_decompressed_bytes: int = Field(default=2 * MiB, ge=1024)
+    """Largest request body once decompressed (and so the most JSON one request makes the
+    gateway parse); past it, 413 and decompression stops. 2 MiB holds 1,024 items of 64 values
+    with room to spare, and parses in ~10-20 ms."""
+    max_items_per_request: int = Field(default=1024, ge=1)
+    """Items (rows: the first dimension of each input) in one request; more get 413 before
+    any value is converted."""
+    max_tensor_elements: int = Field(default=262_144, ge=1)
+    """Values in one input tensor (1 MiB of FP32); more get 413 before any is converted."""
+    max_answer_bytes: int = Field(default=1 * MiB, ge=1024)
+    """Largest v2 JSON answer, which is also what the idempotency store keeps per request. A
+    request whose answer could be larger (from the model's declared outputs and its item
+    count) gets 413 before the model runs; with undeclared outputs, after it."""
+    max_in_flight_per_device: int = Field(default=8, ge=1)
+    """Requests one device may have in flight in one worker; one more gets 429."""
+    max_in_flight: int = Field(default=64, ge=1)
+    """Requests in flight in one worker from all devices; one more gets 503."""
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     """Sustained requests per second per device: shared by every worker and replica through Redis
     with the Redis store, kept by each worker with SQLite."""

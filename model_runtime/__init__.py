@@ -3,6 +3,7 @@
 from model_runtime.confidence import ConfidenceMethod, OutputKind, confidence
 from model_runtime.errors import (
     InvalidInput,
+    LimitExceeded,
     ModelError,
     ModelLoadError,
     ModelNotFound,
@@ -16,6 +17,7 @@ from model_runtime.tensors import TensorSpec
 __all__ = [
     "ConfidenceMethod",
     "InvalidInput",
+    "LimitExceeded",
     "ModelConfig",
     "ModelError",
     "ModelLoadError",

@@ -4,7 +4,8 @@ ModelError
 ├── ModelNotFound        no such model, or no such version of it
 ├── ModelLoadError       a repository entry is broken (missing file, invalid ONNX, bad config)
 ├── InvalidInput         a request's tensors do not fit the model's metadata
-└── RequestTooLarge      a request is over the configured size limit
+├── RequestTooLarge      a request is over the configured size limit
+└── LimitExceeded        a request would cause more work than a configured limit allows
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "INVALID_INPUT_KINDS",
     "InvalidInput",
+    "LimitExceeded",
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
@@ -72,3 +74,16 @@ class RequestTooLarge(ModelError):
         self.size_bytes = size_bytes
         self.limit_bytes = limit_bytes
         super().__init__(f"request is {size_bytes} bytes, over the limit of {limit_bytes} bytes")
+
+
+class LimitExceeded(ModelError):
+    """A request asks for more work than the operator allows: items, elements, answer bytes.
+
+    `limit` names the limit (a fixed set, for metrics labels); `field` what the caller sent.
+    """
+
+    def __init__(self, field: str, problem: str, limit: str) -> None:
+        self.field = field
+        self.problem = problem
+        self.limit = limit
+        super().__init__(f"{field}: {problem}")

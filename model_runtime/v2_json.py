@@ -8,6 +8,7 @@ it is known, otherwise a JSON path such as `inputs[2]` or `parameters.priority`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from model_runtime.errors import InvalidInput
+from model_runtime.errors import InvalidInput, LimitExceeded
 from model_runtime.tensors import TensorSpec, array_from_values, check_finite, datatype_of
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "InferResponse",
     "ModelSignature",
     "Parameters",
+    "TensorLimits",
+    "answer_bytes_bound",
     "decode_infer_request",
     "decode_infer_response",
     "encode_infer_request",
@@ -49,6 +52,16 @@ class ModelSignature(Protocol):
 
     @property
     def outputs(self) -> Sequence[TensorSpec]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLimits:
+    """How much a request may ask for, checked from its shapes before any value is converted."""
+
+    max_items: int
+    """Rows of a request: the first dimension of every input."""
+    max_elements: int
+    """Values in one input tensor."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +275,31 @@ def _leaf_types(data: list[Any], depth: int) -> set[type]:
     return types
 
 
+def _check_limits(name: str, shape: list[int], data: list[Any], limits: TensorLimits) -> None:
+    if shape and shape[0] > limits.max_items:
+        raise LimitExceeded(
+            name,
+            f"{shape[0]} items, over the limit of {limits.max_items} per request",
+            "items_per_request",
+        )
+    elements = math.prod(shape)
+    # A flat list longer than the limit is refused as well, before numpy reads it.
+    if elements > limits.max_elements or len(data) > limits.max_elements:
+        raise LimitExceeded(
+            name,
+            f"{max(elements, len(data))} values, over the limit of {limits.max_elements} "
+            "per tensor",
+            "elements_per_tensor",
+        )
+
+
 def _decode_tensor(
-    raw: object, where: str, spec: TensorSpec | None, *, finite: bool
+    raw: object,
+    where: str,
+    spec: TensorSpec | None,
+    *,
+    finite: bool,
+    limits: TensorLimits | None = None,
 ) -> tuple[str, Array]:
     tensor = _object(raw, where)
     name = _string(tensor.get("name"), f"{where}.name")
@@ -276,6 +312,8 @@ def _decode_tensor(
     if "data" not in tensor:
         raise InvalidInput(f"{name}.data", "is missing")
     data = _list(tensor["data"], f"{name}.data")
+    if limits is not None:
+        _check_limits(name, shape, data, limits)
     if finite:  # requests; answers may spell infinities as "-inf" (log-probabilities)
         _check_value_types(name, datatype, data, len(shape))
     array = array_from_values(name, datatype, shape, data)
@@ -284,12 +322,15 @@ def _decode_tensor(
     return name, array
 
 
-def decode_infer_request(body: object, model: ModelSignature | None = None) -> InferRequest:
+def decode_infer_request(
+    body: object, model: ModelSignature | None = None, limits: TensorLimits | None = None
+) -> InferRequest:
     """Check and decode a parsed v2 request body.
 
     With `model`, every declared input must be present with its datatype and shape, and only
     declared inputs and outputs may be named. Without it (a gateway forwarding to a server
     whose metadata it does not hold) the tensors are only checked for being well formed.
+    With `limits`, a tensor over them raises LimitExceeded before its values are converted.
     """
     request = _object(body, "body")
     request_id = request.get("id")
@@ -308,7 +349,8 @@ def decode_infer_request(body: object, model: ModelSignature | None = None) -> I
             raise InvalidInput(name, "is given twice")
         if specs is not None and name not in specs:
             raise InvalidInput(name, f"is not an input of the model (inputs: {', '.join(specs)})")
-        inputs[name] = _decode_tensor(raw, where, specs[name] if specs else None, finite=True)[1]
+        spec = specs[name] if specs else None
+        inputs[name] = _decode_tensor(raw, where, spec, finite=True, limits=limits)[1]
     if specs is not None:
         missing = [n for n in specs if n not in inputs]
         if missing:
@@ -350,3 +392,40 @@ def decode_infer_response(body: object) -> InferResponse:
         name, array = _decode_tensor(raw, f"outputs[{i}]", None, finite=False)
         outputs[name] = array
     return InferResponse(model_name, outputs, version, response_id, parameters)
+
+
+# The longest JSON text of one value of each datatype, with its comma: "-1.1754944e-38," for
+# FP32, "-9223372036854775808," for INT64.
+_JSON_VALUE_BYTES = {
+    "BOOL": 6,
+    "UINT8": 4,
+    "UINT16": 6,
+    "UINT32": 11,
+    "UINT64": 21,
+    "INT8": 5,
+    "INT16": 7,
+    "INT32": 12,
+    "INT64": 21,
+    "FP16": 11,
+    "FP32": 16,
+    "FP64": 25,
+}
+_TENSOR_OVERHEAD_BYTES = 256  # name, datatype, shape and punctuation of one output tensor
+
+
+def answer_bytes_bound(
+    outputs: Sequence[TensorSpec], rows: int, names: Sequence[str] | None = None
+) -> int | None:
+    """The most bytes the v2 JSON answer with `outputs` (or those of them in `names`) can take
+    for `rows` items, known before the model runs; None when a datatype or a dimension other
+    than the first is not fixed (the answer can then only be measured)."""
+    total = 0
+    for spec in outputs:
+        if names is not None and spec.name not in names:
+            continue
+        per_value = _JSON_VALUE_BYTES.get(spec.datatype)
+        dims = [rows if i == 0 and d == -1 else d for i, d in enumerate(spec.shape)]
+        if per_value is None or any(d < 0 for d in dims):
+            return None
+        total += math.prod(dims) * per_value + _TENSOR_OVERHEAD_BYTES
+    return total

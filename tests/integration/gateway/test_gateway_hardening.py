@@ -6,12 +6,15 @@ flight).
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
-from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.gateway.helpers import Gateway, add_key, infer_body, start_gateway
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +100,91 @@ def test_the_parser_edges_left_no_traceback(gateway: Gateway) -> None:
     log = gateway.daemon.log()
     assert "Traceback" not in log
     assert '"level": "error"' not in log
+
+
+# -- bounded work per request --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway with tiny limits, so that each one can be met with small requests."""
+    gw = start_gateway(
+        tmp_path_factory.mktemp("tight"),
+        env={
+            "CLOUD_GATEWAY_MAX_ITEMS_PER_REQUEST": "8",
+            "CLOUD_GATEWAY_MAX_TENSOR_ELEMENTS": "200",
+            "CLOUD_GATEWAY_MAX_ANSWER_BYTES": "1024",
+            "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "2",
+            "CLOUD_GATEWAY_MAX_IN_FLIGHT": "3",
+            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
+            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
+        },
+    )
+    yield gw
+    assert gw.daemon.stop() == 0
+
+
+def rows(n: int) -> np.ndarray:
+    return np.full((n, 64), 0.25, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("n", "limit", "error"),
+    [
+        (9, "items_per_request", "X: 9 items, over the limit of 8 per request"),
+        (4, "elements_per_tensor", "X: 256 values, over the limit of 200 per tensor"),
+        (3, "answer_bytes", "outputs: the answer for 3 items could take 1055 bytes, over the"),
+    ],
+)
+def test_requests_over_a_work_limit_get_413_before_the_model_runs(
+    tight: Gateway, n: int, limit: str, error: str
+) -> None:
+    runs = tight.metric("cloud_gateway_model_runs_total")
+    refusals = tight.metric("cloud_gateway_limit_refusals_total", limit=limit)
+    response = post(tight, infer_body(rows(n)), **{"Idempotency-Key": f"limit-{limit}"})
+    assert response.status_code == 413
+    assert response.json()["error"].startswith(error)
+    assert tight.metric("cloud_gateway_model_runs_total") == runs
+    assert tight.metric("cloud_gateway_limit_refusals_total", limit=limit) == refusals + 1
+
+
+def test_the_answer_bound_counts_only_the_outputs_asked_for(tight: Gateway) -> None:
+    body = infer_body(rows(3), outputs=["label"])
+    assert post(tight, body).status_code == 200
+    assert post(tight, infer_body(rows(2))).status_code == 200
+
+
+def _hold_request_open(gw: Gateway, key: str) -> socket.socket:
+    """A request whose headers are in and whose body never ends: in flight until closed."""
+    sock = socket.create_connection(("127.0.0.1", gw.daemon.ports["http"]))
+    sock.sendall(
+        (
+            f"POST {INFER} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        ).encode()
+    )
+    return sock
+
+
+def test_requests_in_flight_are_bounded_per_device_then_in_total(tight: Gateway) -> None:
+    other = add_key(tight.key_db, "clinic-2")
+    body = infer_body(rows(1))
+    held = [_hold_request_open(tight, tight.key) for _ in range(2)]
+    try:
+        wait_until(lambda: post(tight, body).status_code == 429, what="two requests in flight")
+        busy = post(tight, body)
+        assert busy.status_code == 429
+        assert busy.headers["Retry-After"] == "1"
+        assert "already has 2 requests in flight" in busy.json()["error"]
+        with tight.client(other) as c:
+            held.append(_hold_request_open(tight, other))
+            wait_until(lambda: c.post(INFER, content=body).status_code == 503, what="3 in flight")
+            full = c.post(INFER, content=body)
+        assert full.headers["Retry-After"] == "1"
+        assert "the gateway already has 3 requests in flight" in full.json()["error"]
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: post(tight, body).status_code == 200, what="the slots to be free again")
+    assert tight.metric("cloud_gateway_limit_refusals_total", limit="device_in_flight") >= 1
+    assert tight.metric("cloud_gateway_limit_refusals_total", limit="in_flight") >= 1

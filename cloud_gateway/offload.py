@@ -1,0 +1,34 @@
+"""Parsing and encoding of large bodies off the event loop, one worker thread at a time.
+
+orjson and numpy hold the GIL for the whole of one call, so a worker thread frees the loop only
+between calls, not during one. With a single heavy thread the loop waits for the GIL at most one
+such call, which the body and answer limits bound (tens of milliseconds at the defaults); with
+many, it would also queue behind every other thread. Small bodies, nearly all of the traffic,
+stay on the loop: the hop to a thread costs more than their parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["Offloader"]
+
+T = TypeVar("T")
+
+INLINE_MAX_BYTES = 64 * 1024
+
+
+class Offloader:
+    def __init__(self, *, inline_max_bytes: int = INLINE_MAX_BYTES, threads: int = 1) -> None:
+        self._inline_max_bytes = inline_max_bytes
+        self._limiter = anyio.CapacityLimiter(threads)
+
+    async def run(self, size_bytes: int, work: Callable[[], T]) -> T:
+        """`work()`, on the loop when the bytes it handles are few, else in the heavy thread."""
+        if size_bytes <= self._inline_max_bytes:
+            return work()
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
