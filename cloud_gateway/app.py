@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from cloud_gateway.backends.base import Backend
 from cloud_gateway.backends.embedded import EmbeddedBackend
 from cloud_gateway.backends.upstream import UpstreamBackend
 from cloud_gateway.compression import GzipWhenAsked
+from cloud_gateway.connections import STATE_KEY, ConnectionGuard, connection_cap
 from cloud_gateway.idempotency import (
     IdempotencyGuard,
     IdempotencyPolicy,
@@ -109,8 +111,22 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
         offloader=offloader,
     )
 
+    connections = ConnectionGuard(
+        settings.header_timeout_s,
+        connection_cap(settings.max_connections),
+        metrics.connections_closed,
+        metrics.accept_errors,
+    )
+    if connections.max_connections < settings.max_connections:
+        log.warning(
+            "max_connections lowered to %d per worker, to stay under the open-files limit "
+            "(raise it: LimitNOFILE in the systemd unit, ulimit -n)",
+            connections.max_connections,
+        )
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        asyncio.get_running_loop().set_exception_handler(connections.handle_loop_exception)
         await backend.start()
         cleaner = asyncio.create_task(
             _purge_periodically(store, settings.idempotency_cleanup_interval_s)
@@ -121,7 +137,7 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
             store.name,
         )
         try:
-            yield
+            yield {STATE_KEY: connections}  # read by every connection (connections.py)
         finally:
             cleaner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -134,6 +134,21 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.connections_closed = Counter(
+            "connections_closed",
+            "Connections the gateway closed itself: reason header_timeout (no complete request "
+            "headers within header_timeout_s) or over_capacity (503 past max_connections).",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.accept_errors = Counter(
+            "accept_errors",
+            "Connections the worker could not accept (out of file descriptors or memory).",
+            namespace=ns,
+            registry=registry,
+        )
+
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, cached."""
         key = (id(metric), labels)

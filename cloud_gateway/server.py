@@ -12,6 +12,7 @@ import json
 import logging
 import logging.config
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from cloud_gateway.app import WorkerAppFactory, create_app
+from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
 
 __all__ = ["bind_socket", "run", "write_port_file"]
@@ -90,6 +92,8 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
     return uvicorn.Config(
         app,
         factory=factory,
+        http=GuardedH11Protocol,
+        backlog=ACCEPT_BATCH,
         workers=settings.workers,
         lifespan="on",
         log_config=_log_config(settings.log_level),
@@ -109,9 +113,25 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (workers inherit it); the new soft limit.
+
+    systemd's default soft limit is 1,024 however high the hard one, and each client connection
+    takes a descriptor: the cap on connections (connections.py) stays below what is left.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
 def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
     logging.config.dictConfig(_log_config(settings.log_level))
+    raise_open_files_limit()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     sock = bind_socket(settings.host, settings.port)
     multiproc_dir: Path | None = None

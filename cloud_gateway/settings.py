@@ -89,6 +89,13 @@ class GatewaySettings(LayeredSettings):
     idempotency_cleanup_interval_s: float = Field(default=3600.0, gt=0)
     """How often expired records are deleted from the SQLite store (Redis expires its own)."""
 
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection whose request headers are not complete this long after it opened (or
+    after its previous answer) is closed: silent and half-sent requests cannot hold it open."""
+    max_connections: int = Field(default=4096, ge=1)
+    """Open connections per worker; one more gets 503 with Retry-After and is closed. Lowered
+    at start to leave 384 file descriptors under the open-files limit (see LimitNOFILE)."""
+
     max_body_bytes: int = Field(default=2 * MiB, ge=1024)
     """Largest request body on the wire; larger ones get 413 while they are being read."""
     max_decompressed_bytes: int = Field(default=2 * MiB, ge=1024)

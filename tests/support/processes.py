@@ -81,15 +81,24 @@ def start_daemon(
     ready: Callable[[Daemon], bool] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Daemon:
-    """Run `<venv>/bin/<command> serve ... --port-file`, wait for its ports, then for `ready`."""
+    """Run `<venv>/bin/<command> serve ... --port-file`, wait for its ports, then for `ready`.
+
+    `preexec_fn` runs in the child before the daemon starts (to lower its resource limits).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"{command}.{os.getpid()}.{time.monotonic_ns()}.ports.json"
     log_path = port_file.with_suffix(".log")
     full = [str(BIN / command), *args, "--port-file", str(port_file)]
     log = log_path.open("w", encoding="utf-8")
     process = subprocess.Popen(
-        full, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        full,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
     )
     log.close()
     daemon = Daemon(process, {}, log_path, full)

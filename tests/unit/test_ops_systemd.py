@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cloud_gateway.connections import FD_RESERVE
+from cloud_gateway.settings import GatewaySettings
 from edge_agent.settings import AgentSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +84,10 @@ def test_agent_stops_after_its_grace_period_and_reloads_on_sighup() -> None:
     assert seconds(d["TimeoutStopSec"][0]) > grace + 5
     assert d["KillSignal"] == ["SIGTERM"]
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_the_gateway_unit_gives_room_for_its_connections() -> None:
+    # systemd's default soft limit of 1,024 descriptors would lower the connection cap to 640
+    # per worker (issue 12).
+    limit = int(directives(UNITS / "cloud-gateway.service")["LimitNOFILE"][0])
+    assert limit >= GatewaySettings().max_connections + FD_RESERVE

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,7 +80,11 @@ def add_key(key_db: Path, device: str = DEVICE) -> str:
 
 
 def start_gateway(
-    workdir: Path, *args: str, key_db: Path | None = None, env: dict[str, str] | None = None
+    workdir: Path,
+    *args: str,
+    key_db: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Gateway:
     """`cloud-gateway serve` on ports 0 with its own state dir (and a shared key db if given)."""
     state = workdir / "state"
@@ -107,6 +112,7 @@ def start_gateway(
         ready=live,
         # Unbuffered, so a test reading the log sees every line written so far.
         env={"PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=preexec_fn,
     )
     return Gateway(daemon, key, key_db)
 

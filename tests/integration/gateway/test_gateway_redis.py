@@ -22,8 +22,11 @@ def replicas(
 ) -> Iterator[tuple[Gateway, Gateway]]:
     root = tmp_path_factory.mktemp("replicas")
     key_db = root / "keys.sqlite3"  # the device keys, distributed to every replica
-    a = start_gateway(root / "a", "--idempotency-store", redis_server.url, key_db=key_db)
-    b = start_gateway(root / "b", "--idempotency-store", redis_server.url, key_db=key_db)
+    # 20 concurrent duplicates from one device below: more than a device has in flight at once
+    # by default (an agent keeps at most 4 connections).
+    env = {"CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "32"}
+    a = start_gateway(root / "a", "--idempotency-store", redis_server.url, key_db=key_db, env=env)
+    b = start_gateway(root / "b", "--idempotency-store", redis_server.url, key_db=key_db, env=env)
     yield a, b
     for gw in (a, b):
         gw.daemon.stop()

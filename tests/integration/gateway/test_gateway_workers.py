@@ -25,7 +25,14 @@ INFER = "/v2/models/digits-large/infer"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("workers"), "--workers", str(WORKERS))
+    gw = start_gateway(
+        tmp_path_factory.mktemp("workers"),
+        "--workers",
+        str(WORKERS),
+        # 50 concurrent duplicates from one device below, more than it may have in flight at
+        # once by default (an agent keeps at most 4 connections).
+        env={"CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64"},
+    )
     wait_until(lambda: len(gw.worker_pids()) == WORKERS, 30.0, what="all workers")
     yield gw
     code = gw.daemon.stop()
