@@ -30,6 +30,7 @@ from cloud_gateway.idempotency import (
     IdempotencyStore,
     RedisIdempotencyStore,
     SqliteIdempotencyStore,
+    StoreBounds,
 )
 from cloud_gateway.keys import KeyStore
 from cloud_gateway.limits import BodyLimits, InFlight, RateLimiter
@@ -69,15 +70,29 @@ def make_store_and_limiter(
     """SQLite: the host's store, and a rate limit per worker. Redis: one client for the store and
     a rate limit shared by every worker and replica; the store closes the client."""
     rate, burst = settings.rate_limit_per_s, settings.rate_limit_burst
+    bounds = StoreBounds(settings.idempotency_max_bytes, settings.max_answer_bytes)
+
+    def evicted(reason: str, records: int) -> None:
+        metrics.child(metrics.idempotency_evictions, reason).inc(records)
+
     if settings.idempotency_store == "sqlite":
         store = SqliteIdempotencyStore(
-            settings.idempotency_db_path, retry_after_s=settings.retry_after_s
+            settings.idempotency_db_path,
+            bounds=bounds,
+            on_evicted=evicted,
+            retry_after_s=settings.retry_after_s,
         )
         return store, RateLimiter(rate, burst)
     url = settings.idempotency_store
     client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
     return (
-        RedisIdempotencyStore(url, retry_after_s=settings.retry_after_s, client=client),
+        RedisIdempotencyStore(
+            url,
+            bounds=bounds,
+            on_evicted=evicted,
+            retry_after_s=settings.retry_after_s,
+            client=client,
+        ),
         RedisRateLimiter(client, rate, burst, errors=metrics.rate_limit_errors),
     )
 

@@ -86,8 +86,16 @@ class GatewayMetrics:
         )
         self.idempotency_refusals = Counter(
             "idempotency_refusals",
-            "Requests refused by the idempotency rules: key reused with another body (422), "
-            "or its first request still running (409).",
+            "Requests refused by the idempotency rules: key_reused with another body (422), "
+            "in_progress, its first request still running (409), or store_full (503).",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.idempotency_evictions = Counter(
+            "idempotency_evictions",
+            "Stored answers and lapsed marks deleted: reason expired (the periodic purge; Redis "
+            "expires its own) or full (deleted early, oldest first, to make room for a request).",
             ["reason"],
             namespace=ns,
             registry=registry,

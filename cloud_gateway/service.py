@@ -16,6 +16,7 @@ from cloud_gateway.backends.base import Backend
 from cloud_gateway.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
+    StoreFull,
     StoreUnavailable,
     UpstreamError,
 )
@@ -147,6 +148,9 @@ class GatewayService:
             raise
         except IdempotencyInProgress:
             self._metrics.idempotency_refusals.labels("in_progress").inc()
+            raise
+        except StoreFull:
+            self._metrics.idempotency_refusals.labels("store_full").inc()
             raise
         if not outcome.replayed:
             return InferOutcome(outcome.body, replayed=False)

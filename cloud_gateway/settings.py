@@ -86,6 +86,11 @@ class GatewaySettings(LayeredSettings):
     """An in-progress mark lapses this long after its worker stops renewing it (it died)."""
     idempotency_wait_s: float = Field(default=60.0, gt=0)
     """How long a duplicate waits for the first request before answering 409."""
+    idempotency_max_bytes: int = Field(default=1024 * MiB, ge=8 * MiB)
+    """The most the idempotency store may hold: its files with SQLite (the WAL gets an eighth,
+    1-64 MiB), the answers' bytes with Redis. A new request is admitted only with room for a
+    `max_answer_bytes` answer; expired answers are deleted, oldest first, to make it, and if
+    none has expired the request gets 503 with Retry-After (until the oldest expires)."""
     idempotency_cleanup_interval_s: float = Field(default=3600.0, gt=0)
     """How often expired records are deleted from the SQLite store (Redis expires its own)."""
 

@@ -1,6 +1,6 @@
 """Idempotency: run the model once per device and Idempotency-Key, replay the answer to repeats."""
 
-from cloud_gateway.idempotency.base import Existing, IdempotencyStore, scope_id
+from cloud_gateway.idempotency.base import Existing, IdempotencyStore, StoreBounds, scope_id
 from cloud_gateway.idempotency.guard import IdempotencyGuard, IdempotencyPolicy, Outcome
 from cloud_gateway.idempotency.redis_store import RedisIdempotencyStore
 from cloud_gateway.idempotency.sqlite_store import SqliteIdempotencyStore
@@ -13,5 +13,6 @@ __all__ = [
     "Outcome",
     "RedisIdempotencyStore",
     "SqliteIdempotencyStore",
+    "StoreBounds",
     "scope_id",
 ]

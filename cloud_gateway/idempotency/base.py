@@ -10,7 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Existing", "IdempotencyStore", "scope_id"]
+__all__ = ["Existing", "IdempotencyStore", "StoreBounds", "scope_id"]
+
+MiB = 1024 * 1024
 
 
 def scope_id(device: str, key: str) -> str:
@@ -26,6 +28,24 @@ class Existing:
     body: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class StoreBounds:
+    """What a store may hold. A claim is refused (StoreFull) unless there is room for one more
+    answer of `max_answer_bytes` beside those stored and those being computed; expired
+    records, oldest first, are deleted to make room before that."""
+
+    max_bytes: int = 1024 * MiB
+    """All the store's bytes: for SQLite its files (database, WAL, shared memory), for Redis
+    the answers' bytes."""
+    max_answer_bytes: int = MiB
+
+    @property
+    def wal_bytes(self) -> int:
+        """SQLite: the WAL's share of `max_bytes` (an eighth, 1-64 MiB); the database file gets
+        the rest, less twice this share and the shared-memory file."""
+        return min(64 * MiB, max(MiB, self.max_bytes // 8))
+
+
 class IdempotencyStore(Protocol):
     name: str
 
@@ -34,7 +54,8 @@ class IdempotencyStore(Protocol):
     ) -> Existing | None:
         """Atomically mark `scope` pending for `owner` and return None, or return what is there.
 
-        A pending record whose mark has lapsed counts as absent.
+        A pending record whose mark has lapsed counts as absent. Raises StoreFull when a new
+        mark would leave no room for its answer (StoreBounds), and nothing has expired.
         """
 
     async def renew(self, scope: str, owner: str, pending_ttl_s: float) -> None:

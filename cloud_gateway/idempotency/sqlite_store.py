@@ -12,6 +12,13 @@ page-cache write) or fails at once with SQLITE_BUSY. Only then, when another wor
 write lock, does the batch go to a worker thread that may wait for it: a thread round trip
 costs more than the transaction itself. Checkpoints, which do fsync, run in a thread too.
 
+Bounded: the database file by `max_page_count` (SQLite refuses to grow it further), the WAL
+by checkpoints every quarter of its share of bytes written (writes wait when another half has
+been written before the checkpoint is done) and by `journal_size_limit`, which cuts it back
+when it starts over. A claim is admitted only with room for one more answer
+beside the stored ones and those being computed in this process; expired records are deleted,
+oldest first, to make it, and otherwise the claim is refused (StoreFull) before the model runs.
+
 Checkpoints let the WAL start over. A PASSIVE checkpoint alone never catches up with a loop that
 keeps committing: under steady load the WAL grew without end (270 MB in ten seconds of
 benchmarks/gateway.py), and every read got slower with it. So a checkpoint first copies the bulk
@@ -30,13 +37,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import anyio.to_thread
 
-from cloud_gateway.errors import StoreUnavailable
-from cloud_gateway.idempotency.base import Existing
+from cloud_gateway.errors import StoreFull, StoreUnavailable
+from cloud_gateway.idempotency.base import Existing, StoreBounds
 
 __all__ = ["SqliteIdempotencyStore"]
 
@@ -61,12 +69,13 @@ _CLAIM = (
 _COMPLETE = (
     "UPDATE idempotency SET owner = NULL, body = ?, expires_at = ? WHERE scope = ? AND owner = ?"
 )
-# Copy the WAL into the database this often (in commits of this process), off the loop. At full
-# load that is a WAL of about 50 MB; its second phase holds this worker's writes back for 5-15 ms.
+# Copy the WAL into the database this often (in commits of this process), off the loop, or
+# sooner when a quarter of the WAL's share of bytes has been written (StoreBounds.wal_bytes). Its second
+# phase holds this worker's writes back for 5-15 ms.
 _CHECKPOINT_EVERY = 1000
-# A WAL file larger than this is cut back to it when it starts over: its disk use stays bounded
-# even after a burst, while the usual size is reused as it is.
-_WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+_SHM_BYTES = 64 * 1024  # the shared-memory file beside the WAL: 32 KiB per 4,000 pages
+# Expired records deleted at most per claim that needs room: the claim's own cost stays small.
+_EVICT_BATCH = 64
 # How long a checkpoint waits for other workers' transactions before it gives up for now.
 _CHECKPOINT_WAIT_MS = 100
 
@@ -76,17 +85,29 @@ _SETUP_TIMEOUT_S = 30.0
 switching it to WAL holds the others back for a moment."""
 
 
-def _connect(path: Path, *, busy_timeout_ms: int, autocheckpoint: bool) -> sqlite3.Connection:
+def _connect(
+    path: Path, bounds: StoreBounds, *, busy_timeout_ms: int, autocheckpoint: bool
+) -> sqlite3.Connection:
     db = sqlite3.connect(
         path, timeout=_SETUP_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT_BYTES}")
+    # A WAL file larger than this is cut back to it when it starts over: its disk use stays
+    # bounded even after a burst, while the usual size is reused as it is.
+    db.execute(f"PRAGMA journal_size_limit={bounds.wal_bytes}")
+    page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+    db.execute(f"PRAGMA max_page_count={_max_pages(bounds, page_size)}")
     db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     if not autocheckpoint:
         db.execute("PRAGMA wal_autocheckpoint=0")
     return db
+
+
+def _max_pages(bounds: StoreBounds, page_size: int) -> int:
+    # The WAL starts over at about a quarter of its share and is held to three quarters while
+    # a checkpoint runs, but one batch of answers may cross that: it gets its share twice over.
+    return max(16, (bounds.max_bytes - 2 * bounds.wal_bytes - _SHM_BYTES) // page_size)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -97,9 +118,19 @@ class SqliteIdempotencyStore:
     name = "sqlite"
 
     def __init__(
-        self, path: Path, *, now: Callable[[], float] = time.time, retry_after_s: float = 5.0
+        self,
+        path: Path,
+        *,
+        bounds: StoreBounds | None = None,
+        on_evicted: Callable[[str, int], None] | None = None,
+        now: Callable[[], float] = time.time,
+        retry_after_s: float = 5.0,
     ) -> None:
+        """`on_evicted(reason, n)` counts deleted records: reason `expired` (the periodic
+        purge) or `full` (deleted to make room for a claim)."""
         self.path = path
+        self.bounds = bounds or StoreBounds()
+        self._on_evicted = on_evicted or (lambda reason, n: None)
         self._retry_after_s = retry_after_s
         self._now = now
         self._local = threading.local()
@@ -107,16 +138,25 @@ class SqliteIdempotencyStore:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(
-            _connect(path, busy_timeout_ms=int(_SETUP_TIMEOUT_S * 1000), autocheckpoint=True)
+            _connect(
+                path,
+                self.bounds,
+                busy_timeout_ms=int(_SETUP_TIMEOUT_S * 1000),
+                autocheckpoint=True,
+            )
         ) as setup:
             setup.executescript(_SCHEMA)
-        self._loop_db = _connect(path, busy_timeout_ms=0, autocheckpoint=False)
+            self._page_size = int(setup.execute("PRAGMA page_size").fetchone()[0])
+        self._max_pages = _max_pages(self.bounds, self._page_size)
+        self._loop_db = _connect(path, self.bounds, busy_timeout_ms=0, autocheckpoint=False)
         self._batch: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
         self._holding = False  # a checkpoint is holding this worker's writes back
+        self._computing = 0  # claims of this process whose answers are not stored yet
+        self._written = 0  # bytes written to the WAL since the last checkpoint began
 
     @property
     def commits(self) -> int:
@@ -126,7 +166,7 @@ class SqliteIdempotencyStore:
     def _thread_db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = _connect(self.path, busy_timeout_ms=10_000, autocheckpoint=True)
+            db = _connect(self.path, self.bounds, busy_timeout_ms=10_000, autocheckpoint=True)
             self._local.db = db
             with self._lock:
                 self._all.append(db)
@@ -144,6 +184,8 @@ class SqliteIdempotencyStore:
     def _flush(self) -> None:
         if self._holding:
             return  # a checkpoint holds the write lock; the batch goes when it is done
+        if self._checkpoint is not None and self._written >= self.bounds.wal_bytes // 2:
+            return  # the WAL would outgrow its share before the checkpoint lets it start over
         batch, self._batch = self._batch, []
         try:
             results = _apply(self._loop_db, [op for op, _ in batch])
@@ -174,13 +216,18 @@ class SqliteIdempotencyStore:
             if not future.done():  # its request may have been cancelled meanwhile
                 future.set_result(result)
         self._commits += 1
-        if self._commits % _CHECKPOINT_EVERY == 0 and self._checkpoint is None:
+        self._written += self._page_size * (1 + len(batch))  # a page per write, and the commit
+        due = self._commits % _CHECKPOINT_EVERY == 0 or self._written >= self.bounds.wal_bytes // 4
+        if due and self._checkpoint is None:
+            self._written = 0
             self._checkpoint = asyncio.get_running_loop().create_task(self._wal_checkpoint())
 
     def _fail(self, batch: list[tuple[_Op, asyncio.Future[Any]]], exc: sqlite3.Error) -> None:
         for _, future in batch:
             if not future.done():
-                future.set_exception(StoreUnavailable(self.name, str(exc), self._retry_after_s))
+                error = StoreUnavailable(self.name, str(exc), self._retry_after_s)
+                error.__cause__ = exc
+                future.set_exception(error)
 
     async def _wal_checkpoint(self) -> None:
         try:
@@ -203,7 +250,9 @@ class SqliteIdempotencyStore:
         # for the checkpoint, so it gives up soon when other workers keep the lock, and tries
         # again after the next _CHECKPOINT_EVERY commits.
         if self._checkpoint_db is None:
-            db = _connect(self.path, busy_timeout_ms=_CHECKPOINT_WAIT_MS, autocheckpoint=False)
+            db = _connect(
+                self.path, self.bounds, busy_timeout_ms=_CHECKPOINT_WAIT_MS, autocheckpoint=False
+            )
             with self._lock:
                 self._all.append(db)
             self._checkpoint_db = db
@@ -215,10 +264,33 @@ class SqliteIdempotencyStore:
         self, scope: str, fingerprint: str, owner: str, pending_ttl_s: float
     ) -> Existing | None:
         now = self._now()
-        return cast(
-            Existing | None,
-            await self._write(lambda db: _claim(db, scope, fingerprint, owner, now, pending_ttl_s)),
+        # Room for this answer and for those this process is computing; other workers' are
+        # not known here, and the file's page limit stops them at the last page.
+        room = self.bounds.max_answer_bytes * (self._computing + 1)
+        pages = (self._max_pages, self._page_size)
+
+        def claim(db: sqlite3.Connection) -> Existing | _Full | None:
+            return _claim(
+                db, scope, fingerprint, owner, now, pending_ttl_s, room, pages, self._evict
+            )
+
+        found = await self._write(claim)
+        if isinstance(found, _Full):
+            raise StoreFull(self.bounds.max_bytes, _retry_after(found.oldest_expiry - now))
+        if found is None:
+            self._computing += 1
+        return cast(Existing | None, found)
+
+    def _evict(self, db: sqlite3.Connection, now: float) -> int:
+        evicted = _execute(
+            db,
+            "DELETE FROM idempotency WHERE scope IN (SELECT scope FROM idempotency "
+            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            (now, _EVICT_BATCH),
         )
+        if evicted:
+            self._on_evicted("full", evicted)
+        return evicted
 
     async def renew(self, scope: str, owner: str, pending_ttl_s: float) -> None:
         args = (self._now() + pending_ttl_s, scope, owner)
@@ -231,26 +303,41 @@ class SqliteIdempotencyStore:
     async def complete(self, scope: str, owner: str, body: bytes, retention_s: float) -> None:
         # Only over our own mark: if it lapsed and another worker took over, its answer wins.
         args = (body, self._now() + retention_s, scope, owner)
-        await self._write(lambda db: db.execute(_COMPLETE, args))
+        self._written += len(body)
+        try:
+            await self._write(lambda db: db.execute(_COMPLETE, args))
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, sqlite3.OperationalError) and _is_full(exc.__cause__):
+                # Other workers filled the last pages meanwhile: the mark lapses, a retry runs.
+                raise StoreFull(self.bounds.max_bytes, self._retry_after_s) from None
+            raise
+        finally:
+            self._computing -= 1
 
     async def release(self, scope: str, owner: str) -> None:
-        await self._write(
-            lambda db: db.execute(
-                "DELETE FROM idempotency WHERE scope = ? AND owner = ?", (scope, owner)
+        try:
+            await self._write(
+                lambda db: db.execute(
+                    "DELETE FROM idempotency WHERE scope = ? AND owner = ?", (scope, owner)
+                )
             )
-        )
+        finally:
+            self._computing -= 1
 
     async def purge_expired(self) -> int:
         # Possibly many rows: always in a thread.
         try:
             now = self._now()
-            return await anyio.to_thread.run_sync(
+            purged = await anyio.to_thread.run_sync(
                 lambda: _execute(
                     self._thread_db(), "DELETE FROM idempotency WHERE expires_at <= ?", (now,)
                 )
             )
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.name, str(exc), self._retry_after_s) from exc
+        if purged:
+            self._on_evicted("expired", purged)
+        return purged
 
     async def ping(self) -> None:
         try:
@@ -295,6 +382,17 @@ def _apply(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class _Full:
+    oldest_expiry: float
+
+
+def _free_bytes(db: sqlite3.Connection, max_pages: int, page_size: int) -> int:
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(max_pages - pages + free) * page_size
+
+
 def _claim(
     db: sqlite3.Connection,
     scope: str,
@@ -302,15 +400,43 @@ def _claim(
     owner: str,
     now: float,
     pending_ttl_s: float,
-) -> Existing | None:
+    room: int,
+    pages: tuple[int, int],
+    evict: Callable[[sqlite3.Connection, float], int],
+) -> Existing | _Full | None:
+    max_pages, page_size = pages
+    if _free_bytes(db, max_pages, page_size) < room:
+        existing = _existing(db, scope, now)
+        if existing is not None:
+            return existing  # a repeat is answered however full the store is
+        while _free_bytes(db, max_pages, page_size) < room:
+            if not evict(db, now):
+                oldest = db.execute("SELECT MIN(expires_at) FROM idempotency").fetchone()[0]
+                return _Full(oldest if oldest is not None else now)
     # One statement for the usual case, a new key: it inserts the mark, or takes over a record
     # whose mark or retention has lapsed, and changes nothing when a live record is there.
     if db.execute(_CLAIM, (scope, fingerprint, owner, now + pending_ttl_s, now)).rowcount:
         return None
+    return _existing(db, scope, now)
+
+
+def _existing(db: sqlite3.Connection, scope: str, now: float) -> Existing | None:
     row = db.execute(
-        "SELECT fingerprint, owner, body FROM idempotency WHERE scope = ?", (scope,)
+        "SELECT fingerprint, owner, body FROM idempotency WHERE scope = ? AND expires_at > ?",
+        (scope, now),
     ).fetchone()
+    if row is None:
+        return None
     return Existing(row[0], None if row[1] is not None else bytes(row[2]))
+
+
+def _is_full(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _retry_after(seconds: float) -> float:
+    # Until the oldest record expires and makes room, within reason.
+    return min(3600.0, max(1.0, seconds))
 
 
 def _execute(db: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -188,3 +189,50 @@ def test_requests_in_flight_are_bounded_per_device_then_in_total(tight: Gateway)
     wait_until(lambda: post(tight, body).status_code == 200, what="the slots to be free again")
     assert tight.metric("cloud_gateway_limit_refusals_total", limit="device_in_flight") >= 1
     assert tight.metric("cloud_gateway_limit_refusals_total", limit="in_flight") >= 1
+
+
+# -- a bounded idempotency store -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(
+        tmp_path_factory.mktemp("small-store"),
+        env={
+            "CLOUD_GATEWAY_IDEMPOTENCY_MAX_BYTES": str(8 * 1024 * 1024),
+            "CLOUD_GATEWAY_MAX_ANSWER_BYTES": str(256 * 1024),
+            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
+            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
+        },
+    )
+    yield gw
+    assert gw.daemon.stop() == 0
+
+
+def test_stored_answers_stay_within_the_store_bytes(small_store: Gateway) -> None:
+    # Issue 12: every answer was kept 7 days without a cap; 48 large ones made an 862 MB WAL.
+    state = small_store.daemon.args[small_store.daemon.args.index("--state-dir") + 1]
+
+    def files_bytes() -> int:  # the database, its WAL and shared memory
+        return sum(f.stat().st_size for f in Path(state).glob("idempotency.sqlite3*"))
+
+    body = infer_body(np.random.default_rng(0).random((1024, 64), dtype=np.float32))
+    statuses = []
+    with small_store.client() as c:
+        for i in range(120):  # ~20 MB of answers for an 8 MiB store
+            response = c.post(INFER, content=body, headers={"Idempotency-Key": f"big-{i}"})
+            statuses.append(response.status_code)
+            assert files_bytes() <= 8 * 1024 * 1024
+            if response.status_code == 503:
+                break
+        assert response.status_code == 503
+        assert "idempotency_max_bytes" in response.json()["error"]
+        # Until the oldest answer expires (7 days), within reason.
+        assert response.headers["Retry-After"] == "3600"
+        # Stored answers are still replayed, and requests without a key still run.
+        replay = c.post(INFER, content=body, headers={"Idempotency-Key": "big-0"})
+        assert replay.headers["Idempotency-Replayed"] == "true"
+        assert c.post(INFER, content=infer_body(rows(1))).status_code == 200
+    assert statuses.count(200) >= 20
+    refusals = small_store.metric("cloud_gateway_idempotency_refusals_total", reason="store_full")
+    assert refusals == 1
