@@ -234,6 +234,8 @@ def main() -> None:
             # The limiter still runs on every request; only its limit is out of the way.
             "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000000",
             "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000000",
+            # One device sends all 16 requests in flight: more than its default of 8.
+            "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "1000",
         }
         gateway_port = servers.enter_context(
             daemon(
