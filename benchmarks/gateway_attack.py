@@ -242,7 +242,12 @@ def main() -> None:
     # FP32 values in the longest text that still reads as one (17 significant digits, as a
     # float64 prints), for the most JSON per value.
     values = np.random.default_rng(0).random((ITEMS, 64)) / 3
-    tensor = {"name": "X", "datatype": "FP32", "shape": [ITEMS, 64], "data": values.ravel().tolist()}
+    tensor = {
+        "name": "X",
+        "datatype": "FP32",
+        "shape": [ITEMS, 64],
+        "data": values.ravel().tolist(),
+    }
     body = json.dumps({"inputs": [tensor]}).encode()
     rows = []
     codes: list[str] = []

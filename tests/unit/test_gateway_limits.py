@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from cloud_gateway.errors import RateLimited, UnsupportedEncoding
-from cloud_gateway.limits import BodyLimits, RateLimiter, read_body
+from cloud_gateway.errors import DeviceBusy, Overloaded, RateLimited, UnsupportedEncoding
+from cloud_gateway.limits import BodyLimits, InFlight, RateLimiter, read_body
 from model_runtime import InvalidInput, RequestTooLarge
 
 LIMITS = BodyLimits(max_body_bytes=10_000, max_decompressed_bytes=50_000)
@@ -138,3 +138,30 @@ def test_rate_limit_allows_a_burst_then_the_rate() -> None:
         limiter.check("clinic-1")
     with pytest.raises(RateLimited):
         limiter.check("clinic-1")
+
+
+def test_requests_in_flight_are_held_per_device_and_in_total() -> None:
+    in_flight = InFlight(per_device=2, total=3)
+    with in_flight.hold("a"), in_flight.hold("a"):
+        with pytest.raises(DeviceBusy), in_flight.hold("a"):
+            pass
+        with in_flight.hold("b"):
+            with pytest.raises(Overloaded), in_flight.hold("c"):
+                pass
+            assert in_flight.count == 3
+    assert in_flight.count == 0
+    with in_flight.hold("a"), in_flight.hold("a"):  # freed, even after refusals
+        pass
+
+
+async def test_a_plain_body_is_held_to_the_decompressed_limit_too() -> None:
+    # What is parsed is bounded whatever the encoding: a plain body is its own inflated form.
+    limits = BodyLimits(max_body_bytes=10_000, max_decompressed_bytes=5_000)
+    with pytest.raises(RequestTooLarge) as err:
+        await read_body(
+            Chunks([b"x" * 4000] * 2).__aiter__(),
+            content_length=None,
+            content_encoding=None,
+            limits=limits,
+        )
+    assert err.value.limit_bytes == 5_000
