@@ -48,12 +48,13 @@ __all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store_and_lim
 log = logging.getLogger("cloud_gateway")
 
 
-def make_backend(settings: GatewaySettings) -> Backend:
+def make_backend(settings: GatewaySettings, offloader: Offloader | None = None) -> Backend:
     if settings.upstream is not None:
         return UpstreamBackend(
             settings.upstream,
             timeout_s=settings.upstream_timeout_s,
             retry_after_s=settings.retry_after_s,
+            offloader=offloader,
         )
     # Loaded and warmed here, before the server accepts a connection.
     repository = ModelRepository.load(settings.model_repository, threads=settings.onnx_threads)
@@ -100,7 +101,8 @@ def make_store_and_limiter(
 def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Starlette:
     """The gateway as an ASGI app; metrics go to `registry`."""
     metrics = GatewayMetrics(registry)
-    backend = make_backend(settings)
+    offloader = Offloader()  # one heavy thread for the worker's parsing and encoding
+    backend = make_backend(settings, offloader)
     store, limiter = make_store_and_limiter(settings, metrics)
     keys = KeyStore(settings.key_db_path)
     guard = IdempotencyGuard(
@@ -111,7 +113,6 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
             wait_s=settings.idempotency_wait_s,
         ),
     )
-    offloader = Offloader()
     service = GatewayService(
         backend, guard, metrics, max_answer_bytes=settings.max_answer_bytes, offloader=offloader
     )

@@ -15,11 +15,13 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-__all__ = ["Offloader"]
+__all__ = ["INLINE_MAX_BYTES", "JSON_BYTES_PER_VALUE", "Offloader"]
 
 T = TypeVar("T")
 
 INLINE_MAX_BYTES = 64 * 1024
+JSON_BYTES_PER_VALUE = 10
+"""A typical value's JSON text, to guess an encoding's bytes from a tensor's values."""
 
 
 class Offloader:

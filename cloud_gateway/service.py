@@ -22,7 +22,7 @@ from cloud_gateway.errors import (
 )
 from cloud_gateway.idempotency import IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
-from cloud_gateway.offload import Offloader
+from cloud_gateway.offload import JSON_BYTES_PER_VALUE, Offloader
 from model_runtime import InvalidInput, LimitExceeded, json_codec
 from model_runtime.v2_json import (
     InferRequest,
@@ -36,7 +36,6 @@ __all__ = ["REPLAY_PARAMETER", "GatewayService", "InferOutcome", "check_idempote
 # Response parameter set on a replayed answer, so aware clients can tell; plain ones ignore it.
 REPLAY_PARAMETER = "idempotent_replay"
 _MAX_KEY_LENGTH = 255
-_JSON_BYTES_PER_VALUE = 10  # a typical probability's text, to decide where to encode
 _KEY = re.compile(rf"[\x21-\x7e]{{1,{_MAX_KEY_LENGTH}}}")
 
 
@@ -200,7 +199,7 @@ class GatewayService:
             )
 
         values = sum(a.size for a in response.outputs.values())
-        answer = await self._offload.run(values * _JSON_BYTES_PER_VALUE, encode)
+        answer = await self._offload.run(values * JSON_BYTES_PER_VALUE, encode)
         if len(answer) > self._max_answer_bytes:
             # Only when the outputs' shapes were not declared: otherwise refused before the run.
             raise LimitExceeded(
