@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,13 +30,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from _harness import print_table  # beside this script
 
-from cloud_gateway.keys import KeyStore
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from _harness import print_table
+
+from tests.integration.gateway.helpers import Gateway, Redis, start_gateway
 
 INFER = "/v2/models/digits-large/infer"
 READY = "/v2/health/ready"
-BIN = Path(sys.executable).parent
 ATTACKERS = 20
 ITEMS = 1024
 PROBE_INTERVAL_S = 0.01
@@ -140,57 +141,12 @@ def rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def redis_server(root: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    sock = root / "redis.sock"
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+def gateway(root: Path, store: str, env: dict[str, str]) -> Iterator[Gateway]:
+    gw = start_gateway(root / uuid.uuid4().hex, "--idempotency-store", store, env=env)
     try:
-        while not sock.exists():
-            time.sleep(0.02)
-        yield f"unix://{sock}"
+        yield gw
     finally:
-        process.terminate()
-        process.wait(10)
-
-
-@contextmanager
-def gateway(root: Path, store: str, env: dict[str, str]) -> Iterator[tuple[int, int]]:
-    port_file = root / f"gateway-{uuid.uuid4().hex}.json"
-    state = root / f"state-{uuid.uuid4().hex}"
-    command = [
-        str(BIN / "cloud-gateway"),
-        "serve",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--state-dir",
-        str(state),
-        "--key-db",
-        str(root / "keys.sqlite3"),
-        "--idempotency-store",
-        store,
-        "--port-file",
-        str(port_file),
-    ]
-    process = subprocess.Popen(
-        command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("cloud-gateway did not start")
-            time.sleep(0.05)
-        yield int(json.loads(port_file.read_text())["http"]), process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        gw.daemon.stop()
 
 
 def measure(
@@ -253,8 +209,10 @@ def main() -> None:
     codes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        token = KeyStore(root / "keys.sqlite3").add("attacker").token
-        with redis_server(root) as redis_url:
+        redis = Redis(root / "redis.sock")
+        redis.start()
+        try:
+            redis_url = redis.url
             for store, label in (("sqlite", "SQLite"), (redis_url, "Redis")):
                 for admitted, env in (
                     ("defaults (8 in flight per device)", {}),
@@ -267,15 +225,18 @@ def main() -> None:
                         "CLOUD_GATEWAY_RATE_LIMIT_BURST": "100000",
                     }
                     for replay in (False, True):
-                        with gateway(root, store, env) as (port, pid):
+                        with gateway(root, store, env) as gw:
+                            port, pid = gw.daemon.ports["http"], gw.daemon.process.pid
                             figures, statuses = measure(
-                                port, pid, token, body, args.seconds, replay
+                                port, pid, gw.key, body, args.seconds, replay
                             )
                         kind = "replays of one answer" if replay else "new requests"
                         name = f"{label}, {admitted}, {kind}"
                         rows.append((name, figures))
                         codes.append(f"{name}: {dict(sorted(statuses.items()))}")
                         print(name, {k: round(v, 1) for k, v in figures.items()}, flush=True)
+        finally:
+            redis.stop()
     print_table(
         f"/v2/health/ready every 10 ms while {ATTACKERS} connections of one device send "
         f"{ITEMS}x64-value requests ({len(body) / 1e6:.1f} MB of JSON each) for "
