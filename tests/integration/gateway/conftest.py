@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
 from model_runtime.demo import HELDOUT
 from tests.integration.gateway.helpers import (
@@ -38,6 +39,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    """A client of the module's redis-server, emptied first."""
+    c = aioredis.Redis.from_url(redis_server.url)
+    await c.flushall()
+    yield c
+    await c.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(redis_server.url)
-    await c.flushall()
-    yield c
-    await c.aclose()
+def client(redis_client: aioredis.Redis) -> aioredis.Redis:
+    return redis_client
 
 
 def limiter(

@@ -3,14 +3,11 @@ itself: answers admitted while there is room, the rest refused, room back as rec
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
 
 from cloud_gateway.errors import StoreFull
 from cloud_gateway.idempotency import RedisIdempotencyStore, StoreBounds, scope_id
-from tests.integration.gateway.helpers import Redis
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +18,8 @@ TOTAL = "cloud-gateway:idempotency-total-bytes"
 
 
 @pytest.fixture
-async def client(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(redis_server.url)
-    await c.flushall()
-    yield c
-    await c.aclose()
+def client(redis_client: aioredis.Redis) -> aioredis.Redis:
+    return redis_client
 
 
 async def total_bytes(client: aioredis.Redis) -> int:
