@@ -79,7 +79,8 @@ class ConnectionGuard:
     """by reason: header_timeout, over_capacity"""
     accept_errors: Counter
     monotonic: Callable[[], float] = time.monotonic
-    _refusal: bytes = field(default_factory=lambda: _over_capacity_response(1))
+    refusal: bytes = field(default_factory=lambda: _over_capacity_response(1))
+    """What an over-capacity connection is sent."""
     lingering: int = 0
     _unlogged_errors: int = 0
     _last_logged: float = float("-inf")
@@ -134,7 +135,7 @@ class GuardedH11Protocol(H11Protocol):
             # the cap is there to save.
             self._refused = True
             guard.closed.labels("over_capacity").inc()
-            transport.write(guard._refusal)
+            transport.write(guard.refusal)
             if guard.lingering >= _MAX_LINGERING:
                 transport.close()
             else:

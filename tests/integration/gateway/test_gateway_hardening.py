@@ -5,6 +5,7 @@ flight).
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -147,6 +148,17 @@ def test_requests_over_a_work_limit_get_413_before_the_model_runs(
     assert response.json()["error"].startswith(error)
     assert tight.metric("cloud_gateway_model_runs_total") == runs
     assert tight.metric("cloud_gateway_limit_refusals_total", limit=limit) == refusals + 1
+
+
+def test_the_16_kb_gzip_of_131000_items_is_refused_while_it_inflates(gateway: Gateway) -> None:
+    # Issue 12's request: 131,000 x 64 values, a 17.8 MB answer, the loop blocked for 0.9 s.
+    tensor = {"name": "X", "datatype": "FP32", "shape": [131_000, 64], "data": [0] * 8_384_000}
+    body = gzip.compress(json.dumps({"inputs": [tensor]}).encode())
+    runs = gateway.metric("cloud_gateway_model_runs_total")
+    response = post(gateway, body, **{"Content-Encoding": "gzip"})
+    assert response.status_code == 413
+    assert response.json()["error"].endswith("over the limit of 2097152 bytes")
+    assert gateway.metric("cloud_gateway_model_runs_total") == runs
 
 
 def test_the_answer_bound_counts_only_the_outputs_asked_for(tight: Gateway) -> None:
