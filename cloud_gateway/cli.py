@@ -18,6 +18,7 @@ from cloud_gateway.keys import KeyStore
 from cloud_gateway.server import run
 from cloud_gateway.settings import GatewaySettings, SettingsError, load_settings
 from model_runtime import ModelLoadError
+from model_runtime.private_files import restrict_umask
 
 __all__ = ["app", "main"]
 
@@ -187,4 +188,5 @@ def _when(timestamp: float) -> str:
 
 
 def main() -> None:
+    restrict_umask()  # every file and directory the gateway makes is its own (0600 / 0700)
     app(prog_name="cloud-gateway")

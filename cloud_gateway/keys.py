@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
+from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["DeviceKey", "KeyStore", "NewKey"]
 
@@ -71,7 +72,7 @@ class KeyStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(private_dir(path.parent) / path.name)
         self._connect().executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:

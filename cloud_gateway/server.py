@@ -30,6 +30,7 @@ from uvicorn.supervisors import Multiprocess
 from cloud_gateway.app import WorkerAppFactory, create_app
 from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
+from model_runtime.private_files import private_dir
 
 __all__ = ["bind_socket", "run", "write_port_file"]
 
@@ -85,6 +86,13 @@ def _log_config(level: str) -> dict[str, Any]:
         "level": level.upper(),
         "propagate": False,
     }
+    # Credentials in URLs (a Redis password, an upstream's user) are masked on every handler,
+    # and the libraries' loggers (redis, httpx, httpcore) reach a handler through the root
+    # logger rather than Python's last-resort one, which no filter would see.
+    config["filters"] = {"redact_secrets": {"()": "model_runtime.logs.RedactSecrets"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact_secrets"]
+    config["root"] = {"handlers": ["default"], "level": level.upper()}
     return config
 
 
@@ -132,7 +140,7 @@ def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
     logging.config.dictConfig(_log_config(settings.log_level))
     raise_open_files_limit()
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.state_dir)
     sock = bind_socket(settings.host, settings.port)
     multiproc_dir: Path | None = None
     registry = CollectorRegistry()

@@ -14,6 +14,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from edge_agent import __version__
+from edge_agent.credentials import Credentials, CredentialsError, load_credentials
+from edge_agent.grpc.auth import AuthInterceptor, server_credentials
 from edge_agent.grpc.router_servicer import RouterServicer
 from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
@@ -21,7 +23,8 @@ from edge_agent.inference import InferenceService, ServerInfo
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.settings import AgentSettings
 from model_runtime import ModelLoadError, ModelRepository
-from model_runtime.logs import configure_logging
+from model_runtime.encryption import DataKeyError
+from model_runtime.logs import configure_logging, redact
 from router import BudgetMode, FullPolicy, MonitorConfig, Router, RouterConfig
 from router.state_lock import StateDirInUse
 
@@ -46,6 +49,12 @@ def run(settings: AgentSettings) -> int:
 
 async def _serve(settings: AgentSettings) -> int:
     try:
+        credentials = load_credentials(settings)
+    except CredentialsError as exc:
+        raise StartupError(str(exc)) from None
+    for warning in credentials.warnings:  # at every start, so it is never forgotten
+        log.warning(warning)
+    try:
         repository = ModelRepository.load(
             settings.model_repository,
             threads=settings.onnx_threads,
@@ -65,13 +74,15 @@ async def _serve(settings: AgentSettings) -> int:
         default_ttl_seconds=settings.default_ttl_seconds,
     )
     try:
-        router = await Router.open(_router_config(settings), registry)
+        router = await Router.open(_router_config(settings, credentials), registry)
     except StateDirInUse as exc:
         raise StartupError(_in_use(exc)) from None
+    except DataKeyError as exc:  # data sealed with a key that is not configured
+        raise StartupError(str(exc)) from None
     except OSError as exc:  # a state dir that cannot be made or written
         raise StartupError(f"cannot use state dir {settings.state_dir}: {exc.strerror}") from None
     try:
-        code = await _serve_with(settings, repository, router, registry, metrics)
+        code = await _serve_with(settings, credentials, repository, router, registry, metrics)
     finally:
         await router.close()
     log.info("stopped")
@@ -80,6 +91,7 @@ async def _serve(settings: AgentSettings) -> int:
 
 async def _serve_with(
     settings: AgentSettings,
+    credentials: Credentials,
     repository: ModelRepository,
     router: Router,
     registry: CollectorRegistry,
@@ -94,9 +106,26 @@ async def _serve_with(
     )
     v2 = V2Servicer(service, metrics, settings.max_message_bytes)
     address = f"{settings.host}:{settings.port}"
+    access = credentials.access
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            tls = server_credentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot read {exc.filename}: {exc.strerror}") from None
     try:
         server = GrpcServer(
-            v2, RouterServicer(router, metrics), address, settings.max_message_bytes
+            v2,
+            RouterServicer(router, metrics),
+            address,
+            settings.max_message_bytes,
+            credentials=tls,
+            # Without credentials to ask for, no interceptor: every caller is anonymous.
+            interceptors=[AuthInterceptor(access, metrics.count_auth_failure)]
+            if access.required
+            else [],
         )
         metrics_server = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
     except ListenError as exc:
@@ -122,7 +151,10 @@ async def _serve_with(
                 "grpc": f"{settings.host}:{server.port}",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
                 "models": [m.describe() for m in repository],
-                "cloud": settings.cloud_url or "none",
+                "cloud": redact(settings.cloud_url) if settings.cloud_url else "none",
+                "tls": settings.tls_cert_file is not None,
+                "auth": _auth_mode(settings),
+                "encryption": credentials.keyring.encrypting,
             }
         },
     )
@@ -137,27 +169,29 @@ async def _serve_with(
     return 0
 
 
-def _router_config(settings: AgentSettings) -> RouterConfig:
-    device_key = None
-    if settings.device_key_file is not None:
-        try:
-            device_key = settings.device_key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot read device key file {settings.device_key_file}: {exc.strerror}"
-            ) from None
-        if not device_key:
-            raise StartupError(f"device key file {settings.device_key_file} is empty")
+def _auth_mode(settings: AgentSettings) -> str:
+    modes = [
+        name
+        for name, on in (("mtls", settings.tls_client_ca_file), ("token", settings.token_file))
+        if on is not None
+    ]
+    return "+".join(modes) or ("insecure" if settings.insecure else "none (loopback)")
+
+
+def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
     try:
-        return _build_router_config(settings, device_key)
+        return _build_router_config(settings, credentials)
     except ValueError as exc:
-        raise StartupError(f"invalid router settings: {exc}") from None
+        raise StartupError(f"invalid router settings: {redact(str(exc))}") from None
 
 
-def _build_router_config(settings: AgentSettings, device_key: str | None) -> RouterConfig:
+def _build_router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
     return RouterConfig(
         cloud_url=settings.cloud_url,
-        device_key=device_key,
+        device_key=credentials.device_key,
+        cloud_tls=credentials.cloud_tls,
+        keyring=credentials.keyring,
+        max_watchers=settings.max_watchers,
         state_dir=settings.state_dir,
         queue_cap_bytes=settings.queue_cap_bytes or None,
         full_policy=FullPolicy(settings.queue_full_policy),

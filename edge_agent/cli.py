@@ -13,6 +13,7 @@ from edge_agent.config_cli import config_app
 from edge_agent.export_cli import export_hard_examples_command
 from edge_agent.queue_cli import queue_app
 from edge_agent.settings import SettingsError, load_settings
+from model_runtime.private_files import restrict_umask
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -55,6 +56,40 @@ def serve(
     state_dir: Annotated[
         Path | None, typer.Option(help="Queue and counters live here (default: var/edge-agent).")
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="Bearer tokens callers must present ('<name> <token>' lines)."),
+    ] = None,
+    tls_cert_file: Annotated[
+        Path | None, typer.Option(help="PEM certificate of the gRPC API (TLS).")
+    ] = None,
+    tls_key_file: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert-file.")] = None,
+    tls_client_ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle clients' certificates must chain to (mTLS).")
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure",
+            help="Serve beyond loopback without authentication: anyone who reaches the port "
+            "may call it and read every result.",
+        ),
+    ] = None,
+    cloud_ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle to check the cloud's certificate with.")
+    ] = None,
+    cloud_client_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate this device shows the cloud (mTLS).")
+    ] = None,
+    cloud_client_key: Annotated[
+        Path | None, typer.Option(help="PEM key of --cloud-client-cert.")
+    ] = None,
+    allow_plain_http: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-plain-http", help="Allow an http:// cloud URL beyond loopback (unencrypted)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the model repository over the Open Inference Protocol (gRPC)."""
     # grpc-core reads this once, at import: its own log lines would repeat, in another format,
@@ -78,6 +113,15 @@ def serve(
             cloud_url=cloud_url,
             device_key_file=device_key_file,
             state_dir=state_dir,
+            token_file=token_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_client_ca_file=tls_client_ca_file,
+            insecure=insecure,
+            cloud_ca_file=cloud_ca_file,
+            cloud_client_cert=cloud_client_cert,
+            cloud_client_key=cloud_client_key,
+            allow_plain_http=allow_plain_http,
         )
     except SettingsError as exc:
         typer.echo(f"edge-agent: invalid settings: {exc}", err=True)
@@ -104,4 +148,5 @@ app.add_typer(config_app, name="config")
 
 
 def main() -> None:
+    restrict_umask()  # every file and directory the agent makes is its own (0600 / 0700)
     app()

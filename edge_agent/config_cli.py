@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
 import typer
 
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from model_runtime import ModelLoadError, ModelRepository
+from model_runtime.logs import redact
+from model_runtime.private_files import InsecureSecretFile, check_secret_file
 
 __all__ = ["config_app"]
 
@@ -51,18 +52,8 @@ def printable(settings: AgentSettings) -> dict[str, Any]:
     """The settings as TOML-ready values; a password in the cloud URL is masked."""
     values = settings.model_dump(mode="json", exclude_none=True)
     if "cloud_url" in values:
-        values["cloud_url"] = _mask_password(values["cloud_url"])
+        values["cloud_url"] = redact(values["cloud_url"])
     return values
-
-
-def _mask_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _where(problem: str, file: Path) -> str:
@@ -82,9 +73,12 @@ def _check_paths(settings: AgentSettings) -> list[str]:
     key_file = settings.device_key_file
     if key_file is not None:
         try:
+            check_secret_file(key_file, "device key file")  # refused if others may write it
             # Read to see that it can be, and is not empty; the key itself is never shown.
             if not key_file.read_text(encoding="utf-8").strip():
                 problems.append(f"device_key_file: {key_file} is empty")
+        except InsecureSecretFile as exc:
+            problems.append(f"device_key_file: {exc}")
         except OSError as exc:
             problems.append(f"device_key_file: cannot read {key_file}: {exc.strerror}")
     state = settings.state_dir

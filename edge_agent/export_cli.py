@@ -14,13 +14,12 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from edge_agent.settings import AgentSettings
+from edge_agent.settings import SettingsError, load_settings
+from model_runtime.encryption import DataKeyError, Keyring
 from router.config import HARD_EXAMPLES_FILE
 from router.hard_examples import HardExamples, HardExamplesError, NoHardExamples, load_hard_examples
 
 __all__ = ["export_hard_examples_command", "hard_example_arrays", "write_npz"]
-
-_DEFAULT_STATE_DIR: Path = AgentSettings.model_fields["state_dir"].default
 
 
 def hard_example_arrays(examples: HardExamples) -> dict[str, npt.NDArray[np.generic]]:
@@ -60,12 +59,16 @@ def write_npz(path: Path, arrays: dict[str, npt.NDArray[np.generic]]) -> None:
 def export_hard_examples_command(
     out: Annotated[Path, typer.Option(help="The .npz file to write (replaced atomically).")],
     state_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            envvar="EDGE_AGENT_STATE_DIR",
-            help="The agent's state directory, where hard_examples.sqlite is kept.",
+            help="The agent's state directory, where hard_examples.sqlite is kept "
+            "[default: the agent's, from --config and EDGE_AGENT_*]."
         ),
-    ] = _DEFAULT_STATE_DIR,
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="The agent's settings file: its state_dir and encryption keys."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="The edge model whose examples to export (needed if several have some)."),
@@ -78,7 +81,14 @@ def export_hard_examples_command(
     Exit code 1 when there is nothing to export, 2 when the file cannot be read or written.
     """
     try:
-        examples = load_hard_examples(state_dir / HARD_EXAMPLES_FILE, model)
+        settings = load_settings(config)
+        keyring, _ = Keyring.load(settings.encryption_key_file, settings.encryption_old_key_files)
+    except (SettingsError, DataKeyError) as exc:
+        typer.echo(f"edge-agent export-hard-examples: {exc}", err=True)
+        raise typer.Exit(2) from None
+    directory = state_dir if state_dir is not None else settings.state_dir
+    try:
+        examples = load_hard_examples(directory / HARD_EXAMPLES_FILE, model, keyring)
         arrays = hard_example_arrays(examples)
         write_npz(out, arrays)
     except NoHardExamples as exc:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.access import ANONYMOUS, CLIENT_ID_PARAMETER, Caller, check_client_id
 from edge_agent.metrics import AgentMetrics
 from model_runtime import InvalidInput, ModelRepository, OnnxModel
 from router import CallerWishes, LocalAnswer, RoutedAnswer, Router
@@ -70,6 +71,9 @@ class InferRequest:
     id: str = ""
     time_left_s: float | None = None
     """The caller's deadline, as seconds left when the request arrived; None if none was set."""
+    caller: Caller = ANONYMOUS
+    """Who sent it (edge_agent.access): with its `client_id` parameter, whose results its
+    queued items become."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,7 @@ class InferenceService:
         wishes = CallerWishes.from_parameters(
             request.parameters, default_ttl_seconds=self.default_ttl_seconds
         )
+        owner = request.caller.owner(check_client_id(request.parameters.get(CLIENT_ID_PARAMETER)))
         items = _batch_size(request.inputs)
         model_metrics = self.metrics.models[model.name]
 
@@ -163,6 +168,7 @@ class InferenceService:
             wishes=wishes,
             time_left_s=request.time_left_s,
             request_id=request.id,
+            owner=owner,
         )
         outputs = {
             name: _routing_output(name, routed) if name in ROUTING_OUTPUTS else routed.outputs[name]

@@ -13,6 +13,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from edge_agent import __version__
+from edge_agent.access import AccessDenied
 from edge_agent.settings import DEFAULT_DEVICE
 from model_runtime import ModelRepository
 from router.decision import DEFAULT_TTL_SECONDS
@@ -77,6 +78,15 @@ class AgentMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.auth_failures = Counter(
+            "edge_agent_auth_failures",
+            "Calls refused with UNAUTHENTICATED, by reason: missing, malformed or unknown "
+            "credentials.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in AccessDenied.REASONS:
+            self.auth_failures.labels(reason)
         self.items = Counter(
             "edge_agent_items",
             "Items (rows of a batch) answered, by model.",
@@ -158,6 +168,9 @@ class AgentMetrics:
     def model_label(self, name: str) -> str:
         """A served model's name; "" for calls about no model; "unknown" for any other name."""
         return name if not name or name in self.models else UNKNOWN_MODEL
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def count_request(self, method: str, model: str, code: str) -> None:
         key = (method, self.model_label(model), code)

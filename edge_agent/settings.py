@@ -6,6 +6,7 @@ config file (--config), then the defaults below, which work on a fresh machine.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import tomllib
@@ -24,7 +25,7 @@ from model_runtime.layered_settings import LayeredSettings
 from model_runtime.model_config import describe_validation_error
 from router.decision import MAX_TTL_SECONDS
 
-__all__ = ["DEFAULT_DEVICE", "AgentSettings", "SettingsError", "load_settings"]
+__all__ = ["DEFAULT_DEVICE", "AgentSettings", "SettingsError", "is_loopback", "load_settings"]
 
 DEFAULT_DEVICE = "edge-agent"
 # Site and device ids become Prometheus label values and log fields: short, printable, no spaces.
@@ -56,8 +57,24 @@ class AgentSettings(LayeredSettings):
     """Which agent of the site this is, when a site has several."""
     model_repository: Path = EDGE_REPOSITORY
     """Directory of models: <model>/<version>/model.onnx and <model>/config.toml."""
-    host: str = "127.0.0.1"
-    """Address the gRPC API listens on."""
+
+    # -- who may call the gRPC API (edge_agent.access) ---------------------------------------
+    token_file: Path | None = None
+    """File of bearer tokens, one `<name> <token>` per line: every call but health checks must
+    carry `authorization: Bearer <token>` metadata, and sees only its own results."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the gRPC API: it then speaks TLS only. With tls_key_file."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mTLS), which names them.
+    Needs tls_cert_file and tls_key_file."""
+    insecure: bool = False
+    """Serve the gRPC API beyond loopback with no token or client certificate: anyone who can
+    reach the port may call it and read every result. Logged as a warning at every start."""
+    host: str = Field(default="127.0.0.1", validate_default=True)
+    """Address the gRPC API listens on. Beyond loopback it needs token_file or
+    tls_client_ca_file, or insecure = true."""
     port: int = Field(default=8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (see port_file)."""
     metrics_host: str = "127.0.0.1"
@@ -76,13 +93,27 @@ class AgentSettings(LayeredSettings):
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     port_file: Path | None = None
     """If set, {"grpc": port, "metrics": port} is written here once both are bound."""
+    max_watchers: int = Field(default=1024, ge=1)
+    """WatchResults streams open at once; one more is refused with RESOURCE_EXHAUSTED."""
 
     # -- escalation to the cloud (router) ---------------------------------------------------
+    allow_plain_http: bool = False
+    """Let cloud_url be http:// to a host beyond loopback: patients' data would cross the
+    network unencrypted. Off: such a URL is refused; use https://."""
     cloud_url: str | None = None
     """Base URL of the cloud's v2 REST endpoint (the cloud gateway, or any v2 server). Unset:
     every request is answered at the edge, and responses say so (reason no_cloud_configured)."""
     device_key_file: Path | None = Field(default=None, validate_default=True)
-    """File holding this device's key for the cloud (`cloud-gateway keys add`); read once."""
+    """File holding this device's key for the cloud (`cloud-gateway keys add`); read once.
+    Refused if others may write it, a warning if others may read it."""
+    cloud_ca_file: Path | None = None
+    """PEM bundle of the CAs that sign the cloud's certificate, instead of the system's (a
+    private CA). Only for an https:// cloud_url."""
+    cloud_client_cert: Path | None = None
+    """PEM certificate (chain) this device presents to the cloud (mTLS), with
+    cloud_client_key. Only for an https:// cloud_url."""
+    cloud_client_key: Path | None = Field(default=None, validate_default=True)
+    """PEM private key of cloud_client_cert."""
     state_dir: Path = Path("var/edge-agent")
     """Where the durable queue, results and data-budget counters are kept."""
     queue_cap_bytes: int = Field(default=256 * 2**20, ge=0)
@@ -119,6 +150,14 @@ class AgentSettings(LayeredSettings):
     hard_examples_cap_bytes: int = Field(default=64 * 2**20, ge=0)
     """Disk the hard examples may take; beyond it new ones are not kept. 0 means no cap."""
 
+    # -- patient data at rest ---------------------------------------------------------------
+    encryption_key_file: Path | None = None
+    """File of a 32-byte key, base64 (`openssl rand -base64 32`): queued requests, delivered
+    answers and hard examples are stored encrypted with it (AES-256-GCM). Unset: in clear."""
+    encryption_old_key_files: list[Path] = Field(default_factory=list)
+    """Keys used before encryption_key_file, still needed to read what they encrypted (a
+    rotation); the agent refuses to start while data needs a key not listed."""
+
     @field_validator("site", "device")
     @classmethod
     def _identity(cls, value: str) -> str:
@@ -128,13 +167,51 @@ class AgentSettings(LayeredSettings):
             )
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _authenticated_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
+        cert, key = data.get("tls_cert_file"), data.get("tls_key_file")
+        if (cert is None) != (key is None):
+            raise ValueError("tls_cert_file and tls_key_file go together; give both or neither")
+        if data.get("tls_client_ca_file") is not None and cert is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        authenticated = data.get("token_file") is not None or data.get("tls_client_ca_file")
+        if not is_loopback(value) and not authenticated and not data.get("insecure"):
+            raise ValueError(
+                f"{value} is beyond loopback: give token_file or tls_client_ca_file (mTLS) so "
+                "callers must authenticate, or insecure = true (--insecure) to let anyone who "
+                "can reach the port call it"
+            )
+        return value
+
     @field_validator("cloud_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError("must be an http:// or https:// URL")
+            if (
+                parts.scheme == "http"
+                and not is_loopback(parts.hostname or "")
+                and not info.data.get("allow_plain_http")
+            ):
+                raise ValueError(
+                    "http:// to a host beyond loopback would send patients' data unencrypted; "
+                    "use https://, or set allow_plain_http = true"
+                )
+        return value
+
+    @field_validator("cloud_client_key")
+    @classmethod
+    def _cloud_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        data = info.data
+        if (data.get("cloud_client_cert") is None) != (value is None):
+            raise ValueError("cloud_client_cert and cloud_client_key go together")
+        given = value is not None or data.get("cloud_ca_file") is not None
+        if given and not str(data.get("cloud_url") or "").startswith("https://"):
+            raise ValueError("cloud_ca_file and cloud_client_* are for an https:// cloud_url")
         return value
 
     @field_validator("device_key_file")
@@ -144,6 +221,16 @@ class AgentSettings(LayeredSettings):
         if value is None and info.data.get("cloud_url") is not None:
             raise ValueError("required when cloud_url is set")
         return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) can only be reached from this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:

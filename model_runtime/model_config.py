@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_runtime.confidence import ConfidenceMethod, OutputKind
 from model_runtime.errors import ModelLoadError
+from model_runtime.private_files import write_private_bytes
 
 __all__ = [
     "CONFIG_FILE",
@@ -80,7 +81,7 @@ def write_model_config(path: Path, config: ModelConfig) -> Path | None:
     backup: Path | None = None
     if path.exists():
         backup = path.with_suffix(path.suffix + ".bak")
-        backup.write_bytes(path.read_bytes())
+        write_private_bytes(backup, path.read_bytes())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
@@ -27,6 +29,7 @@ __all__ = [
     "CallObserver",
     "CloudAnswer",
     "CloudClient",
+    "CloudTls",
     "encode_body",
 ]
 
@@ -46,6 +49,28 @@ ATTEMPT_OUTCOMES = (
 # sets this response parameter; the header is the common HTTP convention (Stripe and others).
 REPLAY_PARAMETER = "idempotent_replay"
 REPLAY_HEADER = "Idempotent-Replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class CloudTls:
+    """How to check the cloud's certificate and prove this device's, for https:// URLs."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CAs to trust instead of the system's (a private CA)."""
+    client_cert: Path | None = None
+    """PEM certificate (chain) this device presents (mTLS); with `client_key`."""
+    client_key: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """An SSL context with these files loaded; OSError or ssl.SSLError if they cannot be."""
+        context = ssl.create_default_context(
+            cafile=None if self.ca_file is None else str(self.ca_file)
+        )
+        if self.client_cert is not None:
+            context.load_cert_chain(
+                str(self.client_cert), None if self.client_key is None else str(self.client_key)
+            )
+        return context
 
 
 class CallObserver(Protocol):
@@ -144,7 +169,9 @@ class CloudClient:
         probe_timeout_s: float = 5.0,
         max_connections: int = 4,
         keepalive_expiry_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: how https:// connections check the cloud (None: the system's CAs)."""
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not device_key or not device_key.isprintable() or any(c.isspace() for c in device_key):
@@ -165,6 +192,7 @@ class CloudClient:
             ),
             trust_env=False,  # a library does not read proxies from the environment
             follow_redirects=False,
+            verify=tls if tls is not None else True,
         )
 
     async def __aenter__(self) -> CloudClient:

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_runtime.encryption import Keyring
+from router.cloud_client import CloudTls
 from router.connectivity import MonitorConfig
 from router.decision import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
 from router.durable_queue import FullPolicy
@@ -32,6 +34,8 @@ class RouterConfig:
     (reason no_cloud_configured)."""
     device_key: str | None = None
     """Bearer key of this device at the cloud; required with `cloud_url`."""
+    cloud_tls: CloudTls | None = None
+    """CA bundle and client certificate for an https:// cloud; None: the system's CAs."""
     state_dir: Path = Path("var/edge-agent")
     """Directory of the queue file and the data budget's file."""
     queue_cap_bytes: int | None = 256 * 2**20
@@ -104,6 +108,11 @@ class RouterConfig:
     (router.hard_examples); 0: off, and a file kept before is deleted at start-up."""
     hard_examples_cap_bytes: int | None = 64 * 2**20
     """Disk the hard examples may take (compressed); beyond it new ones are not kept."""
+    max_watchers: int | None = 1024
+    """WatchResults streams at once; one more is refused (TooManyWatchers). None: no limit."""
+    keyring: Keyring | None = None
+    """Encryption at rest of queued requests, answers and hard examples
+    (model_runtime.encryption); None or a keyring without a current key: stored as given."""
 
     def __post_init__(self) -> None:
         if self.cloud_url is not None:
@@ -167,6 +176,14 @@ class RouterConfig:
                 f"got {self.hard_examples_retention_s!r}"
             )
         _nonneg_int("hard_examples_cap_bytes", self.hard_examples_cap_bytes)
+        if self.max_watchers is not None and (
+            isinstance(self.max_watchers, bool)
+            or not isinstance(self.max_watchers, int)
+            or self.max_watchers < 1
+        ):
+            raise ValueError(
+                f"max_watchers: must be an integer >= 1 or None, got {self.max_watchers!r}"
+            )
         if self.breaker_failures < 1:
             raise ValueError(f"breaker_failures: must be >= 1, got {self.breaker_failures!r}")
         object.__setattr__(self, "full_policy", FullPolicy(self.full_policy))

@@ -12,6 +12,9 @@ rejected (by the cloud, for good), expired (TTL passed while pending) or dropped
 policy); finished rows keep their end state and result until `purge`. Requests refused at
 admission never enter; they are counted.
 
+Encryption at rest (opt-in): with a current key in `keyring`, payloads and results are
+stored sealed (model_runtime.encryption), bound to their ticket; the cap counts sealed bytes.
+
 Disk cap: a waiting item is accounted as its payload + ROW_OVERHEAD_BYTES (columns, index
 entries, page slack), a finished one as its result (its payload is freed; the few dozen bytes of
 its row are left out, bounded by the retention that `purge` enforces). An enqueue that would take
@@ -37,6 +40,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from model_runtime.encryption import Keyring, sealed_key_id_sql
 from router.clock import Clock, SystemClock
 from router.decision import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from router.errors import QueueFull, TicketNotFound
@@ -62,15 +66,15 @@ __all__ = [
 
 ROW_OVERHEAD_BYTES = 256
 _TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-# Column order of _COLUMNS: the first eleven are ItemStatus's fields.
+# Column order of _COLUMNS: the first eleven are ItemStatus's fields, then its owner.
 _COLUMNS = (
     "ticket, model, state, priority, enqueued_at, expires_at, attempts, finished_at, result,"
-    " last_error, end_seq, seq, payload_bytes"
+    " last_error, end_seq, seq, payload_bytes, owner"
 )
-_SEQ, _PAYLOAD_BYTES = 11, 12
+_SEQ, _PAYLOAD_BYTES, _OWNER = 11, 12, 13
 _INSERT = (
     "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state, payload,"
-    " payload_bytes) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)"
+    " payload_bytes, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
 _TO_PENDING = "UPDATE items SET state = 'pending', attempts = attempts + 1, lease_until = NULL"
 _REFUSED = "admission_rejected"
@@ -90,6 +94,7 @@ class _Admission:
     payload: bytes
     priority: int
     ttl_s: float
+    owner: str
     outcome: bool | QueueFull = False
     future: asyncio.Future[bool] | None = None
 
@@ -116,8 +121,10 @@ class DurableQueue:
         ageing_s: float | None = 600.0,
         lease_s: float = 300.0,
         on_end: Callable[[Sequence[ItemStatus]], None] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
-        """Use `open`. `on_end` is called on the event loop, after the commit, with items that ended."""
+        """Use `open`. `on_end` is called on the event loop, after the commit, with items that
+        ended. `keyring` seals what is stored and opens what was (none: stored as given)."""
         if cap_bytes is not None and cap_bytes < 0:
             raise ValueError(f"cap_bytes: must be >= 0 (0 or None: no cap), got {cap_bytes}")
         if ageing_s is not None and not ageing_s >= 0:
@@ -131,6 +138,7 @@ class DurableQueue:
         self.ageing_s = ageing_s or None
         self.lease_s = lease_s
         self.on_end = on_end
+        self.keyring = keyring or Keyring()
         self.quarantined: list[Path] = []
         """Corrupt files found at `path` and moved aside at start-up (log and count them)."""
         self.quarantine_problem = ""
@@ -159,6 +167,19 @@ class DurableQueue:
 
     def _open(self) -> OpenedDatabase:
         opened = open_database(self.path, QUEUE_MIGRATIONS, now=self.clock.wall)
+        # A row sealed with a key that is not configured could never be sent or read: stop now,
+        # naming the key, rather than fail item by item.
+        self.keyring.require(
+            (
+                r[0]
+                for column in ("payload", "result")
+                for r in opened.connection.execute(
+                    f"SELECT DISTINCT {sealed_key_id_sql(column)} AS k FROM items"
+                    " WHERE k IS NOT NULL"
+                )
+            ),
+            str(self.path),
+        )
         # Whatever was in flight when the last process died was maybe sent: send it again.
         opened.connection.execute(
             f"{_TO_PENDING}, last_error = 'interrupted by restart' WHERE state = 'in_flight'"
@@ -188,8 +209,10 @@ class DurableQueue:
         *,
         priority: int = DEFAULT_PRIORITY,
         ttl_s: float,
+        owner: str = "",
     ) -> bool:
         """Store a request; return once it is durable: True if new, False if the ticket was known.
+        `owner` is who may see its result (see ItemStatus.owner).
 
         Raises QueueFull when it does not fit (see the module docstring), ValueError on bad input.
         If the caller is cancelled while waiting, the request may still be stored.
@@ -206,7 +229,9 @@ class DurableQueue:
             raise ValueError(f"priority: must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
         if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError(f"ttl_s: must be a finite number of seconds > 0, got {ttl_s!r}")
-        admission = _Admission(ticket, model, payload, priority, float(ttl_s))
+        if not isinstance(owner, str):
+            raise ValueError(f"owner: must be a string, got {type(owner).__name__}")
+        admission = _Admission(ticket, model, payload, priority, float(ttl_s), owner)
         with self._lock:
             batch = self._open_batch
             if batch is None:
@@ -237,7 +262,8 @@ class DurableQueue:
         for a in batch:
             if a.ticket in known:
                 continue
-            need = len(a.payload) + ROW_OVERHEAD_BYTES
+            payload = self.keyring.seal(a.payload, _context("payload", a.ticket))
+            need = len(payload) + ROW_OVERHEAD_BYTES
             over = self._used + changes.used + need - (self.cap_bytes or 0)
             if self.cap_bytes is not None and over > 0:
                 conn.executemany(_INSERT, rows)
@@ -249,7 +275,7 @@ class DurableQueue:
                     continue
                 self._finish(conn, victims, ItemState.DROPPED, now, changes)
             rows.append(
-                (a.ticket, a.model, a.priority, now, now + a.ttl_s, a.payload, len(a.payload))
+                (a.ticket, a.model, a.priority, now, now + a.ttl_s, payload, len(payload), a.owner)
             )
             known.add(a.ticket)
             changes.used += need
@@ -315,7 +341,8 @@ class DurableQueue:
                 " FROM items WHERE seq = ?",
                 (seq,),
             ).fetchone()
-            items.append(QueuedItem(*row))
+            ticket, payload = row[0], self.keyring.open(row[2], _context("payload", row[0]))
+            items.append(QueuedItem(ticket, row[1], payload, *row[3:]))
         self._apply(conn, changes)
         return items
 
@@ -414,8 +441,10 @@ class DurableQueue:
         result: bytes | None = None,
         error: str | None = None,
     ) -> None:
-        """End `rows` (selected as _COLUMNS): free the payload, keep the result, number the end."""
+        """End `rows` (selected as _COLUMNS): free the payload, keep the result (sealed), number
+        the end. The ItemStatus handed to `on_end` holds the result as given."""
         for r in rows:
+            stored = None if result is None else self.keyring.seal(result, _context("result", r[0]))
             # Numbers handed out by a job that is rolled back are skipped, never reused.
             self._end_seq += 1
             last_error = r[9] if error is None else error[:500]
@@ -423,7 +452,7 @@ class DurableQueue:
                 "UPDATE items SET state = ?, finished_at = ?, end_seq = ?, lease_until = NULL,"
                 " payload = NULL, payload_bytes = 0, result = ?, result_bytes = ?, last_error = ?"
                 " WHERE seq = ?",
-                (state.value, now, self._end_seq, result, len(result or b""), last_error, r[_SEQ]),
+                (state.value, now, self._end_seq, stored, len(stored or b""), last_error, r[_SEQ]),
             )
             changes.ended.append(
                 ItemStatus(
@@ -438,9 +467,10 @@ class DurableQueue:
                     result,
                     last_error,
                     self._end_seq,
+                    r[_OWNER],
                 )
             )
-            changes.used += len(result or b"") - r[_PAYLOAD_BYTES] - ROW_OVERHEAD_BYTES
+            changes.used += len(stored or b"") - r[_PAYLOAD_BYTES] - ROW_OVERHEAD_BYTES
             changes.counts[state.value] = changes.counts.get(state.value, 0) + 1
 
     def _apply(self, conn: sqlite3.Connection, changes: _Changes) -> None:
@@ -480,6 +510,12 @@ class DurableQueue:
 
     # -- reads ----------------------------------------------------------------------------
 
+    def _status(self, r: Any) -> ItemStatus:
+        result = None if r[8] is None else self.keyring.open(r[8], _context("result", r[0]))
+        return ItemStatus(
+            r[0], r[1], ItemState(r[2]), r[3], r[4], r[5], r[6], r[7], result, r[9], r[10], r[13]
+        )
+
     async def get(self, ticket: str) -> ItemStatus:
         """The ticket's state (and result once delivered); TicketNotFound if unknown or purged."""
 
@@ -489,19 +525,23 @@ class DurableQueue:
             ).fetchone()
             if row is None:
                 raise TicketNotFound(ticket)
-            return _status(row)
+            return self._status(row)
 
         return await self._worker.call(job)
 
-    async def results_after(self, cursor: int, limit: int = 100) -> list[ItemStatus]:
-        """Items that ended after `cursor` (an `end_seq`), in end order; for resumable watchers."""
+    async def results_after(
+        self, cursor: int, limit: int = 100, *, owner: str | None = None
+    ) -> list[ItemStatus]:
+        """Items that ended after `cursor` (an `end_seq`), in end order, of `owner` only if
+        given; for resumable watchers."""
 
         def job(conn: sqlite3.Connection) -> list[ItemStatus]:
+            mine = "" if owner is None else " AND owner = ?"
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM items WHERE end_seq > ? ORDER BY end_seq LIMIT ?",
-                (cursor, limit),
+                f"SELECT {_COLUMNS} FROM items WHERE end_seq > ?{mine} ORDER BY end_seq LIMIT ?",
+                (cursor, *(() if owner is None else (owner,)), limit),
             )
-            return [_status(r) for r in rows]
+            return [self._status(r) for r in rows]
 
         return await self._worker.call(job)
 
@@ -551,5 +591,6 @@ def _settle_batch(batch: list[_Admission], job: asyncio.Future[None]) -> None:
             a.future.set_result(a.outcome)
 
 
-def _status(r: Any) -> ItemStatus:
-    return ItemStatus(r[0], r[1], ItemState(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])
+def _context(column: str, ticket: str) -> bytes:
+    """What a sealed blob is bound to: its column and its row's ticket."""
+    return f"queue.{column}\x00{ticket}".encode()

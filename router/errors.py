@@ -6,6 +6,7 @@ RouterError
 ├── QueueSchemaTooNew    the queue file was written by a newer version; it is left untouched
 ├── BudgetExhausted      the data budget for the period is spent
 ├── TicketNotFound       no such ticket (never issued, or past its retention)
+├── TooManyWatchers      as many result watchers as allowed are watching already
 └── CloudError           a cloud call did not produce an answer
     ├── CloudUnavailable connection failed, timed out, 5xx, 429, or the breaker is open
     │   └── CircuitOpen  the circuit breaker is open; the call was not attempted
@@ -25,6 +26,7 @@ __all__ = [
     "QueueSchemaTooNew",
     "RouterError",
     "TicketNotFound",
+    "TooManyWatchers",
 ]
 
 
@@ -98,4 +100,13 @@ class QueueSchemaTooNew(RouterError):
         self.supported = supported
         super().__init__(
             f"queue file {path} has schema version {found}; this version reads up to {supported}"
+        )
+
+
+class TooManyWatchers(RouterError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"{limit} result watchers are connected already, the most this agent allows; "
+            "close one or try again later"
         )

@@ -48,6 +48,7 @@ def open_cloud(
     deliveries) and the monitor both report to, with its breaker."""
     assert config.cloud_url is not None
     assert config.device_key is not None
+    tls = config.cloud_tls.context() if config.cloud_tls is not None else None
     live, drain = (
         CloudClient(
             config.cloud_url,
@@ -58,6 +59,7 @@ def open_cloud(
             compress=config.compress,
             probe_timeout_s=config.monitor.probe_timeout_s,
             max_connections=connections,
+            tls=tls,
         )
         for retry, connections in (
             (config.live_retry, config.max_connections),

@@ -3,7 +3,8 @@ file of their own (`hard_examples.sqlite` in the state dir) for a retention peri
 
 Two sources: live escalations (kept with the answer at once) and queued requests (kept when
 queued, completed when the cloud's answer is delivered, deleted if the item ends unanswered).
-`load_hard_examples` reads them back as arrays for `edge-agent export-hard-examples`.
+`load_hard_examples` reads them back as arrays for `edge-agent export-hard-examples`. With a
+current key in the keyring, requests and answers are stored sealed (model_runtime.encryption).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter
 
+from model_runtime.encryption import DataKeyError, Keyring, sealed_key_id_sql
 from model_runtime.errors import InvalidInput
 from model_runtime.v2_json import decode_infer_request, encode_infer_response
 from router.audit import class_of, scores_output
@@ -97,6 +99,7 @@ class HardExampleStore:
         retention_s: float,
         cap_bytes: int | None = None,
         clock: Clock | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         """Use `open`."""
         if not retention_s > 0:
@@ -107,6 +110,7 @@ class HardExampleStore:
         self.retention_s = float(retention_s)
         self.cap_bytes = cap_bytes or None
         self.clock: Clock = clock or SystemClock()
+        self.keyring = keyring or Keyring()
         self.stored_bytes = 0
         """Bytes of requests and answers kept (compressed); written on the SQLite thread."""
         self._worker = SqliteWorker(f"hard-examples:{self.path.name}")
@@ -135,8 +139,13 @@ class HardExampleStore:
         retention_s: float,
         cap_bytes: int | None = None,
         clock: Clock | None = None,
+        keyring: Keyring | None = None,
     ) -> HardExampleStore:
-        store = cls(path, registry, retention_s=retention_s, cap_bytes=cap_bytes, clock=clock)
+        """Raises UnknownDataKey if the file holds examples sealed with a key not in `keyring`."""
+        store = cls(
+            path, registry, retention_s=retention_s, cap_bytes=cap_bytes, clock=clock,
+            keyring=keyring,
+        )  # fmt: skip
         opened = await store._worker.start(
             lambda: open_database(store.path, HARD_EXAMPLE_MIGRATIONS, now=store.clock.wall)
         )
@@ -144,6 +153,7 @@ class HardExampleStore:
             log.error("hard examples file was corrupt; moved aside to %s", opened.quarantined)
 
         def load(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            store.keyring.require(_sealed_key_ids(conn), str(store.path))
             store.stored_bytes = int(conn.execute(_SIZE).fetchone()[0])
             return conn.execute("SELECT key, model FROM examples WHERE answer IS NULL").fetchall()
 
@@ -178,8 +188,10 @@ class HardExampleStore:
                     cloud_model,
                     "live",
                     now,
-                    gzip.compress(body, mtime=0),
-                    encode_result(encode_infer_response(cloud_model, dict(outputs))),
+                    self._seal_request(key, body),
+                    self._seal_answer(
+                        key, encode_result(encode_infer_response(cloud_model, dict(outputs)))
+                    ),
                     now,
                 )
                 for key, body, outputs in items
@@ -209,7 +221,7 @@ class HardExampleStore:
 
         def job(conn: sqlite3.Connection) -> int:
             rows = [
-                (key, model, cloud_model, "queued", now, gzip.compress(body, mtime=0))
+                (key, model, cloud_model, "queued", now, self._seal_request(key, body))
                 for key, body in items
             ]
             conn.executemany(
@@ -240,11 +252,12 @@ class HardExampleStore:
             counted = []
             for key, model, answer in done:
                 if answer:
+                    sealed = self._seal_answer(key, answer)
                     cur = conn.execute(
                         "UPDATE examples SET answer = ?, answered_at = ? WHERE key = ?",
-                        (answer, now, key),
+                        (sealed, now, key),
                     )
-                    self.stored_bytes += len(answer) * cur.rowcount
+                    self.stored_bytes += len(sealed) * cur.rowcount
                     outcome = "stored"
                 else:
                     cur = conn.execute("DELETE FROM examples WHERE key = ?", (key,))
@@ -296,6 +309,12 @@ class HardExampleStore:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _seal_request(self, key: str, body: bytes) -> bytes:
+        return self.keyring.seal(gzip.compress(body, mtime=0), _context("request", key))
+
+    def _seal_answer(self, key: str, answer: bytes) -> bytes:
+        return self.keyring.seal(answer, _context("answer", key))
+
     def _room(self, model: str, n: int) -> bool:
         if self._closed:
             return False
@@ -320,6 +339,21 @@ class HardExampleStore:
         log.error("could not keep %d hard example(s): %r", len(models), error)
         for model in models:
             self.examples.labels(model, "error").inc()
+
+
+def _context(column: str, key: str) -> bytes:
+    """What a sealed blob is bound to: its column and its example's key."""
+    return f"hard_examples.{column}\x00{key}".encode()
+
+
+def _sealed_key_ids(conn: sqlite3.Connection) -> list[bytes]:
+    return [
+        r[0]
+        for column in ("request", "answer")
+        for r in conn.execute(
+            f"SELECT DISTINCT {sealed_key_id_sql(column)} AS k FROM examples WHERE k IS NOT NULL"
+        )
+    ]
 
 
 def discard_hard_examples(path: Path) -> bool:
@@ -354,9 +388,12 @@ class HardExamples:
     """`live` or `queued` per example."""
 
 
-def load_hard_examples(path: Path, model: str | None = None) -> HardExamples:
+def load_hard_examples(
+    path: Path, model: str | None = None, keyring: Keyring | None = None
+) -> HardExamples:
     """The answered examples in the file at `path` (of `model`, which may be left out when the
-    file holds one model only). Raises HardExamplesError naming the file and the problem."""
+    file holds one model only), opened with `keyring` if they were sealed. Raises
+    HardExamplesError naming the file and the problem."""
     if not path.is_file():
         raise NoHardExamples(
             f"{path}: no hard examples file (are they on? hard_examples_retention_days > 0)"
@@ -382,7 +419,16 @@ def load_hard_examples(path: Path, model: str | None = None) -> HardExamples:
         which = f"model '{chosen}'" if chosen is not None else "any model"
         raise NoHardExamples(f"{path}: no answered hard examples of {which}")
     assert chosen is not None
-    return _examples(path, chosen, rows)
+    keys = keyring or Keyring()
+    try:
+        opened = [
+            (key, cloud, source, created, keys.open(request, _context("request", key), str(path)),
+             keys.open(answer, _context("answer", key), str(path)))
+            for key, cloud, source, created, request, answer in rows
+        ]  # fmt: skip
+    except DataKeyError as exc:
+        raise HardExamplesError(str(exc)) from None
+    return _examples(path, chosen, opened)
 
 
 def _examples(path: Path, model: str, rows: Sequence[Any]) -> HardExamples:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -189,6 +189,16 @@ class RouterMetrics:
             f"{NS}_forwarder_holds",
             "Times the forwarder paused sending, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.watchers = Gauge(
+            f"{NS}_result_watchers",
+            "WatchResults streams open now.",
+            registry=registry,
+        )
+        self.watchers_refused = Counter(
+            f"{NS}_result_watchers_refused",
+            "WatchResults streams refused because max_watchers were open already.",
             registry=registry,
         )
         for state in ("delivered", "expired", "dropped", "rejected"):

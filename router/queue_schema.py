@@ -49,6 +49,12 @@ QUEUE_MIGRATIONS: Sequence[Migration] = (
         # Totals outlive purged rows: end states, rejections, the last end_seq handed out.
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     ),
+    (
+        # Who queued the item (edge_agent.access: caller and client id): GetResult and
+        # WatchResults show its result to that owner only. '' for items queued before.
+        "ALTER TABLE items ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX items_owner_end ON items (owner, end_seq) WHERE end_seq IS NOT NULL",
+    ),
 )
 
 
@@ -95,6 +101,8 @@ class ItemStatus:
     result: bytes | None
     last_error: str | None
     end_seq: int | None
+    owner: str = ""
+    """Who queued it (an opaque string from the caller's identity); results go to them only."""
 
 
 @dataclass(frozen=True, slots=True)

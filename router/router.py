@@ -104,7 +104,13 @@ class Router:
         )
         self.metrics = RouterMetrics(registry, lambda: self._readings, clock.wall)
         self.meter = CloudMeter(self.metrics)
-        self.tickets = TicketStore(on_admitted=self._admitted, on_refused=self._refused)
+        self.tickets = TicketStore(
+            on_admitted=self._admitted,
+            on_refused=self._refused,
+            max_watchers=config.max_watchers,
+            on_watcher_refused=self.metrics.watchers_refused.inc,
+        )
+        self.metrics.watchers.set_function(lambda: self.tickets.watchers)
         self._readings = StateReadings(cloud_configured=config.cloud_configured)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -143,6 +149,7 @@ class Router:
             ageing_s=config.queue_ageing_s,
             lease_s=config.queue_lease_s,
             on_end=self._on_end,
+            keyring=config.keyring,
         )
         self.tickets.attach(self.queue)
         self.metrics.quarantine("queue", self.queue.quarantined, self.queue.quarantine_problem)
@@ -211,6 +218,7 @@ class Router:
                 config.hard_examples_path, self.metrics.registry,
                 retention_s=config.hard_examples_retention_s,
                 cap_bytes=config.hard_examples_cap_bytes, clock=self.clock,
+                keyring=config.keyring,
             )  # fmt: skip
             self._spawn(self.hard_examples.run(config.purge_interval_s), "hard examples")
         elif discard_hard_examples(config.hard_examples_path):
@@ -234,8 +242,10 @@ class Router:
         wishes: CallerWishes,
         time_left_s: float | None,
         request_id: str,
+        owner: str = "",
     ) -> RoutedAnswer:
-        """Route each item (row) of a batch the local model has answered.
+        """Route each item (row) of a batch the local model has answered. Items queued belong
+        to `owner`: only they see the results (TicketStore).
 
         Confident items never wait: a request with no unsure item returns without awaiting
         anything. Items the policy queues are admitted all or nothing: under the refuse policy
@@ -248,7 +258,7 @@ class Router:
         Afterwards, without waiting, a share of the confident items may be drawn for an audit
         (router.audit).
         """
-        answer = await self._route(model, inputs, local, wishes, time_left_s, request_id)
+        answer = await self._route(model, inputs, local, wishes, time_left_s, request_id, owner)
         for route in {i.route for i in answer.items}:
             self.metrics.model_route(model, route, sum(i.route is route for i in answer.items))
         if self.audit is not None:
@@ -264,6 +274,7 @@ class Router:
         wishes: CallerWishes,
         time_left_s: float | None,
         request_id: str,
+        owner: str,
     ) -> RoutedAnswer:
         confidence = np.asarray(local.confidence, dtype=np.float64).reshape(-1)
         n = len(confidence)
@@ -301,7 +312,7 @@ class Router:
                 self._escalate(cloud_model, to_cloud, time_left_s, request_id)
             )
         try:
-            tickets = await self._admit(cloud_model, to_queue, wishes, all_or_nothing=True)
+            tickets = await self._admit(cloud_model, to_queue, wishes, owner, all_or_nothing=True)
             self._keep_queued(model, cloud_model, to_queue, tickets)
         except BaseException:
             if call is not None:
@@ -323,7 +334,9 @@ class Router:
             for u in failed:
                 decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
             if failed:
-                tickets |= await self._admit(cloud_model, failed, wishes, all_or_nothing=False)
+                tickets |= await self._admit(
+                    cloud_model, failed, wishes, owner, all_or_nothing=False
+                )
                 self._keep_queued(model, cloud_model, failed, tickets)
         for u in unsure:
             if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
@@ -398,7 +411,13 @@ class Router:
         return {index: response for index, response in answers if response is not None}
 
     async def _admit(
-        self, model: str, items: Sequence[_Unsure], wishes: CallerWishes, *, all_or_nothing: bool
+        self,
+        model: str,
+        items: Sequence[_Unsure],
+        wishes: CallerWishes,
+        owner: str,
+        *,
+        all_or_nothing: bool,
     ) -> dict[int, str]:
         """Queue `items` durably; index -> ticket for those the queue took."""
         stored = await self.tickets.admit(
@@ -407,6 +426,7 @@ class Router:
             priority=wishes.priority,
             ttl_s=min(wishes.ttl_seconds, self.config.max_ttl_s),
             all_or_nothing=all_or_nothing,
+            owner=owner,
         )
         return {u.index: u.item.ticket for u in items if stored.get(u.item.ticket)}
 
@@ -420,16 +440,17 @@ class Router:
 
     # -- tickets and status ---------------------------------------------------------------------
 
-    async def result(self, ticket: str) -> TicketResult:
-        """A ticket's state and, once delivered, the cloud's answer; raises TicketNotFound."""
-        return await self.tickets.result(ticket)
+    async def result(self, ticket: str, *, owner: str = "") -> TicketResult:
+        """A ticket's state and, once delivered, the cloud's answer; raises TicketNotFound
+        (also for another owner's ticket) or InvalidInput."""
+        return await self.tickets.result(ticket, owner=owner)
 
     def watch(
-        self, after_cursor: int, tickets: Collection[str] = ()
+        self, after_cursor: int, tickets: Collection[str] = (), *, owner: str = ""
     ) -> AsyncIterator[TicketResult]:
-        """Every ticket that ended after the cursor, in order, then each as it ends; ends only
-        when the router closes."""
-        return self.tickets.watch(after_cursor, tickets)
+        """Every result of `owner` that ended after the cursor, in order, then each as it ends;
+        ends only when the router closes. Raises InvalidInput or TooManyWatchers at once."""
+        return self.tickets.watch(after_cursor, tickets, owner=owner)
 
     async def status(self) -> RouterStatus:
         stats = await self.queue.stats()

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from model_runtime.private_files import private_dir, private_file
 from router.errors import QueueSchemaTooNew
 
 __all__ = ["Migration", "OpenedDatabase", "SqliteWorker", "open_database"]
@@ -48,9 +49,10 @@ def open_database(
     database is created in its place. A file from a newer schema is not corrupt: QueueSchemaTooNew
     is raised and nothing moves. Other errors (permissions, a lock held elsewhere) are raised.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     problem = _check(path, len(migrations)) if path.exists() else None
     moved_to = None if problem is None else _quarantine(path, now())
+    private_file(path)  # before SQLite makes it: its -wal and -shm then get the same 0600
     return OpenedDatabase(_open(path, migrations), moved_to, problem or "")
 
 

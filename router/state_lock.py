@@ -11,6 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from model_runtime.private_files import PRIVATE_FILE_MODE, private_dir
 from router.errors import RouterError
 
 __all__ = ["LOCK_FILE", "StateDirInUse", "StateDirLock"]
@@ -49,9 +50,9 @@ class StateDirLock:
         OSError (a state dir that cannot be made or written) is raised as it is.
         """
         state_dir = Path(state_dir).absolute()
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)
         # Python's fds are close-on-exec (PEP 446): a child the process runs can't keep it held.
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

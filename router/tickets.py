@@ -1,8 +1,11 @@
 """Tickets: issuing them (durable admission to the queue, all or nothing per request), what a
 caller can learn of one, and watchers that resume from a cursor.
 
-Results live in the DurableQueue (its `end_seq` numbers end states in commit order); this module
-decodes them and wakes watchers when the queue reports items that ended.
+Results live in the DurableQueue (its `end_seq` numbers end states in commit order). Each item
+has an owner (an opaque string: who queued it); a result is shown to its owner only. When items
+end, the queue hands them to `notify`, which decodes each once and gives it to the watchers of
+its owner alone, in memory: a watcher reads the queue file only to catch up (from its cursor,
+or after it fell too far behind), so idle watchers and other owners' watchers cost nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import gzip
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +26,17 @@ from model_runtime.errors import InvalidInput
 from model_runtime.v2_json import decode_infer_response, encode_infer_request
 from router.cloud_client import encode_body
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState, ItemStatus
-from router.errors import QueueFull
+from router.errors import QueueFull, TicketNotFound, TooManyWatchers
 
 __all__ = [
     "AUDIT_PREFIX",
+    "MAX_CURSOR",
+    "MAX_WATCHED_TICKETS",
     "TICKET_STATES",
     "Admission",
     "TicketResult",
     "TicketStore",
+    "check_ticket",
     "decode_result",
     "encode_result",
     "is_audit",
@@ -41,6 +48,12 @@ TICKET_STATES = ("pending", "delivered", "expired", "dropped", "rejected")
 """`rejected`: the cloud refused the request itself (400, 422...): it will never be answered."""
 
 _WATCH_PAGE = 100
+_INBOX_LIMIT = 1000
+"""Results a watcher may have waiting in memory; beyond, it catches up from the file instead."""
+MAX_CURSOR = 2**63 - 1
+"""The largest cursor there can be (SQLite's integers are signed 64-bit)."""
+MAX_WATCHED_TICKETS = 1000
+_TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 AUDIT_PREFIX = "audit-"
 """Tickets of audit items (router.audit): internal, so WatchResults never shows them."""
@@ -48,6 +61,19 @@ AUDIT_PREFIX = "audit-"
 
 def is_audit(ticket: str) -> bool:
     return ticket.startswith(AUDIT_PREFIX)
+
+
+def check_ticket(ticket: object, field: str = "ticket") -> str:
+    """`ticket` if it could be one (1-128 of A-Z a-z 0-9 . _ : -); else InvalidInput, whose
+    message gives its length but never echoes it (it could be a megabyte)."""
+    if not isinstance(ticket, str) or not ticket:
+        raise InvalidInput(field, "is empty; give the ticket of a queued request")
+    if not _TICKET.fullmatch(ticket):
+        raise InvalidInput(
+            field,
+            f"is not a ticket: tickets are 1-128 of A-Z a-z 0-9 . _ : - (got {len(ticket)} characters)",
+        )
+    return ticket
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +119,28 @@ def decode_result(
         log.error("stored answer could not be decoded: %s", exc)
         return {}, {}
     return response.outputs, dict(response.parameters)
+
+
+@dataclass(eq=False, slots=True)
+class _Watcher:
+    """One WatchResults stream: results of its owner wait in `inbox` until it takes them."""
+
+    owner: str
+    wanted: frozenset[str]
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    inbox: list[TicketResult] = field(default_factory=list)
+    behind: bool = False
+    """The inbox overflowed and was emptied: catch up from the file."""
+
+    def offer(self, result: TicketResult) -> None:
+        if self.wanted and result.ticket not in self.wanted:
+            return
+        if len(self.inbox) >= _INBOX_LIMIT:
+            self.inbox.clear()  # a slow reader: it rereads from its cursor, memory stays bounded
+            self.behind = True
+        else:
+            self.inbox.append(result)
+        self.event.set()
 
 
 def to_result(status: ItemStatus) -> TicketResult:
@@ -144,11 +192,19 @@ class TicketStore:
         *,
         on_admitted: Callable[[int], None] | None = None,
         on_refused: Callable[[int], None] | None = None,
+        max_watchers: int | None = None,
+        on_watcher_refused: Callable[[], None] | None = None,
     ) -> None:
+        """`max_watchers`: watchers at once (None: no limit); one more raises TooManyWatchers
+        and calls `on_watcher_refused`."""
         self._queue = queue
         self.on_admitted = on_admitted
         self.on_refused = on_refused
-        self._wakers: set[asyncio.Event] = set()
+        self.max_watchers = max_watchers
+        self.on_watcher_refused = on_watcher_refused
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self.watchers = 0
+        """Watchers now."""
         self._closed = False
         self._reserved = 0
 
@@ -163,14 +219,21 @@ class TicketStore:
         return self._queue
 
     def notify(self, ended: Sequence[ItemStatus] = ()) -> None:
-        """Wake every watcher: items ended (called on the event loop after their commit)."""
-        for event in self._wakers:
-            event.set()
+        """Items ended (called on the event loop after their commit, in end order): give each
+        to the watchers of its owner, decoded once however many there are."""
+        for status in ended:
+            watchers = self._watchers.get(status.owner)
+            if watchers and not is_audit(status.ticket):
+                result = to_result(status)
+                for watcher in watchers:
+                    watcher.offer(result)
 
     def close(self) -> None:
         """End every watcher after what it has already been given."""
         self._closed = True
-        self.notify()
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.event.set()
 
     # -- issuing ------------------------------------------------------------------------------
 
@@ -197,6 +260,7 @@ class TicketStore:
         priority: int,
         ttl_s: float,
         all_or_nothing: bool,
+        owner: str = "",
     ) -> dict[str, bool]:
         """Commit `items` durably (one group commit); ticket -> stored, False if refused.
 
@@ -210,7 +274,9 @@ class TicketStore:
         self._reserved += reserve
         try:
             enqueues = [
-                self.queue.enqueue(a.ticket, model, a.body, priority=priority, ttl_s=ttl_s)
+                self.queue.enqueue(
+                    a.ticket, model, a.body, priority=priority, ttl_s=ttl_s, owner=owner
+                )
                 for a in items
             ]
             if len(enqueues) == 1:  # nearly always: a task per item would cost a turn of the loop
@@ -243,40 +309,92 @@ class TicketStore:
 
     # -- reading --------------------------------------------------------------------------------
 
-    async def result(self, ticket: str) -> TicketResult:
-        """The ticket's state and, once delivered, the cloud's answer; raises TicketNotFound."""
-        return to_result(await self.queue.get(ticket))
+    async def result(self, ticket: str, *, owner: str = "") -> TicketResult:
+        """The ticket's state and, once delivered, the cloud's answer. Raises InvalidInput for
+        what cannot be a ticket, TicketNotFound for an unknown one and for another owner's (so
+        a caller learns nothing of tickets that are not theirs)."""
+        status = await self.queue.get(check_ticket(ticket))
+        if status.owner != owner:
+            raise TicketNotFound(ticket)
+        return to_result(status)
 
-    async def watch(
-        self, after_cursor: int = 0, tickets: Collection[str] = ()
+    def watch(
+        self, after_cursor: int = 0, tickets: Collection[str] = (), *, owner: str = ""
     ) -> AsyncIterator[TicketResult]:
-        """Every ticket that ended after `after_cursor`, in end order, then each one as it ends.
+        """Every result of `owner` that ended after `after_cursor`, in end order, then each one
+        as it ends; ends only when the store closes. A watcher that reconnects passes the last
+        cursor it got. With `tickets`, only those (audit items are never shown).
 
-        With `tickets`, only those are yielded (the cursor still moves past the others, and
-        past audit items, which are never yielded). Ends
-        only when the store closes. A watcher that reconnects passes the last cursor it got.
+        Checked before the stream starts: InvalidInput for a bad cursor or ticket,
+        TooManyWatchers when `max_watchers` watch already.
         """
-        if isinstance(after_cursor, bool) or not isinstance(after_cursor, int) or after_cursor < 0:
-            raise ValueError(f"after_cursor: must be an integer >= 0, got {after_cursor!r}")
-        wanted = frozenset(tickets)
-        cursor = after_cursor
-        event = asyncio.Event()
-        self._wakers.add(event)
+        if (
+            isinstance(after_cursor, bool)
+            or not isinstance(after_cursor, int)
+            or not 0 <= after_cursor <= MAX_CURSOR
+        ):
+            shown = after_cursor if isinstance(after_cursor, int) else type(after_cursor).__name__
+            raise InvalidInput(
+                "after_cursor", f"must be an integer 0..{MAX_CURSOR}, got {str(shown)[:40]}"
+            )
+        if len(tickets) > MAX_WATCHED_TICKETS:
+            raise InvalidInput(
+                "tickets", f"at most {MAX_WATCHED_TICKETS} tickets, got {len(tickets)}"
+            )
+        wanted = frozenset(check_ticket(t, "tickets") for t in tickets)
+        if self.max_watchers is not None and self.watchers >= self.max_watchers:
+            if self.on_watcher_refused is not None:
+                self.on_watcher_refused()
+            raise TooManyWatchers(self.max_watchers)
+        watcher = _Watcher(owner, wanted)
+        # Registered now, before the stream's first read of the file: nothing that ends from
+        # here on can fall between that read and the inbox.
+        self._watchers.setdefault(owner, set()).add(watcher)
+        self.watchers += 1
+        return self._stream(watcher, after_cursor)
+
+    async def _stream(self, watcher: _Watcher, cursor: int) -> AsyncIterator[TicketResult]:
         try:
+            catch_up = True
             while not self._closed:
-                # Cleared before reading: an end committed after the read sets it again.
-                event.clear()
-                page = await self.queue.results_after(cursor, _WATCH_PAGE)
-                for status in page:
-                    cursor = max(cursor, status.end_seq or cursor)
-                    if is_audit(status.ticket):
-                        continue
-                    if not wanted or status.ticket in wanted:
-                        yield to_result(status)
-                if len(page) < _WATCH_PAGE and not self._closed:
-                    await event.wait()
+                if catch_up:
+                    watcher.behind = False
+                    async for result in self._read_after(watcher, cursor):
+                        cursor = result.cursor
+                        yield result
+                    catch_up = False
+                    continue
+                # Cleared before taking the inbox: a result offered after this sets it again.
+                watcher.event.clear()
+                batch, watcher.inbox = watcher.inbox, []
+                for result in batch:
+                    if result.cursor > cursor:  # what the file read gave already is skipped
+                        cursor = result.cursor
+                        yield result
+                if watcher.behind:
+                    catch_up = True
+                elif not watcher.inbox and not self._closed:
+                    await watcher.event.wait()
         finally:
-            self._wakers.discard(event)
+            watchers = self._watchers.get(watcher.owner)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watchers[watcher.owner]
+            self.watchers -= 1
+
+    async def _read_after(self, watcher: _Watcher, cursor: int) -> AsyncIterator[TicketResult]:
+        """The watcher's results in the file after `cursor`, page by page, to the last one."""
+        while not self._closed:
+            page = await self.queue.results_after(cursor, _WATCH_PAGE, owner=watcher.owner)
+            for status in page:
+                cursor = max(cursor, status.end_seq or cursor)
+                if is_audit(status.ticket):
+                    continue
+                if not watcher.wanted or status.ticket in watcher.wanted:
+                    yield to_result(status)
+            if len(page) < _WATCH_PAGE:
+                return
 
 
 async def _outcome(enqueue: Awaitable[bool]) -> bool | BaseException:

@@ -45,6 +45,7 @@ import anyio.to_thread
 
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
+from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["SqliteIdempotencyStore"]
 
@@ -136,7 +137,7 @@ class SqliteIdempotencyStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(private_dir(path.parent) / path.name)
         with contextlib.closing(
             _connect(
                 path,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.access import ANONYMOUS, Caller
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.inference import InferRequest, InferResult, ParameterValue
@@ -108,7 +109,10 @@ def _decode_input(
 
 
 def decode_infer_request(
-    request: pb.ModelInferRequest, model: OnnxModel, time_left_s: float | None
+    request: pb.ModelInferRequest,
+    model: OnnxModel,
+    time_left_s: float | None,
+    caller: Caller = ANONYMOUS,
 ) -> InferRequest:
     """Check and decode a ModelInferRequest for `model`; raises InvalidInput."""
     model.check_input_names([t.name for t in request.inputs])
@@ -131,6 +135,7 @@ def decode_infer_request(
         parameters=decode_parameters(request.parameters),
         id=request.id,
         time_left_s=time_left_s,
+        caller=caller,
     )
 
 

@@ -1,4 +1,8 @@
-"""The agent's RouterService (proto/router_service.proto): tickets, result streams, status."""
+"""The agent's RouterService (proto/router_service.proto): tickets, result streams, status.
+
+A caller sees the results of its own requests only: the owner of a ticket is the caller
+(edge_agent.grpc.auth) with the client id it gives.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from edge_agent.access import check_client_id
 from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
+from edge_agent.grpc.auth import current_caller
 from edge_agent.grpc.convert import encode_status, encode_ticket_result
 from edge_agent.grpc.status import status_for
 from edge_agent.metrics import AgentMetrics
-from model_runtime import InvalidInput
 from router import Router
 
 __all__ = ["RouterServicer"]
@@ -28,22 +33,25 @@ class RouterServicer(rpb_grpc.RouterServiceServicer):
         self, request: rpb.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> rpb.TicketResult:
         try:
-            if not request.ticket:
-                raise InvalidInput("ticket", "is empty; give the ticket of a queued request")
-            result = await self.router.result(request.ticket)
+            owner = current_caller().owner(check_client_id(request.client_id))
+            result = await self.router.result(request.ticket, owner=owner)
         except Exception as exc:
-            code, message = status_for(exc)
-            self.metrics.count_request("GetResult", "", code.name)
-            await context.abort(code, message)
+            await self._abort(context, "GetResult", exc)
         self.metrics.count_request("GetResult", "", _OK)
         return encode_ticket_result(result)
 
     async def WatchResults(
         self, request: rpb.WatchResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.TicketResult]:
+        try:
+            owner = current_caller().owner(check_client_id(request.client_id))
+            # Checked before the first message: a refusal is the stream's status, not a hang.
+            results = self.router.watch(request.after_cursor, tuple(request.tickets), owner=owner)
+        except Exception as exc:
+            await self._abort(context, "WatchResults", exc)
         self.metrics.count_request("WatchResults", "", _OK)
         # Ends only when the caller goes away (grpc cancels this generator) or the agent stops.
-        async for result in self.router.watch(request.after_cursor, tuple(request.tickets)):
+        async for result in results:
             yield encode_ticket_result(result)
 
     async def Status(
@@ -51,3 +59,8 @@ class RouterServicer(rpb_grpc.RouterServiceServicer):
     ) -> rpb.StatusResponse:
         self.metrics.count_request("Status", "", _OK)
         return encode_status(await self.router.status())
+
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        code, message = status_for(exc)
+        self.metrics.count_request(method, "", code.name)
+        await context.abort(code, message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,17 +22,29 @@ ROUTER_SERVICE = rpb.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class ListenError(Exception):
-    def __init__(self, address: str) -> None:
-        super().__init__(f"cannot listen on {address}: address in use or not available")
+    def __init__(self, address: str, tls: bool = False) -> None:
+        why = "address in use or not available" + (
+            ", or the TLS certificate and key are unusable" if tls else ""
+        )
+        super().__init__(f"cannot listen on {address}: {why}")
 
 
 class GrpcServer:
     """Binds at construction (so a taken port fails early), serves after `start`."""
 
     def __init__(
-        self, v2: V2Servicer, router: RouterServicer, address: str, max_message_bytes: int
+        self,
+        v2: V2Servicer,
+        router: RouterServicer,
+        address: str,
+        max_message_bytes: int,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        """`credentials`: TLS (edge_agent.grpc.auth.server_credentials); None: plaintext."""
         self._server = grpc.aio.server(
+            interceptors=list(interceptors),
             options=[
                 # grpc-core drops anything beyond twice the limit before it reaches us;
                 # between the limit and that, V2Servicer answers RESOURCE_EXHAUSTED and counts it.
@@ -38,7 +52,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", -1),
                 # Without this a second agent could bind the same port and steal half the calls.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, self._server)
         rpb_grpc.add_RouterServiceServicer_to_server(router, self._server)
@@ -47,11 +61,14 @@ class GrpcServer:
         services = (V2_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server)
         try:
-            self.port = self._server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError:
-            raise ListenError(address) from None
+            raise ListenError(address, credentials is not None) from None
         if self.port == 0:
-            raise ListenError(address)
+            raise ListenError(address, credentials is not None)
 
     async def start(self) -> None:
         await self._server.start()

@@ -12,7 +12,7 @@ import grpc
 
 from edge_agent.inference import ServiceStopping
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
-from router.errors import QueueFull, TicketNotFound
+from router.errors import QueueFull, TicketNotFound, TooManyWatchers
 
 __all__ = ["STATUS_BY_ERROR", "status_for"]
 
@@ -24,6 +24,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TicketNotFound, grpc.StatusCode.NOT_FOUND),
+    (TooManyWatchers, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServiceStopping, grpc.StatusCode.UNAVAILABLE),
 )
 

@@ -11,6 +11,7 @@ import grpc
 from edge_agent import __version__
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.grpc.auth import current_caller
 from edge_agent.grpc.convert import decode_infer_request, encode_infer_result
 from edge_agent.grpc.status import status_for
 from edge_agent.inference import InferenceService
@@ -90,7 +91,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             if size > self.max_message_bytes:
                 raise RequestTooLarge(size, self.max_message_bytes)
             model = self.service.model(request.model_name, request.model_version)
-            decoded = decode_infer_request(request, model, context.time_remaining())
+            decoded = decode_infer_request(
+                request, model, context.time_remaining(), current_caller()
+            )
             result = await self.service.infer(decoded)
             response = encode_infer_result(result)
         except Exception as exc:

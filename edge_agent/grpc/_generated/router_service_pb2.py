@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/edge_agent/grpc/_generated/router_service.proto\x12\x13\x65\x64gecloud.router.v1\"\"\n\x10GetResultRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\t\"<\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x0f\n\x07tickets\x18\x02 \x03(\t\"M\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0craw_contents\x18\x04 \x01(\x0c\"\xd7\x02\n\x0cTicketResult\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x01(\x0e\x32\'.edgecloud.router.v1.TicketResult.State\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12,\n\x07outputs\x18\x04 \x03(\x0b\x32\x1b.edgecloud.router.v1.Tensor\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x04\x12\x13\n\x0b\x65nqueued_at\x18\x06 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tDELIVERED\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07\x44ROPPED\x10\x04\x12\x0c\n\x08REJECTED\x10\x05\"\x0f\n\rStatusRequest\"E\n\x06\x42udget\x12\x13\n\x0blimit_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nleft_bytes\x18\x03 \x01(\x04\"\xa0\x03\n\x0eStatusResponse\x12\x12\n\nlink_state\x18\x01 \x01(\t\x12\x13\n\x0brtt_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62reaker_open\x18\x03 \x01(\x08\x12^\n\x17queue_depth_by_priority\x18\x04 \x03(\x0b\x32=.edgecloud.router.v1.StatusResponse.QueueDepthByPriorityEntry\x12\x1f\n\x17oldest_item_age_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_bytes\x18\x06 \x01(\x04\x12/\n\nday_budget\x18\x07 \x01(\x0b\x32\x1b.edgecloud.router.v1.Budget\x12\x31\n\x0cmonth_budget\x18\x08 \x01(\x0b\x32\x1b.edgecloud.router.v1.Budget\x12\x18\n\x10\x63loud_configured\x18\t \x01(\x08\x1a;\n\x19QueueDepthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x9e\x02\n\rRouterService\x12W\n\tGetResult\x12%.edgecloud.router.v1.GetResultRequest\x1a!.edgecloud.router.v1.TicketResult\"\x00\x12_\n\x0cWatchResults\x12(.edgecloud.router.v1.WatchResultsRequest\x1a!.edgecloud.router.v1.TicketResult\"\x00\x30\x01\x12S\n\x06Status\x12\".edgecloud.router.v1.StatusRequest\x1a#.edgecloud.router.v1.StatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/edge_agent/grpc/_generated/router_service.proto\x12\x13\x65\x64gecloud.router.v1\"5\n\x10GetResultRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"O\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04\x12\x0f\n\x07tickets\x18\x02 \x03(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\"M\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0craw_contents\x18\x04 \x01(\x0c\"\xd7\x02\n\x0cTicketResult\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x01(\x0e\x32\'.edgecloud.router.v1.TicketResult.State\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12,\n\x07outputs\x18\x04 \x03(\x0b\x32\x1b.edgecloud.router.v1.Tensor\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x04\x12\x13\n\x0b\x65nqueued_at\x18\x06 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tDELIVERED\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\x0b\n\x07\x44ROPPED\x10\x04\x12\x0c\n\x08REJECTED\x10\x05\"\x0f\n\rStatusRequest\"E\n\x06\x42udget\x12\x13\n\x0blimit_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nleft_bytes\x18\x03 \x01(\x04\"\xa0\x03\n\x0eStatusResponse\x12\x12\n\nlink_state\x18\x01 \x01(\t\x12\x13\n\x0brtt_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62reaker_open\x18\x03 \x01(\x08\x12^\n\x17queue_depth_by_priority\x18\x04 \x03(\x0b\x32=.edgecloud.router.v1.StatusResponse.QueueDepthByPriorityEntry\x12\x1f\n\x17oldest_item_age_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bqueue_bytes\x18\x06 \x01(\x04\x12/\n\nday_budget\x18\x07 \x01(\x0b\x32\x1b.edgecloud.router.v1.Budget\x12\x31\n\x0cmonth_budget\x18\x08 \x01(\x0b\x32\x1b.edgecloud.router.v1.Budget\x12\x18\n\x10\x63loud_configured\x18\t \x01(\x08\x1a;\n\x19QueueDepthByPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x9e\x02\n\rRouterService\x12W\n\tGetResult\x12%.edgecloud.router.v1.GetResultRequest\x1a!.edgecloud.router.v1.TicketResult\"\x00\x12_\n\x0cWatchResults\x12(.edgecloud.router.v1.WatchResultsRequest\x1a!.edgecloud.router.v1.TicketResult\"\x00\x30\x01\x12S\n\x06Status\x12\".edgecloud.router.v1.StatusRequest\x1a#.edgecloud.router.v1.StatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._serialized_options = b'8\001'
   _globals['_GETRESULTREQUEST']._serialized_start=72
-  _globals['_GETRESULTREQUEST']._serialized_end=106
-  _globals['_WATCHRESULTSREQUEST']._serialized_start=108
-  _globals['_WATCHRESULTSREQUEST']._serialized_end=168
-  _globals['_TENSOR']._serialized_start=170
-  _globals['_TENSOR']._serialized_end=247
-  _globals['_TICKETRESULT']._serialized_start=250
-  _globals['_TICKETRESULT']._serialized_end=593
-  _globals['_TICKETRESULT_STATE']._serialized_start=495
-  _globals['_TICKETRESULT_STATE']._serialized_end=593
-  _globals['_STATUSREQUEST']._serialized_start=595
-  _globals['_STATUSREQUEST']._serialized_end=610
-  _globals['_BUDGET']._serialized_start=612
-  _globals['_BUDGET']._serialized_end=681
-  _globals['_STATUSRESPONSE']._serialized_start=684
-  _globals['_STATUSRESPONSE']._serialized_end=1100
-  _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._serialized_start=1041
-  _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._serialized_end=1100
-  _globals['_ROUTERSERVICE']._serialized_start=1103
-  _globals['_ROUTERSERVICE']._serialized_end=1389
+  _globals['_GETRESULTREQUEST']._serialized_end=125
+  _globals['_WATCHRESULTSREQUEST']._serialized_start=127
+  _globals['_WATCHRESULTSREQUEST']._serialized_end=206
+  _globals['_TENSOR']._serialized_start=208
+  _globals['_TENSOR']._serialized_end=285
+  _globals['_TICKETRESULT']._serialized_start=288
+  _globals['_TICKETRESULT']._serialized_end=631
+  _globals['_TICKETRESULT_STATE']._serialized_start=533
+  _globals['_TICKETRESULT_STATE']._serialized_end=631
+  _globals['_STATUSREQUEST']._serialized_start=633
+  _globals['_STATUSREQUEST']._serialized_end=648
+  _globals['_BUDGET']._serialized_start=650
+  _globals['_BUDGET']._serialized_end=719
+  _globals['_STATUSRESPONSE']._serialized_start=722
+  _globals['_STATUSRESPONSE']._serialized_end=1138
+  _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._serialized_start=1079
+  _globals['_STATUSRESPONSE_QUEUEDEPTHBYPRIORITYENTRY']._serialized_end=1138
+  _globals['_ROUTERSERVICE']._serialized_start=1141
+  _globals['_ROUTERSERVICE']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

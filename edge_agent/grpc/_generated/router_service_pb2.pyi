@@ -8,18 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetResultRequest(_message.Message):
-    __slots__ = ("ticket",)
+    __slots__ = ("ticket", "client_id")
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ticket: str
-    def __init__(self, ticket: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, ticket: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class WatchResultsRequest(_message.Message):
-    __slots__ = ("after_cursor", "tickets")
+    __slots__ = ("after_cursor", "tickets", "client_id")
     AFTER_CURSOR_FIELD_NUMBER: _ClassVar[int]
     TICKETS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     after_cursor: int
     tickets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, after_cursor: _Optional[int] = ..., tickets: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_id: str
+    def __init__(self, after_cursor: _Optional[int] = ..., tickets: _Optional[_Iterable[str]] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "datatype", "shape", "raw_contents")

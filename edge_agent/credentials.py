@@ -1,0 +1,88 @@
+"""The secrets the agent reads at start-up, once: the device key, the API's tokens, the data
+keys, and the TLS files of both its ends; each file checked for a private mode on the way.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.access import AccessPolicy, TokenFileError
+from edge_agent.settings import AgentSettings, is_loopback
+from model_runtime.encryption import DataKeyError, Keyring
+from model_runtime.private_files import InsecureSecretFile, check_secret_file
+from router.cloud_client import CloudTls
+
+__all__ = ["Credentials", "CredentialsError", "load_credentials"]
+
+
+class CredentialsError(Exception):
+    """A secret file cannot be used; the message is the one line the operator sees."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    device_key: str | None
+    access: AccessPolicy
+    keyring: Keyring
+    cloud_tls: CloudTls | None
+    warnings: list[str] = field(default_factory=list)
+    """What to log at start-up: readable secret files, an API open to anyone."""
+
+
+def load_credentials(settings: AgentSettings) -> Credentials:
+    """Read and check every secret file the settings name; raises CredentialsError."""
+    warnings: list[str] = []
+    try:
+        device_key = _device_key(settings.device_key_file, warnings)
+        access, warning = AccessPolicy.from_files(
+            settings.token_file, client_certificates=settings.tls_client_ca_file is not None
+        )
+        keyring, key_warnings = Keyring.load(
+            settings.encryption_key_file, settings.encryption_old_key_files
+        )
+        for path in (settings.tls_key_file, settings.cloud_client_key):
+            if path is not None:
+                _note(check_secret_file(path, "TLS private key file"), warnings)
+    except (TokenFileError, DataKeyError, InsecureSecretFile) as exc:
+        raise CredentialsError(str(exc)) from None
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    _note(warning, warnings)
+    warnings += key_warnings
+    if not access.required and not is_loopback(settings.host):
+        warnings.append(
+            f"serving the gRPC API on {settings.host} without authentication (insecure = true): "
+            "anyone who can reach the port can call it and read every result"
+        )
+    elif access.required and settings.tls_cert_file is None and not is_loopback(settings.host):
+        warnings.append(
+            f"tokens cross the network to {settings.host} in clear; set tls_cert_file and "
+            "tls_key_file so the API speaks TLS"
+        )
+    cloud_tls = None
+    if settings.cloud_ca_file is not None or settings.cloud_client_cert is not None:
+        cloud_tls = CloudTls(
+            settings.cloud_ca_file, settings.cloud_client_cert, settings.cloud_client_key
+        )
+        try:
+            cloud_tls.context()  # now, so a bad file stops the start with its name
+        except (OSError, ssl.SSLError) as exc:
+            raise CredentialsError(f"cloud TLS files: {exc}") from None
+    return Credentials(device_key, access, keyring, cloud_tls, warnings)
+
+
+def _device_key(path: Path | None, warnings: list[str]) -> str | None:
+    if path is None:
+        return None
+    _note(check_secret_file(path, "device key file"), warnings)
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise CredentialsError(f"device key file {path} is empty")
+    return key
+
+
+def _note(warning: str | None, warnings: list[str]) -> None:
+    if warning is not None:
+        warnings.append(warning)
