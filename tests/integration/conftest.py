@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +24,14 @@ def agent_ready(daemon: Daemon) -> bool:
     return bool(triton.InferenceServerClient(daemon.address("grpc")).is_server_ready())
 
 
-def start_agent(workdir: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
+def start_agent(
+    workdir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready: Callable[[Daemon], bool] = agent_ready,
+) -> Daemon:
+    """`edge-agent serve` on ports 0; `ready` says when it serves (an agent that asks callers
+    for a token needs a client that has one)."""
     return start_daemon(
         "edge-agent",
         [
@@ -38,7 +45,7 @@ def start_agent(workdir: Path, *args: str, env: dict[str, str] | None = None) ->
             *args,
         ],
         workdir,
-        ready=agent_ready,
+        ready=ready,
         env=env,
     )
 
@@ -109,6 +116,7 @@ def start_agent_with_cloud(
     proxy: FaultProxy,
     *args: str,
     env: dict[str, str] | None = None,
+    ready: Callable[[Daemon], bool] = agent_ready,
 ) -> Daemon:
     """An agent escalating to `gateway` through `proxy`, probing the link often, so a cut or a
     black hole shows within a few seconds."""
@@ -126,6 +134,7 @@ def start_agent_with_cloud(
         str(key_file),
         *args,
         env={**fast_probes, **(env or {})},
+        ready=ready,
     )
 
 
