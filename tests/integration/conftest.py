@@ -120,8 +120,10 @@ def start_agent_with_cloud(
 ) -> Daemon:
     """An agent escalating to `gateway` through `proxy`, probing the link often, so a cut or a
     black hole shows within a few seconds."""
+    workdir.mkdir(parents=True, exist_ok=True)
     key_file = workdir / "device.key"
     key_file.write_text(gateway.key, encoding="utf-8")
+    key_file.chmod(0o600)  # as the agent wants its key: private
     fast_probes = {
         "EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.3",
         "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5",
