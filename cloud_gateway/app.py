@@ -148,10 +148,11 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
             _purge_periodically(store, settings.idempotency_cleanup_interval_s)
         )
         log.info(
-            "serving %s models (%s idempotency store)",
+            "serving %s models (%s idempotency store%s)",
             backend.name,
             store.name,
-        )
+            "" if settings.idempotency_store == "sqlite" else f" at {settings.idempotency_store}",
+        )  # a password in the store's URL is masked by the log handlers (RedactSecrets)
         try:
             yield {STATE_KEY: connections}  # read by every connection (connections.py)
         finally:
