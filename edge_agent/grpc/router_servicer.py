@@ -6,6 +6,7 @@ A caller sees the results of its own requests only: the owner of a ticket is the
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,17 +18,21 @@ from edge_agent.grpc.auth import current_caller
 from edge_agent.grpc.convert import encode_status, encode_ticket_result
 from edge_agent.grpc.status import status_for
 from edge_agent.metrics import AgentMetrics
-from router import Router
+from router import Router, TicketResult
 
 __all__ = ["RouterServicer"]
 
 _OK = grpc.StatusCode.OK.name
+_ENCODED_KEPT = 256
 
 
 class RouterServicer(rpb_grpc.RouterServiceServicer):
     def __init__(self, router: Router, metrics: AgentMetrics) -> None:
         self.router = router
         self.metrics = metrics
+        # The watchers of one owner are handed the same TicketResult for an end: encoded once
+        # for all of them, not once per stream. Keyed by identity; the value keeps it alive.
+        self._encoded: OrderedDict[int, tuple[TicketResult, rpb.TicketResult]] = OrderedDict()
 
     async def GetResult(
         self, request: rpb.GetResultRequest, context: grpc.aio.ServicerContext
@@ -52,7 +57,17 @@ class RouterServicer(rpb_grpc.RouterServiceServicer):
         self.metrics.count_request("WatchResults", "", _OK)
         # Ends only when the caller goes away (grpc cancels this generator) or the agent stops.
         async for result in results:
-            yield encode_ticket_result(result)
+            yield self._encode(result)
+
+    def _encode(self, result: TicketResult) -> rpb.TicketResult:
+        kept = self._encoded.get(id(result))
+        if kept is not None and kept[0] is result:
+            return kept[1]
+        message = encode_ticket_result(result)
+        self._encoded[id(result)] = (result, message)
+        if len(self._encoded) > _ENCODED_KEPT:
+            self._encoded.popitem(last=False)
+        return message
 
     async def Status(
         self, request: rpb.StatusRequest, context: grpc.aio.ServicerContext
