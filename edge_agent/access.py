@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_runtime import InvalidInput
-from model_runtime.private_files import InsecureSecretFile, check_secret_file
+from model_runtime.private_files import SecretFileError, read_secret_text
 
 __all__ = [
     "ANONYMOUS",
@@ -143,14 +143,10 @@ def read_token_file(path: Path) -> tuple[dict[str, str], str | None]:
     """name -> token from `path`: one `<name> <token>` per line, `#` comments; tokens of at
     least 16 characters (`openssl rand -hex 32`). Raises TokenFileError."""
     try:
-        warning = check_secret_file(path, "token file")
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except InsecureSecretFile as exc:
+        text, warning = read_secret_text(path, "token file")
+    except SecretFileError as exc:
         raise TokenFileError(str(exc)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenFileError(
-            f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+    lines = text.splitlines()
     tokens: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         text = line.strip()

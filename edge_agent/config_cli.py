@@ -16,7 +16,7 @@ import typer
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.logs import redact
-from model_runtime.private_files import InsecureSecretFile, check_secret_file
+from model_runtime.private_files import SecretFileError, read_secret_text
 
 __all__ = ["config_app"]
 
@@ -73,14 +73,11 @@ def _check_paths(settings: AgentSettings) -> list[str]:
     key_file = settings.device_key_file
     if key_file is not None:
         try:
-            check_secret_file(key_file, "device key file")  # refused if others may write it
             # Read to see that it can be, and is not empty; the key itself is never shown.
-            if not key_file.read_text(encoding="utf-8").strip():
+            if not read_secret_text(key_file, "device key file")[0]:
                 problems.append(f"device_key_file: {key_file} is empty")
-        except InsecureSecretFile as exc:
+        except SecretFileError as exc:
             problems.append(f"device_key_file: {exc}")
-        except OSError as exc:
-            problems.append(f"device_key_file: cannot read {key_file}: {exc.strerror}")
     state = settings.state_dir
     existing = next((p for p in (state, *state.parents) if p.exists()), Path("."))
     if not existing.is_dir():

@@ -11,7 +11,7 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
-from model_runtime.private_files import InsecureSecretFile, check_secret_file
+from model_runtime.private_files import SecretFileError, check_secret_file, read_secret_text
 from router.cloud_client import CloudTls
 
 __all__ = ["Credentials", "CredentialsError", "load_credentials"]
@@ -45,7 +45,7 @@ def load_credentials(settings: AgentSettings) -> Credentials:
         for path in (settings.tls_key_file, settings.cloud_client_key):
             if path is not None:
                 _note(check_secret_file(path, "TLS private key file"), warnings)
-    except (TokenFileError, DataKeyError, InsecureSecretFile) as exc:
+    except (TokenFileError, DataKeyError, SecretFileError) as exc:
         raise CredentialsError(str(exc)) from None
     except OSError as exc:
         raise CredentialsError(f"cannot read {exc.filename}: {exc.strerror}") from None
@@ -76,8 +76,8 @@ def load_credentials(settings: AgentSettings) -> Credentials:
 def _device_key(path: Path | None, warnings: list[str]) -> str | None:
     if path is None:
         return None
-    _note(check_secret_file(path, "device key file"), warnings)
-    key = path.read_text(encoding="utf-8").strip()
+    key, warning = read_secret_text(path, "device key file")
+    _note(warning, warnings)
     if not key:
         raise CredentialsError(f"device key file {path} is empty")
     return key

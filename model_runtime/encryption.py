@@ -12,7 +12,6 @@ was turned on and are read as they are.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from model_runtime.private_files import InsecureSecretFile, check_secret_file
+from model_runtime.private_files import SecretFileError, read_secret_text
 
 __all__ = [
     "KEY_BYTES",
@@ -78,15 +77,12 @@ class DataKey:
         """The key in `path` (32 random bytes, base64: `openssl rand -base64 32`) and a
         warning about the file's mode, if any. Raises DataKeyError naming the file."""
         try:
-            warning = check_secret_file(path, "encryption key file")
-            text = Path(path).read_text(encoding="ascii").strip()
-        except InsecureSecretFile as exc:
+            text, warning = read_secret_text(path, "encryption key file")
+        except SecretFileError as exc:
             raise DataKeyError(str(exc)) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataKeyError(f"cannot read encryption key file {path}: {_why(exc)}") from None
         try:
             secret = base64.b64decode(text, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character outside ASCII
             raise DataKeyError(
                 f"encryption key file {path}: not base64; make one with "
                 f"`openssl rand -base64 32 > {path}`"
@@ -169,7 +165,3 @@ def sealed_key_id_sql(column: str) -> str:
         f"CASE WHEN substr({column}, 1, {len(MAGIC)}) = x'{MAGIC.hex()}'"
         f" THEN substr({column}, {start}, {end}) END"
     )
-
-
-def _why(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc)

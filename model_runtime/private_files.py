@@ -13,9 +13,11 @@ __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
     "InsecureSecretFile",
+    "SecretFileError",
     "check_secret_file",
     "private_dir",
     "private_file",
+    "read_secret_text",
     "restrict_umask",
     "write_private_bytes",
 ]
@@ -24,7 +26,11 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
 
-class InsecureSecretFile(Exception):
+class SecretFileError(Exception):
+    """A secret file cannot be used; the message names it and says why."""
+
+
+class InsecureSecretFile(SecretFileError):
     """A secret file others could write: whoever can write it can replace the secret."""
 
     def __init__(self, what: str, path: Path, mode: int) -> None:
@@ -74,6 +80,18 @@ def write_private_bytes(path: Path, data: bytes) -> None:
             f.write(data)
     finally:
         os.close(fd)
+
+
+def read_secret_text(path: Path, what: str) -> tuple[str, str | None]:
+    """The text of secret file `path` (`what` names it in messages), stripped, and a warning to
+    log if others may read it. Raises SecretFileError (InsecureSecretFile if others may write
+    it)."""
+    try:
+        warning = check_secret_file(path, what)
+        return Path(path).read_text(encoding="utf-8").strip(), warning
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise SecretFileError(f"cannot read {what} {path}: {why}") from None
 
 
 def check_secret_file(path: Path, what: str) -> str | None:

@@ -120,10 +120,7 @@ def start_agent_with_cloud(
 ) -> Daemon:
     """An agent escalating to `gateway` through `proxy`, probing the link often, so a cut or a
     black hole shows within a few seconds."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    key_file = workdir / "device.key"
-    key_file.write_text(gateway.key, encoding="utf-8")
-    key_file.chmod(0o600)  # as the agent wants its key: private
+    key_file = write_device_key(workdir, gateway)
     fast_probes = {
         "EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.3",
         "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5",
@@ -138,6 +135,16 @@ def start_agent_with_cloud(
         env={**fast_probes, **(env or {})},
         ready=ready,
     )
+
+
+def write_device_key(workdir: Path, gateway: Gateway, mode: int = 0o600) -> Path:
+    """`workdir`/device.key holding the gateway's key for its device, private by default (as
+    the agent wants its key)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_file = workdir / "device.key"
+    key_file.write_text(gateway.key, encoding="utf-8")
+    key_file.chmod(mode)
+    return key_file
 
 
 def model_runs(gateway: Gateway) -> float:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import trustme
@@ -23,6 +22,7 @@ from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import HELDOUT
 from tests.integration.conftest import collect_stream, start_agent, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
+from tests.integration.test_audit_agent import metric
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import BIN, Daemon, wait_until
 
@@ -41,18 +41,6 @@ def infer_request(i: int, **parameters: str) -> pb.ModelInferRequest:
     for key, value in parameters.items():
         request.parameters[key].string_param = value
     return request
-
-
-def metric(agent: Daemon, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://{agent.address('metrics')}/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from tests.integration.conftest import start_agent, start_agent_with_cloud
+from tests.integration.conftest import start_agent, start_agent_with_cloud, write_device_key
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.integration.test_audit_agent import UNSURE, X, link_up
 from tests.integration.test_hard_examples_agent import delivered
@@ -135,9 +135,7 @@ def test_everything_the_daemons_create_is_private_under_umask_022(
 def test_a_device_key_file_others_may_write_is_refused_one_they_may_read_warned(
     tmp_path: Path, gateway: Gateway, proxy: FaultProxy
 ) -> None:
-    key_file = tmp_path / "device.key"
-    key_file.write_text(gateway.key)
-    key_file.chmod(0o666)
+    key_file = write_device_key(tmp_path, gateway, mode=0o666)
     done = subprocess.run(
         [str(BIN / "edge-agent"), "serve", "--port", "0", "--metrics-port", "0",
          "--state-dir", str(tmp_path / "s"), "--cloud-url", proxy.url,

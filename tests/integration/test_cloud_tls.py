@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.conftest import start_agent
+from tests.integration.conftest import start_agent, write_device_key
 from tests.integration.gateway.helpers import DEVICE, Gateway
 from tests.integration.test_agent_router import UNSURE, ask, params
 from tests.support.tls_terminator import TlsTerminator
@@ -44,9 +44,7 @@ def test_the_agent_escalates_over_mtls_with_a_private_ca(
     tmp_path: Path, gateway: Gateway, cloud_ca: trustme.CA, terminator: TlsTerminator
 ) -> None:
     device = cloud_ca.issue_cert(f"{DEVICE}.devices", common_name=DEVICE)
-    key_file = tmp_path / "device.key"
-    key_file.write_text(gateway.key)
-    key_file.chmod(0o600)
+    key_file = write_device_key(tmp_path, gateway)
     agent = start_agent(
         tmp_path,
         "--cloud-url", terminator.url,
@@ -66,9 +64,7 @@ def test_the_agent_escalates_over_mtls_with_a_private_ca(
 def test_without_the_private_ca_the_cloud_is_not_trusted(
     tmp_path: Path, gateway: Gateway, terminator: TlsTerminator
 ) -> None:
-    key_file = tmp_path / "device.key"
-    key_file.write_text(gateway.key)
-    key_file.chmod(0o600)
+    key_file = write_device_key(tmp_path, gateway)
     agent = start_agent(tmp_path, "--cloud-url", terminator.url, "--device-key-file", str(key_file))
     try:
         p = params(ask(agent, int(UNSURE[0]), escalation="always"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.conftest import start_agent
+from tests.integration.conftest import start_agent, write_device_key
 from tests.integration.gateway.helpers import Gateway, infer_body, start_gateway
 from tests.integration.test_audit_agent import UNSURE, X, ask
 from tests.support.fault_proxy import FaultProxy
@@ -25,9 +25,7 @@ SECRET = "S3cr3t-pw-4242"
 def test_a_password_in_the_cloud_url_never_reaches_the_agents_log(
     tmp_path: Path, gateway: Gateway, proxy: FaultProxy
 ) -> None:
-    key_file = tmp_path / "device.key"
-    key_file.write_text(gateway.key)
-    key_file.chmod(0o600)
+    key_file = write_device_key(tmp_path, gateway)
     url = proxy.url.replace("http://", f"http://ops:{SECRET}@")
     agent = start_agent(
         tmp_path, "--log-level", "DEBUG", "--cloud-url", url, "--device-key-file", str(key_file)
