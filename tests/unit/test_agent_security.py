@@ -205,3 +205,20 @@ def test_bad_key_files_are_refused_with_their_name(tmp_path: Path) -> None:
     _key_file(tmp_path, "data.key").chmod(0o666)
     with pytest.raises(DataKeyError, match="writable"):
         Keyring.load(path)
+
+
+def test_a_calibration_backup_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    from model_runtime.model_config import ModelConfig, write_model_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("threshold = 0.5\n")
+    path.chmod(0o644)  # the config itself stays readable by the agent's user
+    previous = os.umask(0o022)
+    try:
+        backup = write_model_config(path, ModelConfig(threshold=0.7))
+    finally:
+        os.umask(previous)
+    assert backup is not None
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert backup.read_text() == "threshold = 0.5\n"
+    assert path.stat().st_mode & 0o777 == 0o644
