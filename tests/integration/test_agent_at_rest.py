@@ -97,28 +97,30 @@ def test_everything_the_daemons_create_is_private_under_umask_022(
     key_db = tmp_path / "keys" / "keys.sqlite3"
     gateway_state = tmp_path / "gw" / "state"
     gw = start_gateway(tmp_path / "gw", key_db=key_db)  # its state dir is its own to make
-    with FaultProxy("127.0.0.1", gw.daemon.ports["http"]) as proxy:
-        agent = start_agent_with_cloud(
-            tmp_path / "agent", gw, proxy, env={"EDGE_AGENT_HARD_EXAMPLES_RETENTION_DAYS": "1"}
-        )
-        try:
-            queue_and_deliver(agent, proxy, tmp_path / "agent" / "state")
-            port_files = [p for p in (tmp_path / "agent").iterdir() if p.suffix == ".json"]
-            agent_modes = modes(tmp_path / "agent" / "state")
-            gateway_modes = modes(gateway_state)
-            port_modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in port_files}
-            out = tmp_path / "export" / "hard.npz"
-            out.parent.mkdir()
-            done = subprocess.run(
-                [str(BIN / "edge-agent"), "export-hard-examples", "--out", str(out),
-                 "--state-dir", str(tmp_path / "agent" / "state")],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert done.returncode == 0, done.stderr
-            export_mode = stat.S_IMODE(out.stat().st_mode)
-        finally:
-            agent.stop()
-            gw.daemon.stop()
+    try:
+        with FaultProxy("127.0.0.1", gw.daemon.ports["http"]) as proxy:
+            agent = start_agent_with_cloud(
+                tmp_path / "agent", gw, proxy, env={"EDGE_AGENT_HARD_EXAMPLES_RETENTION_DAYS": "1"}
+            )
+            try:
+                queue_and_deliver(agent, proxy, tmp_path / "agent" / "state")
+                port_files = [p for p in (tmp_path / "agent").iterdir() if p.suffix == ".json"]
+                agent_modes = modes(tmp_path / "agent" / "state")
+                gateway_modes = modes(gateway_state)
+                port_modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in port_files}
+                out = tmp_path / "export" / "hard.npz"
+                out.parent.mkdir()
+                done = subprocess.run(
+                    [str(BIN / "edge-agent"), "export-hard-examples", "--out", str(out),
+                     "--state-dir", str(tmp_path / "agent" / "state")],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+                export_mode = stat.S_IMODE(out.stat().st_mode)
+            finally:
+                agent.stop()
+    finally:
+        gw.daemon.stop()
     # the queue, budget and hard examples with their -wal and -shm, the lock; the gateway's
     # idempotency file with its -wal and -shm
     for expected in ("queue.sqlite-wal", "queue.sqlite-shm", "hard_examples.sqlite", "agent.lock"):

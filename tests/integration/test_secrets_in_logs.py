@@ -52,7 +52,12 @@ def _redis_with_password(tmp_path: Path) -> subprocess.Popen[bytes]:
          "--appendonly", "no", "--requirepass", SECRET],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    wait_until(socket_path.exists, 10.0, what="redis-server's socket")
+    try:
+        wait_until(socket_path.exists, 10.0, what="redis-server's socket")
+    except BaseException:
+        process.kill()
+        process.wait(10)
+        raise
     return process
 
 
