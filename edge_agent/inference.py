@@ -142,7 +142,9 @@ class InferenceService:
         model.check_input_names(list(request.inputs))
         model.check_output_names(request.outputs, extra=ROUTING_OUTPUTS)
         wishes = CallerWishes.from_parameters(
-            request.parameters, default_ttl_seconds=self.default_ttl_seconds
+            request.parameters,
+            default_ttl_seconds=self.default_ttl_seconds,
+            priorities=self.router.config.priorities,
         )
         owner = request.caller.owner(check_client_id(request.parameters.get(CLIENT_ID_PARAMETER)))
         items = _batch_size(request.inputs)

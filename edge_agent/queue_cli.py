@@ -22,7 +22,6 @@ from rich.table import Table
 
 from edge_agent.settings import SettingsError, load_settings
 from router.config import QUEUE_FILE
-from router.decision import MAX_PRIORITY, MIN_PRIORITY
 from router.durable_queue import ROW_OVERHEAD_BYTES
 from router.queue_schema import QUEUE_MIGRATIONS, ItemState
 
@@ -145,9 +144,13 @@ def status(state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
     for state in ItemState:
         states.add_row(state.value, str(by_state.get(state.value, 0)))
     console.print(states)
-    waiting = Table("priority", "waiting items", title="waiting (pending and in flight)")
-    for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
-        waiting.add_row(str(p), str(by_priority.get(p, 0)))
+    waiting = Table(
+        "priority", "waiting items", title="waiting (pending and in flight; priority 1 first)"
+    )
+    for p in sorted(by_priority):
+        waiting.add_row(str(p), str(by_priority[p]))
+    if not by_priority:
+        waiting.add_row("—", "0")
     console.print(waiting)
     facts = Table("", "", show_header=False, title="figures")
     facts.add_row("oldest waiting item", "none" if oldest is None else f"{_age(now - oldest)} old")
@@ -183,7 +186,7 @@ def list_items(
         rows = conn.execute(
             "SELECT ticket, model, state, priority, enqueued_at, expires_at, attempts,"
             f" finished_at, last_error FROM items WHERE state IN ({marks})"
-            " ORDER BY finished_at IS NOT NULL, priority DESC, enqueued_at, seq LIMIT ?",
+            " ORDER BY finished_at IS NOT NULL, priority, enqueued_at, seq LIMIT ?",
             (*states, limit),
         ).fetchall()
     table = Table(title=f"{len(rows)} of {total} item(s) in state {', '.join(states)}")

@@ -29,7 +29,7 @@ from model_runtime.v2_json import encode_infer_request
 from router.budget import DataBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import encode_body
-from router.decision import MIN_PRIORITY, Reason
+from router.decision import Reason
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, ItemState, ItemStatus
 from router.errors import QueueFull, TicketNotFound
 from router.queue_schema import END_STATES
@@ -38,7 +38,6 @@ from router.tickets import AUDIT_PREFIX, decode_result, is_audit
 
 __all__ = [
     "AUDIT_MIGRATIONS",
-    "AUDIT_PRIORITY",
     "AUDIT_QUEUE_FILL",
     "AUDIT_RESULTS",
     "SAMPLE_OUTCOMES",
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.generic]
 
-AUDIT_PRIORITY = MIN_PRIORITY
 AUDIT_QUEUE_FILL = 0.5
 """Audits are queued only while the queue, with them, stays within this share of its cap: the
 other half is headroom that no race between the check and the commit can use up, so an audit
@@ -261,7 +259,12 @@ class Auditor:
             )
             kept = True
             await self._queue.enqueue(
-                ticket, cloud_model, body, priority=AUDIT_PRIORITY, ttl_s=self.ttl_s
+                # the least urgent level: an audit never goes before a request
+                ticket,
+                cloud_model,
+                body,
+                priority=self._queue.priority_levels,
+                ttl_s=self.ttl_s,
             )
         except Exception as exc:
             if kept:

@@ -12,7 +12,13 @@ from pathlib import Path
 from model_runtime.encryption import Keyring
 from router.cloud_client import CloudTls
 from router.connectivity import MonitorConfig
-from router.decision import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
+from router.decision import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TTL_SECONDS,
+    MAX_TTL_SECONDS,
+    PRIORITY_LEVELS,
+    PriorityScale,
+)
 from router.durable_queue import FullPolicy
 from router.policy import BudgetMode
 from router.retrying import RetryPolicy
@@ -93,7 +99,13 @@ class RouterConfig:
     purge_interval_s: float = 600.0
     """How often ended items past `results_retention_s` are deleted."""
     queue_ageing_s: float | None = 600.0
+    """A waiting item moves up one priority level per this many seconds; None or 0: never."""
     queue_lease_s: float = 300.0
+    """A claimed item not settled within this long is claimed again (a lost call)."""
+    priority_levels: int = PRIORITY_LEVELS
+    """Priority levels, as Triton numbers them: 1 is the most urgent, this the least."""
+    default_priority: int = DEFAULT_PRIORITY
+    """The level of a request that sends priority 0 or none."""
     max_connections: int = 4
     """Connections of the live calls' pool; the forwarder's pool has at least
     `drain_concurrency`."""
@@ -184,11 +196,28 @@ class RouterConfig:
             raise ValueError(
                 f"max_watchers: must be an integer >= 1 or None, got {self.max_watchers!r}"
             )
+        if not (
+            self.queue_ageing_s is None
+            or (
+                isinstance(self.queue_ageing_s, int | float)
+                and math.isfinite(self.queue_ageing_s)
+                and self.queue_ageing_s >= 0
+            )
+        ):
+            raise ValueError(
+                f"queue_ageing_s: must be a finite number >= 0 (0: no ageing), "
+                f"got {self.queue_ageing_s!r}"
+            )
+        PriorityScale(self.priority_levels, self.default_priority)  # ValueError naming either
         if self.breaker_failures < 1:
             raise ValueError(f"breaker_failures: must be >= 1, got {self.breaker_failures!r}")
         object.__setattr__(self, "full_policy", FullPolicy(self.full_policy))
         object.__setattr__(self, "budget_mode", BudgetMode(self.budget_mode))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+
+    @property
+    def priorities(self) -> PriorityScale:
+        return PriorityScale(self.priority_levels, self.default_priority)
 
     @property
     def cloud_configured(self) -> bool:

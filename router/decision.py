@@ -16,22 +16,26 @@ from model_runtime.errors import InvalidInput
 __all__ = [
     "DEFAULT_PRIORITY",
     "DEFAULT_TTL_SECONDS",
-    "MAX_PRIORITY",
+    "MAX_PRIORITY_LEVELS",
     "MAX_TTL_SECONDS",
-    "MIN_PRIORITY",
+    "PRIORITY_LEVELS",
     "CallerWishes",
     "Decision",
     "Escalation",
     "LinkState",
     "LinkView",
+    "PriorityScale",
     "Reason",
     "Route",
 ]
 
-MIN_PRIORITY = 0
-MAX_PRIORITY = 9
+PRIORITY_LEVELS = 10
 DEFAULT_PRIORITY = 5
-"""Priorities run 0 (least urgent) to 9 (most urgent); the middle default lets callers go both ways."""
+"""Triton's convention: level 1 is the most urgent, PRIORITY_LEVELS the least; a request that
+sends 0 or no priority gets DEFAULT_PRIORITY. Queues written when this project read 0-9 as
+higher-first are migrated as 10 - p, which keeps their order and their default, 5."""
+MAX_PRIORITY_LEVELS = 32
+"""Levels are a label of the queue-depth metric: a bounded set."""
 
 DEFAULT_TTL_SECONDS = 24 * 3600.0
 MAX_TTL_SECONDS = 7 * 24 * 3600.0
@@ -115,6 +119,51 @@ class LinkView:
 
 
 @dataclass(frozen=True, slots=True)
+class PriorityScale:
+    """How many priority levels there are and which one a request gets when it names none.
+
+    As Triton numbers them (`priority_levels`, `default_priority_level` of its model config):
+    1 is the most urgent, `levels` the least, and 0 stands for `default`, so a client that sends
+    nothing (tritonclient omits `priority=0`) and one that sends 0 get the same level.
+    """
+
+    levels: int = PRIORITY_LEVELS
+    default: int = DEFAULT_PRIORITY
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.levels) or not 1 <= self.levels <= MAX_PRIORITY_LEVELS:
+            raise ValueError(
+                f"priority_levels: must be an integer 1..{MAX_PRIORITY_LEVELS}, got {self.levels!r}"
+            )
+        if not _is_int(self.default) or not 1 <= self.default <= self.levels:
+            raise ValueError(
+                f"default_priority: must be an integer 1..{self.levels} (priority_levels), "
+                f"got {self.default!r}"
+            )
+
+    @property
+    def lowest(self) -> int:
+        """The least urgent level (audits wait there)."""
+        return self.levels
+
+    def resolve(self, value: int) -> int:
+        """The level of a request that sent `value`; ValueError outside 0..levels."""
+        if not _is_int(value) or not 0 <= value <= self.levels:
+            raise ValueError(f"must be an integer {self.describe()}, got {value!r}")
+        return value or self.default
+
+    def describe(self) -> str:
+        return (
+            f"0..{self.levels} (1 most urgent, {self.levels} least; 0 or none: the default, "
+            f"{self.default})"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
 class CallerWishes:
     """What the caller asked for in the request parameters; defaults when a parameter is absent."""
 
@@ -129,12 +178,14 @@ class CallerWishes:
         *,
         default_ttl_seconds: float = DEFAULT_TTL_SECONDS,
         max_ttl_seconds: float = MAX_TTL_SECONDS,
+        priorities: PriorityScale | None = None,
     ) -> CallerWishes:
         """Read `escalation`, `priority` and `ttl_seconds` from plain request parameter values.
 
         Other parameters are ignored (they belong to the protocol or the model). Values may be
-        given as strings too, since some clients can only send string parameters. Raises
-        InvalidInput naming the parameter, e.g. `parameters.priority: must be an integer 0..9`.
+        given as strings too, since some clients can only send string parameters. `priority`
+        follows `priorities` (default: PriorityScale(); 0 or absent: its default level). Raises InvalidInput naming the
+        parameter, e.g. `parameters.priority: must be an integer 0..10 (...), got 11`.
         """
         escalation = Escalation.AUTO
         if "escalation" in parameters:
@@ -146,17 +197,19 @@ class CallerWishes:
                 raise InvalidInput(
                     "parameters.escalation", f"must be one of {allowed}, got {value!r}", "parameter"
                 ) from None
-        priority = DEFAULT_PRIORITY
+        priorities = priorities or PriorityScale()
+        priority = priorities.default
         if "priority" in parameters:
             value = parameters["priority"]
             parsed = _as_int(value)
-            if parsed is None or not MIN_PRIORITY <= parsed <= MAX_PRIORITY:
+            try:
+                priority = priorities.resolve(parsed if parsed is not None else -1)
+            except ValueError:
                 raise InvalidInput(
                     "parameters.priority",
-                    f"must be an integer {MIN_PRIORITY}..{MAX_PRIORITY}, got {value!r}",
+                    f"must be an integer {priorities.describe()}, got {value!r}",
                     "parameter",
-                )
-            priority = parsed
+                ) from None
         ttl = default_ttl_seconds
         if "ttl_seconds" in parameters:
             value = parameters["ttl_seconds"]

@@ -2,9 +2,10 @@
 
 All SQLite work runs on one `SqliteWorker` thread; concurrent enqueues share one commit (one fsync).
 
-Order: highest effective priority first, where effective priority = priority + one level for every
-`ageing_s` seconds waited (so a low-priority item cannot starve behind a stream of urgent ones);
-ties go to the oldest item, then to the first enqueued.
+Priorities follow Triton's convention: level 1 is the most urgent, `priority_levels` the least.
+Order: the most urgent effective level first, where an item's effective level is its level less one
+for every `ageing_s` seconds it has waited (so a low-priority item cannot starve behind a stream of
+urgent ones); ties go to the oldest item, then to the first enqueued.
 
 Life of an item: pending -> in_flight (claimed under a lease) -> delivered; back to pending on
 `release`, on lease expiry, or when the process restarts. It ends in exactly one of delivered,
@@ -19,8 +20,8 @@ Disk cap: a waiting item is accounted as its payload + ROW_OVERHEAD_BYTES (colum
 entries, page slack), a finished one as its result (its payload is freed; the few dozen bytes of
 its row are left out, bounded by the retention that `purge` enforces). An enqueue that would take
 the total over `cap_bytes` is refused (QueueFull) under `refuse`; under `drop_oldest_lowest`
-pending items of the same or lower priority are dropped, lowest priority first, oldest first
-within a priority, until it fits (if they cannot make room, it is refused).
+pending items of the same or a less urgent level are dropped, least urgent first, oldest first
+within a level, until it fits (if they cannot make room, it is refused).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -42,7 +44,7 @@ from typing import Any
 
 from model_runtime.encryption import Keyring, sealed_key_id_sql
 from router.clock import Clock, SystemClock
-from router.decision import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from router.decision import DEFAULT_PRIORITY, PRIORITY_LEVELS, PriorityScale
 from router.errors import QueueFull, TicketNotFound
 from router.queue_schema import (
     END_STATES,
@@ -63,6 +65,8 @@ __all__ = [
     "QueueStats",
     "QueuedItem",
 ]
+
+log = logging.getLogger(__name__)
 
 ROW_OVERHEAD_BYTES = 256
 _TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -120,23 +124,29 @@ class DurableQueue:
         full_policy: FullPolicy = FullPolicy.REFUSE,
         ageing_s: float | None = 600.0,
         lease_s: float = 300.0,
+        priority_levels: int = PRIORITY_LEVELS,
         on_end: Callable[[Sequence[ItemStatus]], None] | None = None,
         keyring: Keyring | None = None,
     ) -> None:
         """Use `open`. `on_end` is called on the event loop, after the commit, with items that
-        ended. `keyring` seals what is stored and opens what was (none: stored as given)."""
+        ended. `keyring` seals what is stored and opens what was (none: stored as given).
+
+        Waiting items found at a level beyond `priority_levels` (the setting was lowered) are
+        moved to the least urgent level at open, and logged."""
         if cap_bytes is not None and cap_bytes < 0:
             raise ValueError(f"cap_bytes: must be >= 0 (0 or None: no cap), got {cap_bytes}")
         if ageing_s is not None and not ageing_s >= 0:
             raise ValueError(f"ageing_s: must be >= 0 (0 or None: no ageing), got {ageing_s}")
         if not lease_s > 0:
             raise ValueError(f"lease_s: must be > 0, got {lease_s}")
+        PriorityScale(priority_levels, 1)  # raises ValueError naming priority_levels
         self.path = Path(path)
         self.clock: Clock = clock or SystemClock()
         self.cap_bytes = cap_bytes or None
         self.full_policy = FullPolicy(full_policy)
         self.ageing_s = ageing_s or None
         self.lease_s = lease_s
+        self.priority_levels = priority_levels
         self.on_end = on_end
         self.keyring = keyring or Keyring()
         self.quarantined: list[Path] = []
@@ -184,6 +194,18 @@ class DurableQueue:
         opened.connection.execute(
             f"{_TO_PENDING}, last_error = 'interrupted by restart' WHERE state = 'in_flight'"
         )
+        moved = opened.connection.execute(
+            "UPDATE items SET priority = ? WHERE priority > ? AND finished_at IS NULL",
+            (self.priority_levels, self.priority_levels),
+        ).rowcount
+        if moved:
+            log.warning(
+                "%d queued item(s) waited at priority levels beyond priority_levels = %d;"
+                " they now wait at level %d",
+                moved,
+                self.priority_levels,
+                self.priority_levels,
+            )
         self._resync(opened.connection)
         return opened
 
@@ -225,8 +247,8 @@ class DurableQueue:
             raise ValueError(f"payload: must be bytes, got {type(payload).__name__}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
-        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-            raise ValueError(f"priority: must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
+        if not 1 <= priority <= self.priority_levels:
+            raise ValueError(f"priority: must be 1..{self.priority_levels}, got {priority}")
         if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError(f"ttl_s: must be a finite number of seconds > 0, got {ttl_s!r}")
         if not isinstance(owner, str):
@@ -273,7 +295,11 @@ class DurableQueue:
                     changes.counts[_REFUSED] = changes.counts.get(_REFUSED, 0) + 1
                     a.outcome = QueueFull(self._used + changes.used, self.cap_bytes)
                     continue
-                self._finish(conn, victims, ItemState.DROPPED, now, changes)
+                why = (
+                    f"dropped by the full-queue policy (drop_oldest_lowest): the queue was at its"
+                    f" cap of {self.cap_bytes} bytes when an item of priority {a.priority} came"
+                )
+                self._finish(conn, victims, ItemState.DROPPED, now, changes, error=why)
             rows.append(
                 (a.ticket, a.model, a.priority, now, now + a.ttl_s, payload, len(payload), a.owner)
             )
@@ -289,8 +315,8 @@ class DurableQueue:
         chosen: list[Any] = []
         freed = 0
         for row in conn.execute(
-            f"SELECT {_COLUMNS} FROM items WHERE state = 'pending' AND priority <= ?"
-            " ORDER BY priority, enqueued_at, seq",
+            f"SELECT {_COLUMNS} FROM items WHERE state = 'pending' AND priority >= ?"
+            " ORDER BY priority DESC, enqueued_at, seq",
             (priority,),
         ):
             chosen.append(row)
@@ -317,16 +343,16 @@ class DurableQueue:
         )
         changes = _Changes()
         self._expire(conn, now, changes)
-        # The best max_items overall are among the best max_items of each priority, and each
-        # priority's best are its oldest: ten short index scans instead of sorting the queue.
+        # The best max_items overall are among the best max_items of each level, and each
+        # level's best are its oldest: a short index scan per level, not a sort of the queue.
         candidates: list[Any] = []
-        for p in range(MIN_PRIORITY, MAX_PRIORITY + 1):
+        for p in range(1, self.priority_levels + 1):
             candidates += conn.execute(
                 "SELECT seq, priority, enqueued_at, payload_bytes FROM items"
                 " WHERE state = 'pending' AND priority = ? ORDER BY enqueued_at, seq LIMIT ?",
                 (p, max_items),
             ).fetchall()
-        candidates.sort(key=lambda r: (-self._effective(r[1], r[2], now), r[2], r[0]))
+        candidates.sort(key=lambda r: (self._effective(r[1], r[2], now), r[2], r[0]))
         items, size = list[QueuedItem](), 0
         for seq, _, _, n in candidates[:max_items]:
             if items and size + n > max_bytes:
@@ -347,9 +373,10 @@ class DurableQueue:
         return items
 
     def _effective(self, priority: int, enqueued_at: float, now: float) -> int:
+        """The level an item competes at: one more urgent per `ageing_s` waited."""
         if self.ageing_s is None:
             return priority
-        return priority + int(max(0.0, now - enqueued_at) // self.ageing_s)
+        return priority - int(max(0.0, now - enqueued_at) // self.ageing_s)
 
     async def mark_delivered(self, ticket: str, result: bytes) -> bool:
         """Record the cloud's answer; False if the item had already ended (e.g. delivered twice)."""
@@ -411,7 +438,8 @@ class DurableQueue:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM items WHERE state = 'pending' AND expires_at <= ?", (now,)
         ).fetchall()
-        self._finish(conn, rows, ItemState.EXPIRED, now, changes)
+        for row in rows:
+            self._finish(conn, [row], ItemState.EXPIRED, now, changes, error=_expired(row))
 
     async def purge(self, older_than_s: float) -> int:
         """Delete items that ended more than `older_than_s` ago; return how many."""
@@ -547,14 +575,14 @@ class DurableQueue:
 
     async def stats(self) -> QueueStats:
         def job(conn: sqlite3.Connection) -> QueueStats:
-            depth = dict.fromkeys(range(MIN_PRIORITY, MAX_PRIORITY + 1), 0)
+            depth = dict.fromkeys(range(1, self.priority_levels + 1), 0)
             in_flight = waiting = 0
             oldest: float | None = None
             for priority, state, n, size, first in conn.execute(
                 "SELECT priority, state, COUNT(*), SUM(payload_bytes), MIN(enqueued_at) FROM items"
                 " WHERE state IN ('pending', 'in_flight') GROUP BY priority, state"
             ):
-                depth[priority] += n
+                depth[priority] = depth.get(priority, 0) + n
                 waiting += size
                 if state == ItemState.IN_FLIGHT:
                     in_flight += n
@@ -594,3 +622,11 @@ def _settle_batch(batch: list[_Admission], job: asyncio.Future[None]) -> None:
 def _context(column: str, ticket: str) -> bytes:
     """What a sealed blob is bound to: its column and its row's ticket."""
     return f"queue.{column}\x00{ticket}".encode()
+
+
+def _expired(r: Any) -> str:
+    """Why an item (a row of _COLUMNS) expired, with what its last attempt met, if any."""
+    ttl = r[5] - r[4]
+    tried = f"{r[6]} attempt(s)" if r[6] else "no attempt"
+    text = f"expired: its ttl of {ttl:.0f} s passed before it could be delivered ({tried}"
+    return text + (f"; the last: {r[9]})" if r[9] else ")")

@@ -317,7 +317,7 @@ class Forwarder:
                 self._failed()
         else:
             log.warning("the cloud rejected ticket %s: %s", item.ticket, error)
-            await self._queue.mark_rejected(item.ticket, str(error))
+            await self._queue.mark_rejected(item.ticket, f"rejected by the cloud: {error}")
 
     def _failed(self) -> None:
         self._failures += 1

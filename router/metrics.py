@@ -23,7 +23,7 @@ from router.breaker import BreakerState
 from router.budget import DataBudget, PeriodUsage
 from router.cloud_client import AttemptRecord
 from router.connectivity import LinkSnapshot
-from router.decision import MAX_PRIORITY, MIN_PRIORITY, LinkState, Reason, Route
+from router.decision import LinkState, Reason, Route
 from router.durable_queue import QueueStats
 from router.errors import CircuitOpen, CloudRejected, CloudUnavailable
 
@@ -348,11 +348,11 @@ class _StateCollector(Collector):
             yield _gauge("link_rtt_seconds", "Smoothed round-trip time to the cloud.", r.rtt_s)
         depth = GaugeMetricFamily(
             f"{NS}_queue_depth_items",
-            "Items waiting or in flight, by priority.",
+            "Items waiting or in flight, by priority level (1 most urgent).",
             labels=["priority"],
         )
-        for p in range(MIN_PRIORITY, MAX_PRIORITY + 1):
-            depth.add_metric([str(p)], float(r.depth_by_priority.get(p, 0)))
+        for p, n in sorted(r.depth_by_priority.items()):
+            depth.add_metric([str(p)], float(n))
         yield depth
         yield _gauge("queue_used_bytes", "Disk the queue accounts for.", float(r.queue_used_bytes))
         if r.queue_cap_bytes is not None:

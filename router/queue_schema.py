@@ -55,6 +55,12 @@ QUEUE_MIGRATIONS: Sequence[Migration] = (
         "ALTER TABLE items ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX items_owner_end ON items (owner, end_seq) WHERE end_seq IS NOT NULL",
     ),
+    (
+        # Priorities follow Triton's convention from version 3 on: 1 is the most urgent. Rows
+        # written when 0-9 meant higher-first become 10 - p: the drain order is kept, and the
+        # old default 5 is the new default 5.
+        "UPDATE items SET priority = 10 - priority",
+    ),
 )
 
 

@@ -148,6 +148,7 @@ class Router:
             full_policy=config.full_policy,
             ageing_s=config.queue_ageing_s,
             lease_s=config.queue_lease_s,
+            priority_levels=config.priority_levels,
             on_end=self._on_end,
             keyring=config.keyring,
         )

@@ -107,13 +107,13 @@ def test_inspect_and_purge_the_queue_while_the_agent_runs(
 ) -> None:
     state = tmp_path / "state"
     cut_link(agent, proxy)
-    urgent = [escalate(agent, i, priority=8) for i in range(3)]
+    urgent = [escalate(agent, i, priority=2) for i in range(3)]  # Triton's order: 1 first
     short = [escalate(agent, i, ttl_seconds=1) for i in range(3, 5)]
 
     code, out = queue(state, "status")
     assert code == 0, out
     assert row(out, "pending", "5")
-    assert row(out, "8", "3")  # priority 8: three waiting
+    assert row(out, "2", "3")  # priority 2: three waiting
     assert row(out, "5", "2")
 
     code, out = queue(state, "list")
@@ -126,7 +126,7 @@ def test_inspect_and_purge_the_queue_while_the_agent_runs(
     code, out = queue(state, "show", urgent[0])
     assert code == 0, out
     assert row(out, "state", "pending")
-    assert row(out, "priority", "8")
+    assert row(out, "priority", "2")
     assert row(out, "model", "digits-large")
 
     code, out = queue(state, "show", "no-such-ticket")

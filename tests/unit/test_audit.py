@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry
 
 from edge_agent.settings import SettingsError, load_settings
 from model_runtime.v2_json import encode_infer_response
-from router.audit import AUDIT_PRIORITY, Auditor, AuditSampler, class_of
+from router.audit import Auditor, AuditSampler, class_of
 from router.budget import DataBudget
 from router.clock import FakeClock
 from router.config import RouterConfig
-from router.decision import CallerWishes, Reason
+from router.decision import PRIORITY_LEVELS, CallerWishes, Reason
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus
 from router.local_model import LocalAnswer
 from router.router import Router
@@ -173,11 +173,11 @@ async def test_an_audit_is_queued_after_the_answer_at_the_lowest_priority(parts:
     x = np.asarray([[0.25, 0.5, 0.125, 1.0]], dtype=np.float32)
     parts.auditor.consider("digits", "digits-large", {"X": x}, one_hot([3]), [CONFIDENT])
     # consider() only drew it: nothing is stored until the background task runs
-    assert (await parts.queue.stats()).depth_by_priority[AUDIT_PRIORITY] == 0
+    assert (await parts.queue.stats()).depth_by_priority[PRIORITY_LEVELS] == 0
     await parts.auditor.drain()
     (item,) = await parts.queue.claim_batch(10, 1 << 20)
     assert item.ticket.startswith("audit-")
-    assert item.priority == AUDIT_PRIORITY == 0
+    assert item.priority == PRIORITY_LEVELS == 10  # Triton's order: the least urgent level
     assert item.model == "digits-large"
     body = json.loads(item.payload)
     assert body["id"] == item.ticket
@@ -205,16 +205,18 @@ async def test_an_audit_never_pushes_a_request_out_of_the_queue(
 ) -> None:
     parts = await open_parts(tmp_path, cap=4_000, policy=policy)
     try:
-        # real requests at priority 0 nearly fill the cap: an audit would not fit, so the drop
-        # policy would drop the oldest of them to make room (the refuse policy: refuse it)
+        # real requests at the least urgent level nearly fill the cap: an audit would not fit,
+        # so the drop policy would drop the oldest of them to make room (refuse: refuse it)
         for i in range(5):
-            await parts.queue.enqueue(f"real-{i}", "digits-large", b"x" * 500, priority=0, ttl_s=60)
+            await parts.queue.enqueue(
+                f"real-{i}", "digits-large", b"x" * 500, priority=PRIORITY_LEVELS, ttl_s=60
+            )
         assert parts.queue.used_bytes > 4_000 - 300
         await parts.audit([3, 4])
         assert parts.samples("queue_full") == 2
         assert parts.samples("queued") == 0
         stats = await parts.queue.stats()
-        assert stats.depth_by_priority[0] == 5
+        assert stats.depth_by_priority[PRIORITY_LEVELS] == 5
         assert stats.ended["dropped"] == 0
         assert parts.auditor.waiting == 0
     finally:
@@ -226,7 +228,7 @@ async def test_audits_beyond_the_backlog_limit_are_skipped(tmp_path: Path) -> No
     try:
         await parts.audit([1, 2, 3])
         assert (parts.samples("queued"), parts.samples("backlog")) == (2, 1)
-        assert (await parts.queue.stats()).depth_by_priority[0] == 2
+        assert (await parts.queue.stats()).depth_by_priority[PRIORITY_LEVELS] == 2
     finally:
         await parts.close()
 

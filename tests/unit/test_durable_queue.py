@@ -20,6 +20,7 @@ import pytest
 from router.clock import FakeClock
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState, ItemStatus
 from router.errors import QueueFull, QueueSchemaTooNew, TicketNotFound
+from router.queue_schema import QUEUE_MIGRATIONS
 from router.sqlite_files import SqliteWorker, open_database
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -65,8 +66,9 @@ async def drain(q: DurableQueue) -> list[str]:
 # -- order ------------------------------------------------------------------------------------
 
 
-async def test_highest_priority_first_then_oldest(queue: DurableQueue, clock: FakeClock) -> None:
-    for ticket, priority in [("a", 1), ("b", 7), ("c", 1), ("d", 7), ("e", 9), ("f", 0)]:
+async def test_most_urgent_level_first_then_oldest(queue: DurableQueue, clock: FakeClock) -> None:
+    # Triton's order: level 1 is the most urgent, 10 the least
+    for ticket, priority in [("a", 9), ("b", 3), ("c", 9), ("d", 3), ("e", 1), ("f", 10)]:
         await put(queue, ticket, priority)
         clock.advance(1)
     assert await drain(queue) == ["e", "b", "d", "a", "c", "f"]
@@ -97,13 +99,64 @@ async def test_claimed_item_carries_what_was_enqueued(queue: DurableQueue) -> No
 async def test_ageing_lets_old_low_priority_items_overtake(path: Path, clock: FakeClock) -> None:
     q = await DurableQueue.open(path, clock=clock, ageing_s=60)
     try:
-        await put(q, "old-low", priority=2)
-        clock.advance(5 * 60)  # waited five levels: effective 7
-        await put(q, "new-6", priority=6)
-        await put(q, "new-7", priority=7)
-        await put(q, "new-8", priority=8)
-        # 8 > 7 (old, ties with new-7 but older) > new-7 > new-6
-        assert await drain(q) == ["new-8", "old-low", "new-7", "new-6"]
+        await put(q, "old-low", priority=8)
+        clock.advance(5 * 60)  # waited five levels: effective 3
+        await put(q, "new-4", priority=4)
+        await put(q, "new-3", priority=3)
+        await put(q, "new-2", priority=2)
+        # 2 before 3 (old, ties with new-3 but older) before new-3 before new-4
+        assert await drain(q) == ["new-2", "old-low", "new-3", "new-4"]
+    finally:
+        await q.close()
+
+
+async def test_a_queue_written_under_the_old_priorities_is_migrated_in_order(
+    path: Path, clock: FakeClock
+) -> None:
+    # Schema version 1 stored 0-9 with 9 the most urgent; Triton's 1 is the most urgent.
+    old = open_database(path, QUEUE_MIGRATIONS[:1], now=clock.wall).connection
+    with closing(old):
+        for seq, old_priority in enumerate([0, 9, 5, 3, 9, 7]):
+            old.execute(
+                "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state,"
+                " payload, payload_bytes) VALUES (?, 'digits', ?, ?, ?, 'pending', x'00', 1)",
+                (f"old-{old_priority}-{seq}", old_priority, T0 + seq, T0 + 3600),
+            )
+    q = await DurableQueue.open(path, clock=clock, ageing_s=None)
+    try:
+        items = await q.claim_batch(100, 10**6)
+        assert [(i.ticket, i.priority) for i in items] == [
+            ("old-9-1", 1),
+            ("old-9-4", 1),
+            ("old-7-5", 3),
+            ("old-5-2", 5),  # the old default is the new default
+            ("old-3-3", 7),
+            ("old-0-0", 10),
+        ]
+    finally:
+        await q.close()
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(QUEUE_MIGRATIONS)
+
+
+async def test_items_beyond_fewer_levels_wait_at_the_least_urgent_one(
+    path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = await DurableQueue.open(path, clock=clock)
+    try:
+        await put(q, "at-2", priority=2)
+        await put(q, "at-8", priority=8)
+    finally:
+        await q.close()
+    q = await DurableQueue.open(path, clock=clock, priority_levels=3)
+    try:
+        assert (
+            "1 queued item(s) waited at priority levels beyond priority_levels = 3" in caplog.text
+        )
+        assert (await q.get("at-8")).priority == 3
+        assert (await q.stats()).depth_by_priority == {1: 0, 2: 1, 3: 1}
+        with pytest.raises(ValueError, match=r"^priority: must be 1..3, got 4"):
+            await put(q, "at-4", priority=4)
     finally:
         await q.close()
 
@@ -135,6 +188,24 @@ async def test_ttl_expires_pending_items_and_records_it(path: Path, clock: FakeC
         }
     finally:
         await q.close()
+
+
+async def test_an_expired_item_says_why(queue: DurableQueue, clock: FakeClock) -> None:
+    await put(queue, "tried", ttl_s=60)
+    await put(queue, "never-tried", ttl_s=30)
+    clock.advance(1)
+    (item,) = await queue.claim_batch(1, 100)
+    assert item.ticket == "tried"
+    await queue.release("tried", "cloud unreachable: ConnectError")
+    clock.advance(60)
+    assert sorted(await queue.expire_due()) == ["never-tried", "tried"]
+    assert (await queue.get("never-tried")).last_error == (
+        "expired: its ttl of 30 s passed before it could be delivered (no attempt)"
+    )
+    assert (await queue.get("tried")).last_error == (
+        "expired: its ttl of 60 s passed before it could be delivered (1 attempt(s);"
+        " the last: cloud unreachable: ConnectError)"
+    )
 
 
 async def test_claim_never_hands_out_an_expired_item(queue: DurableQueue, clock: FakeClock) -> None:
@@ -277,23 +348,29 @@ async def test_drop_policy_drops_lowest_priority_oldest_first(path: Path, clock:
         on_end=ended.extend,
     )
     try:
-        for ticket, priority in [("p5-old", 5), ("p2-old", 2), ("p2-new", 2), ("p8", 8)]:
+        # levels as Triton numbers them: 1 is the most urgent
+        for ticket, priority in [("p5-old", 5), ("p8-old", 8), ("p8-new", 8), ("p2", 2)]:
             await put(q, ticket, priority, size=1000)
             clock.advance(1)
-        await put(q, "new-1", priority=6, size=1000)
-        await put(q, "new-2", priority=6, size=1000)
+        await put(q, "new-1", priority=4, size=1000)
+        await put(q, "new-2", priority=4, size=1000)
         assert [(s.ticket, s.state) for s in ended] == [
-            ("p2-old", ItemState.DROPPED),
-            ("p2-new", ItemState.DROPPED),
+            ("p8-old", ItemState.DROPPED),
+            ("p8-new", ItemState.DROPPED),
         ]
-        # A new low-priority item may not push out more urgent ones: it is refused instead.
+        why = (await q.get("p8-old")).last_error
+        assert why is not None
+        assert "dropped by the full-queue policy (drop_oldest_lowest)" in why
+        assert f"cap of {4 * ITEM} bytes" in why
+        assert "priority 4" in why
+        # A new less urgent item may not push out more urgent ones: it is refused instead.
         with pytest.raises(QueueFull):
-            await put(q, "new-0", priority=0, size=1000)
+            await put(q, "new-10", priority=10, size=1000)
         # Two drops can make room for one big item.
-        await put(q, "big", priority=9, size=1000 + ITEM)
+        await put(q, "big", priority=1, size=1000 + ITEM)
         assert (await q.get("p5-old")).state is ItemState.DROPPED
         assert (await q.get("new-1")).state is ItemState.DROPPED
-        assert await drain(q) == ["big", "p8", "new-2"]
+        assert await drain(q) == ["big", "p2", "new-2"]
         stats = await q.stats()
         assert stats.ended == {"delivered": 0, "expired": 0, "dropped": 4, "rejected": 0}
         assert stats.admission_rejected == 1
@@ -577,8 +654,8 @@ BAD: Sequence[tuple[dict[str, Any], str]] = [
     ({"ticket": "x" * 129}, "ticket"),
     ({"model": ""}, "model"),
     ({"payload": "text"}, "payload"),
-    ({"priority": 10}, "priority"),
-    ({"priority": -1}, "priority"),
+    ({"priority": 11}, "priority"),
+    ({"priority": 0}, "priority"),  # the queue stores levels; 0 is resolved by CallerWishes
     ({"priority": True}, "priority"),
     ({"ttl_s": 0}, "ttl_s"),
     ({"ttl_s": float("nan")}, "ttl_s"),
@@ -601,7 +678,7 @@ async def test_bad_input_names_the_field_and_stores_nothing(
     with pytest.raises(ValueError, match=f"^{field}:"):
         await queue.enqueue(**(args | override))
     assert queue.commits == 0
-    assert (await queue.stats()).depth_by_priority == dict.fromkeys(range(10), 0)
+    assert (await queue.stats()).depth_by_priority == dict.fromkeys(range(1, 11), 0)
 
 
 async def test_bad_claims_and_closed_queues_are_refused(queue: DurableQueue) -> None:
@@ -614,7 +691,14 @@ async def test_bad_claims_and_closed_queues_are_refused(queue: DurableQueue) -> 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("cap_bytes", -1), ("ageing_s", -5.0), ("lease_s", 0), ("full_policy", "evict")],
+    [
+        ("cap_bytes", -1),
+        ("ageing_s", -5.0),
+        ("lease_s", 0),
+        ("full_policy", "evict"),
+        ("priority_levels", 0),
+        ("priority_levels", 33),
+    ],
 )
 def test_bad_options_are_refused(path: Path, option: str, value: Any) -> None:
     with pytest.raises(ValueError, match=option if option != "full_policy" else "evict"):
@@ -622,14 +706,14 @@ def test_bad_options_are_refused(path: Path, option: str, value: Any) -> None:
 
 
 async def test_stats_report_depth_bytes_and_age(queue: DurableQueue, clock: FakeClock) -> None:
-    await put(queue, "a", priority=1, size=100)
+    await put(queue, "a", priority=9, size=100)
     clock.advance(30)
-    await put(queue, "b", priority=9, size=200)
-    await put(queue, "c", priority=9, size=300)
+    await put(queue, "b", priority=1, size=200)
+    await put(queue, "c", priority=1, size=300)
     await queue.claim_batch(1, 10**6)  # "b" in flight
     clock.advance(10)
     stats = await queue.stats()
-    assert stats.depth_by_priority == {p: {1: 1, 9: 2}.get(p, 0) for p in range(10)}
+    assert stats.depth_by_priority == {p: {9: 1, 1: 2}.get(p, 0) for p in range(1, 11)}
     assert (stats.in_flight, stats.waiting_payload_bytes) == (1, 600)
     assert stats.oldest_pending_age_s == 40
     assert stats.used_bytes == 600 + 3 * ROW_OVERHEAD_BYTES

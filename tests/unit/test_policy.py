@@ -18,6 +18,7 @@ from router.decision import (
     Escalation,
     LinkState,
     LinkView,
+    PriorityScale,
     Reason,
     Route,
 )
@@ -109,8 +110,10 @@ def test_wishes_defaults_and_unrelated_parameters_ignored() -> None:
     [
         ({"escalation": "never"}, CallerWishes(escalation=Escalation.NEVER)),
         ({"escalation": " ALWAYS "}, CallerWishes(escalation=Escalation.ALWAYS)),
-        ({"priority": 9}, CallerWishes(priority=9)),
-        ({"priority": "0"}, CallerWishes(priority=0)),
+        ({"priority": 1}, CallerWishes(priority=1)),
+        ({"priority": 10}, CallerWishes(priority=10)),
+        ({"priority": 0}, CallerWishes(priority=DEFAULT_PRIORITY)),  # Triton: 0 is the default
+        ({"priority": "0"}, CallerWishes(priority=DEFAULT_PRIORITY)),
         ({"priority": 3.0}, CallerWishes(priority=3)),
         ({"ttl_seconds": 60}, CallerWishes(ttl_seconds=60.0)),
         ({"ttl_seconds": "0.5"}, CallerWishes(ttl_seconds=0.5)),
@@ -130,11 +133,11 @@ def test_wishes_parsed(parameters: dict[str, object], expected: CallerWishes) ->
             "must be one of auto, never, always",
         ),
         ({"escalation": 1}, "parameters.escalation", "must be one of"),
-        ({"priority": 10}, "parameters.priority", "must be an integer 0..9"),
-        ({"priority": -1}, "parameters.priority", "0..9"),
-        ({"priority": True}, "parameters.priority", "0..9"),
-        ({"priority": 2.5}, "parameters.priority", "0..9"),
-        ({"priority": "high"}, "parameters.priority", "0..9"),
+        ({"priority": 11}, "parameters.priority", r"must be an integer 0..10 \(1 most urgent"),
+        ({"priority": -1}, "parameters.priority", "0..10"),
+        ({"priority": True}, "parameters.priority", "0..10"),
+        ({"priority": 2.5}, "parameters.priority", "0..10"),
+        ({"priority": "high"}, "parameters.priority", "0..10"),
         ({"ttl_seconds": 0}, "parameters.ttl_seconds", "above 0"),
         ({"ttl_seconds": -5}, "parameters.ttl_seconds", "above 0"),
         ({"ttl_seconds": math.inf}, "parameters.ttl_seconds", "above 0"),
@@ -157,3 +160,27 @@ def test_ttl_limits_are_configurable() -> None:
     assert wishes.ttl_seconds == 30
     with pytest.raises(InvalidInput, match="at most 60"):
         CallerWishes.from_parameters({"ttl_seconds": 61}, max_ttl_seconds=60)
+
+
+def test_priority_levels_are_configurable_as_in_triton() -> None:
+    three = PriorityScale(levels=3, default=2)
+    assert [three.resolve(p) for p in (0, 1, 2, 3)] == [2, 1, 2, 3]
+    assert CallerWishes.from_parameters({}, priorities=three).priority == 2
+    assert CallerWishes.from_parameters({"priority": 0}, priorities=three).priority == 2
+    assert CallerWishes.from_parameters({"priority": 3}, priorities=three).priority == 3
+    with pytest.raises(InvalidInput, match=r"must be an integer 0..3 \(1 most urgent, 3 least; 0"):
+        CallerWishes.from_parameters({"priority": 4}, priorities=three)
+
+
+@pytest.mark.parametrize(
+    ("levels", "default", "message"),
+    [
+        (0, 1, "priority_levels: must be an integer 1..32"),
+        (33, 1, "priority_levels"),
+        (3, 4, r"default_priority: must be an integer 1..3 \(priority_levels\)"),
+        (3, 0, "default_priority"),
+    ],
+)
+def test_bad_priority_scales_name_the_setting(levels: int, default: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PriorityScale(levels, default)

@@ -82,7 +82,7 @@ async def test_status_without_a_cloud(router: Router) -> None:
     assert status.link_state == "down"
     assert status.rtt_s is None
     assert not status.breaker_open
-    assert status.depth_by_priority == dict.fromkeys(range(10), 0)
+    assert status.depth_by_priority == dict.fromkeys(range(1, 11), 0)
     assert status.oldest_age_s is None
     assert status.queue_bytes == 0
     assert status.queue_cap_bytes == 256 * 2**20

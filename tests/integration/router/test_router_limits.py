@@ -115,9 +115,9 @@ async def test_drop_policy_drops_the_oldest_lowest_and_never_fails_the_request(
     router = await make_router(
         queue_cap_bytes=2 * one + one // 2, full_policy=FullPolicy.DROP_OLDEST_LOWEST
     )
-    (old,) = await route(router, x[:1], priority=3)
-    (newer,) = await route(router, x[:1], priority=3)
-    (urgent,) = await route(router, x[:1], priority=7)
+    (old,) = await route(router, x[:1], priority=7)
+    (newer,) = await route(router, x[:1], priority=7)
+    (urgent,) = await route(router, x[:1], priority=3)  # Triton's order: lower is more urgent
     assert urgent.route is Route.QUEUE
     assert urgent.ticket is not None
     assert old.ticket is not None
@@ -125,8 +125,8 @@ async def test_drop_policy_drops_the_oldest_lowest_and_never_fails_the_request(
     assert ended[old.ticket].state == "dropped"
     assert newer.ticket is not None
     assert (await router.result(newer.ticket)).state == "pending"
-    # Nothing of priority 1 or lower to make room: answered at the edge, said so, no error.
-    (refused,) = await route(router, x[:1], priority=1)
+    # Nothing of level 9 or less urgent to make room: answered at the edge, said so, no error.
+    (refused,) = await route(router, x[:1], priority=9)
     assert (refused.route, refused.reason, refused.ticket) == (Route.EDGE, Reason.QUEUE_FULL, None)
     assert not refused.provisional
     assert metric(router, "edge_agent_router_queue_ended_items_total", state="dropped") == 1

@@ -152,7 +152,7 @@ async def test_items_wait_for_the_link_and_the_queue_survives_a_restart(
     proxy.cut()
     state = tmp_path / "restart"
     router = await make_router(state_dir=state)
-    items = await unsure(router, pixels[:3], "before-restart", priority=9)
+    items = await unsure(router, pixels[:3], "before-restart", priority=1)
     await router.close()
     proxy.restore()
     again = await make_router(state_dir=state)
