@@ -126,6 +126,11 @@ class CircuitBreaker:
         if self._consecutive_failures >= self.failure_threshold or self._rate_exceeded():
             self._open()
 
+    def hasten(self, within_s: float) -> None:
+        """An open breaker turns half-open `within_s` from now at the latest."""
+        if self._state is BreakerState.OPEN:
+            self._half_open_at = min(self._half_open_at, self._clock.monotonic() + within_s)
+
     def release(self) -> None:
         """The call ended without a verdict (cancelled, or a 4xx that says nothing of health)."""
         if self._state is BreakerState.HALF_OPEN:

@@ -1,7 +1,15 @@
 """CloudClient: one v2 REST inference call to the cloud, with auth, idempotency, gzip and retries.
 
 The body is compressed once and sent with the same Idempotency-Key on every attempt, so a retry
-or a redelivery after a restart never runs the cloud model twice.
+or a redelivery after a restart never runs the cloud model twice. Every exchange, probes
+included, reserves its bytes in the data budget before it starts and settles what it took.
+
+What counts as a byte here: the HTTP/1.1 messages as they go on the wire, request and status
+lines, headers, chunk framing and bodies as sent (gzip), counted from what httpx writes and
+reads. TCP/IP and TLS framing and the TLS handshake are below what the client can see, and not
+counted. An answer is reserved at the size of the largest recent one from its endpoint; one
+whose Content-Length does not fit what is left is not read (the connection is closed), and one
+without a length is read while it fits, so only that last read (at most 64 KiB) can pass it.
 """
 
 from __future__ import annotations
@@ -9,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +29,15 @@ import httpx
 
 from model_runtime import json_codec
 from model_runtime.v2_json import InferResponse, decode_infer_response
+from router.budget import Reservation
 from router.clock import Clock, SystemClock
-from router.errors import CircuitOpen, CloudError, CloudRejected, CloudUnavailable
+from router.errors import BudgetExhausted, CircuitOpen, CloudError, CloudRejected, CloudUnavailable
 from router.retrying import RetryPolicy, parse_retry_after, retry_call
 
 __all__ = [
     "ATTEMPT_OUTCOMES",
     "AttemptRecord",
+    "ByteBudget",
     "CallObserver",
     "CloudAnswer",
     "CloudClient",
@@ -44,11 +56,16 @@ ATTEMPT_OUTCOMES = (
     "rejected",  # other 4xx (and 1xx/3xx): the request itself is refused
     "bad_response",  # 2xx whose body is not a JSON object
     "breaker_open",  # not attempted
+    "cancelled",  # the caller went away mid-attempt
+    "budget",  # not attempted, or its answer left unread: the data budget would be overspent
 )
 # How a v2 server marks an answer replayed from its idempotency store: the project's gateway
 # sets this response parameter; the header is the common HTTP convention (Stripe and others).
 REPLAY_PARAMETER = "idempotent_replay"
 REPLAY_HEADER = "Idempotent-Replayed"
+PROBE_PATH = "/v2/health/ready"
+_ANSWER_GUESS = 1024
+"""An answer's bytes (status line, headers, body) until one from that endpoint was measured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +102,28 @@ class CallObserver(Protocol):
     def record_neutral(self, rtt_s: float | None) -> None: ...
 
 
+class ByteBudget(Protocol):
+    """Where exchanges reserve and settle their bytes: the DataBudget."""
+
+    def reserve(self, n_bytes: int) -> Reservation: ...
+
+    def grow(self, reservation: Reservation, n_bytes: int) -> None: ...
+
+    def settle(self, reservation: Reservation, used_bytes: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
-    """One attempt, for metrics and the data budget; bytes include request and status lines
-    and headers, and bodies as they went on the wire (compressed)."""
+    """One attempt, for metrics; bytes include request and status lines and headers, and
+    bodies as they went on the wire (compressed)."""
 
     outcome: str
     status: int | None
     seconds: float
     bytes_sent: int
     bytes_received: int
+    probe: bool = False
+    """A readiness probe (GET /v2/health/ready), not an inference call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +170,43 @@ class _Call:
     attempts: int = 0
 
 
+@dataclass(slots=True)
+class _Exchange:
+    """One HTTP exchange's bytes: its request's (known before it is sent; counted once httpx
+    began writing it) and what has been read of the answer; the answer may grow only within
+    the reservation."""
+
+    request_bytes: int
+    reservation: Reservation | None
+    writing: bool = False
+    received: int = 0
+
+    @property
+    def sent(self) -> int:
+        # A request cut off while being written is counted whole: a budget may over-count,
+        # never under-count.
+        return self.request_bytes if self.writing else 0
+
+    @property
+    def used(self) -> int:
+        return self.sent + self.received
+
+    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's `trace` extension: tells whether the request started going out (not if
+        it waited for a connection that never came)."""
+        if event.startswith("http11.send_request_headers."):
+            self.writing = True
+
+    def expect(self, budget: ByteBudget | None, received: int) -> None:
+        """The answer will have taken `received` bytes: grow the reservation to cover them, or
+        raise BudgetExhausted (the rest of the answer is then left unread)."""
+        if self.reservation is None or budget is None:
+            return
+        over = self.request_bytes + received - self.reservation.n_bytes
+        if over > 0:
+            budget.grow(self.reservation, over)
+
+
 class _Reply(NamedTuple):
     body: dict[str, Any]
     status: int
@@ -165,6 +231,7 @@ class CloudClient:
         retry: RetryPolicy | None = None,
         observer: CallObserver | None = None,
         on_attempt: Callable[[AttemptRecord], None] | None = None,
+        budget: ByteBudget | None = None,
         compress: bool = True,
         probe_timeout_s: float = 5.0,
         max_connections: int = 4,
@@ -180,7 +247,10 @@ class CloudClient:
         self.retry = retry or RetryPolicy()
         self.observer = observer
         self.on_attempt = on_attempt
+        self.budget = budget
         self._compress = compress
+        # The largest recent answers per endpoint: what the next answer there is reserved at.
+        self._answers: dict[str, deque[int]] = {}
         self._probe_timeout_s = probe_timeout_s
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -205,13 +275,98 @@ class CloudClient:
         await self._http.aclose()
 
     async def ready(self) -> bool:
-        """GET /v2/health/ready once, without retries: True only for a 200 in time."""
+        """GET /v2/health/ready once, without retries: True only for a 200 in time.
+
+        Raises BudgetExhausted, without sending, when the probe's bytes do not fit the budget:
+        that says nothing of the link."""
+        request = self._http.build_request("GET", PROBE_PATH, timeout=self._probe_timeout_s)
+        exchange = self._open_exchange(PROBE_PATH, request, 0, probe=True)
+        start = self._clock.monotonic()
+        status: int | None = None
+        outcome = "network_error"
         try:
             async with asyncio.timeout(self._probe_timeout_s):
-                response = await self._http.get("/v2/health/ready", timeout=self._probe_timeout_s)
-        except (httpx.HTTPError, TimeoutError):
-            return False
-        return response.status_code == 200
+                response, _, _ = await self._exchange(request, exchange)
+            status = response.status_code
+            outcome = "ok" if status == 200 else "unavailable"
+        except (httpx.TimeoutException, TimeoutError):
+            outcome = "timeout"
+        except httpx.HTTPError:
+            pass
+        except BudgetExhausted:  # the answer was larger than the budget could take
+            outcome = "budget"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._close_exchange(PROBE_PATH, exchange, outcome, status, start, probe=True)
+        return status == 200
+
+    def _open_exchange(
+        self, endpoint: str, request: httpx.Request, body_bytes: int, *, probe: bool = False
+    ) -> _Exchange:
+        """Reserve the request's bytes and the endpoint's expected answer; BudgetExhausted if
+        they do not fit (counted as a `budget` attempt, nothing sent)."""
+        exchange = _Exchange(_request_bytes(request, body_bytes), None)
+        request.extensions["trace"] = exchange.trace
+        if self.budget is not None:
+            answers = self._answers.get(endpoint)
+            expected = max(answers) if answers else _ANSWER_GUESS
+            try:
+                exchange.reservation = self.budget.reserve(exchange.request_bytes + expected)
+            except BudgetExhausted:
+                self._emit(AttemptRecord("budget", None, 0.0, 0, 0, probe))
+                raise
+        return exchange
+
+    async def _exchange(
+        self, request: httpx.Request, exchange: _Exchange
+    ) -> tuple[httpx.Response, bytes, float]:
+        """Send, then read the answer while it fits the reservation: the response, its body
+        (decoded) and the time to its headers."""
+        start = self._clock.monotonic()
+        response = await self._http.send(request, stream=True)
+        rtt = self._clock.monotonic() - start
+        head = _response_head_bytes(response)
+        # A chunked answer's framing is counted from the pieces h11 hands over: one per chunk,
+        # or more when a chunk arrives split, which can only over-count.
+        chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+        framing = 0
+        try:
+            exchange.received = head
+            length = response.headers.get("Content-Length", "")
+            exchange.expect(self.budget, head + (int(length) if length.isdigit() else 0))
+            parts = []
+            async for piece in response.aiter_raw():
+                parts.append(piece)
+                framing += len(f"{len(piece):x}\r\n\r\n") if chunked else 0
+                exchange.expect(self.budget, head + response.num_bytes_downloaded + framing)
+            framing += len("0\r\n\r\n") if chunked else 0
+            return response, _decoded(b"".join(parts), response), rtt
+        finally:
+            exchange.received = head + response.num_bytes_downloaded + framing
+            await response.aclose()
+
+    def _close_exchange(
+        self,
+        endpoint: str,
+        exchange: _Exchange,
+        outcome: str,
+        status: int | None,
+        start: float,
+        *,
+        probe: bool = False,
+    ) -> AttemptRecord:
+        """Settle the reservation with what the exchange took, learn its answer's size, and
+        report the attempt."""
+        if exchange.reservation is not None and self.budget is not None:
+            self.budget.settle(exchange.reservation, exchange.used)
+        if status is not None and outcome != "budget":  # an answer read whole
+            self._answers.setdefault(endpoint, deque(maxlen=32)).append(exchange.received)
+        seconds = self._clock.monotonic() - start
+        record = AttemptRecord(outcome, status, seconds, exchange.sent, exchange.received, probe)
+        self._emit(record)
+        return record
 
     async def infer(
         self,
@@ -261,37 +416,33 @@ class CloudClient:
         )
 
     async def _attempt(self, call: _Call, limit_s: float) -> _Reply:
-        observer = self.observer
-        if observer is not None and not observer.allow_call():
-            self._emit(AttemptRecord("breaker_open", None, 0.0, 0, 0))
-            raise CircuitOpen()
-        call.attempts += 1
         request = self._http.build_request(
             "POST", call.path, content=call.payload, headers=call.headers, timeout=limit_s
         )
-        sent = _request_bytes(request, len(call.payload))
+        exchange = self._open_exchange(call.path, request, len(call.payload))
         start = self._clock.monotonic()
+        observer = self.observer
+        if observer is not None and not observer.allow_call():
+            self._close_exchange(call.path, exchange, "breaker_open", None, start)
+            raise CircuitOpen()
+        call.attempts += 1
         try:
             async with asyncio.timeout(limit_s):
-                response = await self._http.send(request, stream=True)
-                try:
-                    rtt = self._clock.monotonic() - start
-                    raw = await response.aread()
-                finally:
-                    await response.aclose()
+                response, raw, rtt = await self._exchange(request, exchange)
+        except BudgetExhausted:
+            self._finish(call, exchange, "budget", None, start, None)
+            raise
         except (TimeoutError, httpx.TimeoutException) as error:
-            self._settle(call, "timeout", None, start, sent, 0, None)
+            self._finish(call, exchange, "timeout", None, start, None)
             raise CloudUnavailable(f"cloud call timed out after {limit_s:.2f} s") from error
         except httpx.RequestError as error:
-            sent = 0 if isinstance(error, httpx.ConnectError) else sent
-            self._settle(call, "network_error", None, start, sent, 0, None)
+            self._finish(call, exchange, "network_error", None, start, None)
             raise CloudUnavailable(f"cloud unreachable: {type(error).__name__}: {error}") from error
         except asyncio.CancelledError:
-            if observer is not None:
-                observer.record_neutral(None)  # no verdict: free a half-open probe slot
+            self._finish(call, exchange, "cancelled", None, start, None)
             raise
         kind, outcome = self._read(response, raw)
-        self._settle(call, kind, response.status_code, start, sent, _response_bytes(response), rtt)
+        self._finish(call, exchange, kind, response.status_code, start, rtt)
         if isinstance(outcome, CloudError):
             raise outcome
         params = outcome.get("parameters")
@@ -324,27 +475,28 @@ class CloudClient:
             return "rejected", CloudRejected(message, status=status, retry_after=retry_after)
         return kind, CloudUnavailable(message, status=status, retry_after=retry_after)
 
-    def _settle(
+    def _finish(
         self,
         call: _Call,
+        exchange: _Exchange,
         kind: str,
         status: int | None,
         start: float,
-        sent: int,
-        received: int,
         rtt: float | None,
     ) -> None:
-        """Count the attempt, report it to `on_attempt`, and give the observer its verdict."""
-        seconds = self._clock.monotonic() - start
-        call.sent += sent
-        call.received += received
-        self._emit(AttemptRecord(kind, status, seconds, sent, received))
+        """Settle and report the attempt, add it to the call's totals, and give the observer
+        its verdict."""
+        record = self._close_exchange(call.path, exchange, kind, status, start)
+        call.sent += record.bytes_sent
+        call.received += record.bytes_received
         if self.observer is None:
             return
         if kind == "ok":
-            self.observer.record_success(rtt or 0.0, sent + received, seconds)
+            self.observer.record_success(rtt or 0.0, exchange.used, record.seconds)
         elif kind in ("rate_limited", "rejected"):  # the cloud is there; nothing is learnt
             self.observer.record_neutral(rtt)
+        elif kind in ("budget", "cancelled"):  # no verdict: free a half-open probe slot
+            self.observer.record_neutral(None)
         else:
             self.observer.record_failure(kind)
 
@@ -358,10 +510,24 @@ def _request_bytes(request: httpx.Request, body_bytes: int) -> int:
     return line + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 2 + body_bytes
 
 
-def _response_bytes(response: httpx.Response) -> int:
-    line = len("HTTP/1.1 200 \r\n") + len(response.reason_phrase)
-    headers = sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + 2
-    return line + headers + response.num_bytes_downloaded
+def _response_head_bytes(response: httpx.Response) -> int:
+    """The status line and headers as h11 parsed them: `HTTP/1.1 200 OK`, `name: value`."""
+    line = len(f"{response.http_version} {response.status_code} \r\n") + len(response.reason_phrase)
+    return line + sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + 2
+
+
+def _decoded(raw: bytes, response: httpx.Response) -> bytes:
+    """The body without its Content-Encoding (gzip is all the client asks for); an encoding
+    that cannot be undone leaves nothing, which reads as a bad answer."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(raw)
+        if encoding == "deflate":
+            return zlib.decompress(raw)
+    except (OSError, EOFError, zlib.error):
+        return b""
+    return raw if encoding in ("", "identity") else b""
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -55,6 +55,10 @@ class RouterConfig:
     """Bytes per UTC day to and from the cloud; None or 0: unlimited."""
     budget_month_bytes: int | None = None
     budget_mode: BudgetMode = BudgetMode.QUEUE
+    probe_budget_share: float = 0.1
+    """Link probes spend at most this share of what is left of each limited budget period,
+    spread over the rest of the period (router.budget.ProbeBudget); probes that cannot connect
+    cost nothing and are not slowed."""
     bandwidth_cap_bytes_per_s: int | None = None
     """The forwarder sends at most this many bytes per second (requests as they go on the
     wire: request line, headers and gzip body); None or 0: uncapped. Live escalations are not
@@ -176,6 +180,12 @@ class RouterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not (
+            isinstance(self.probe_budget_share, int | float) and 0 < self.probe_budget_share <= 1
+        ):
+            raise ValueError(
+                f"probe_budget_share: must be a number in (0, 1], got {self.probe_budget_share!r}"
+            )
         if not (isinstance(self.audit_share, int | float) and 0.0 <= self.audit_share <= 1.0):
             raise ValueError(f"audit_share: must be a number in [0, 1], got {self.audit_share!r}")
         if not (

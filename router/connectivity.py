@@ -1,8 +1,9 @@
 """ConnectivityMonitor: what the router knows about the link to the cloud, from probes and real calls.
 
 It keeps the link state, round-trip time, expected cloud latency and goodput, owns the circuit
-breaker, probes `/v2/health/ready` with a growing backoff while the link is down, and wakes
-whoever waits for the link to come back.
+breaker, probes `/v2/health/ready` with a growing backoff while the link is down (never more than
+`recovery_probe_cap_s` apart while items wait for it), as often as the data budget lets it, and
+wakes whoever waits for the link to come back.
 
 Link states:
 - down: the breaker is not closed (it saw `failure_threshold` failures in a row and no probe has
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from router.breaker import BreakerState, CircuitBreaker
 from router.clock import Clock, SystemClock, sleep_or_wake
 from router.decision import LinkState, LinkView
+from router.errors import BudgetExhausted
 from router.retrying import LinkBackoff
 
 __all__ = ["ConnectivityMonitor", "LinkSnapshot", "MonitorConfig"]
@@ -69,9 +71,19 @@ class MonitorConfig:
     latency_samples: int = 32
     """How many recent successful calls the expected latency is taken from."""
     latency_quantile: float = 0.9
+    recovery_probe_cap_s: float = 10.0
+    """While items wait for a down link, probes are at most this far apart (the backoff is
+    capped there), so their delivery starts within about this long of the link's return. A
+    probe that cannot connect sends nothing, so this costs no data budget."""
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval_s", "probe_timeout_s", "recent_window_s", "degraded_rtt_s"):
+        for name in (
+            "probe_interval_s",
+            "probe_timeout_s",
+            "recent_window_s",
+            "degraded_rtt_s",
+            "recovery_probe_cap_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("rtt_alpha", "latency_quantile"):
@@ -96,8 +108,12 @@ class ConnectivityMonitor:
         config: MonitorConfig | None = None,
         breaker: CircuitBreaker | None = None,
         backoff: LinkBackoff | None = None,
+        probe_wait: Callable[[], float] | None = None,
     ) -> None:
+        """`probe_wait()` says how many seconds the data budget wants the next probe to wait
+        (router.budget.ProbeBudget); `probe` may raise BudgetExhausted instead of sending."""
         self._probe = probe
+        self._probe_wait = probe_wait
         self._clock = clock or SystemClock()
         self.config = config or MonitorConfig()
         self._backoff = backoff or LinkBackoff()
@@ -109,6 +125,8 @@ class ConnectivityMonitor:
         self._rtt: float | None = None
         self._last_success: float | None = None
         self._next_probe_at = self._clock.monotonic()
+        self._refused_until = -math.inf
+        self._waiting = False
         self._listeners: list[Callable[[LinkState], None]] = []
         self._last_state = LinkState.DOWN
         self._up = asyncio.Event()
@@ -184,6 +202,16 @@ class ConnectivityMonitor:
             self._update_rtt(rtt_s)
         self._wake.set()
 
+    def set_waiting(self, waiting: bool) -> None:
+        """Items wait (or no longer wait) for the link: while they do, a down link is probed
+        at least every `recovery_probe_cap_s`."""
+        if waiting and not self._waiting:
+            cap = self.config.recovery_probe_cap_s
+            self.breaker.hasten(cap)
+            self._next_probe_at = min(self._next_probe_at, self._clock.monotonic() + cap)
+            self._wake.set()
+        self._waiting = waiting
+
     # --- probing -----------------------------------------------------------------------------
 
     async def probe(self) -> bool:
@@ -197,6 +225,10 @@ class ConnectivityMonitor:
         except asyncio.CancelledError:
             self.breaker.release()  # the half-open slot must not stay taken
             raise
+        except BudgetExhausted:  # nothing was sent, nothing learnt; ask again later
+            self.breaker.release()
+            self._refused_until = self._clock.monotonic() + self.config.probe_interval_s
+            return False
         except Exception as error:  # whatever the probe raised, the cloud did not say "ready"
             log.debug("cloud probe failed: %r", error)
             ok = False
@@ -209,7 +241,7 @@ class ConnectivityMonitor:
     async def run(self) -> None:
         """Probe until `stop()`: at once, then on the schedule the last outcome set."""
         while not self._stopping:
-            delay = self._next_probe_in()
+            delay = max(self._next_probe_in(), self._budget_wait())
             if delay > 0:
                 await self._sleep_or_wake(delay)
             elif not await self.probe() and self.breaker.state is BreakerState.HALF_OPEN:
@@ -232,7 +264,11 @@ class ConnectivityMonitor:
             self._next_probe_at = now + self.config.probe_interval_s
         else:
             self.breaker.record_failure()
-            self._next_probe_at = now + self._backoff(self.breaker.consecutive_failures)
+            backoff = self._backoff(self.breaker.consecutive_failures)
+            if self._waiting:
+                backoff = min(backoff, self.config.recovery_probe_cap_s)
+                self.breaker.hasten(self.config.recovery_probe_cap_s)
+            self._next_probe_at = now + backoff
         if rtt_s is not None:
             self._update_rtt(rtt_s)
         self._publish()
@@ -257,6 +293,12 @@ class ConnectivityMonitor:
                 listener(state)
             except Exception:  # one broken listener must not blind the others
                 log.exception("link state listener failed")
+
+    def _budget_wait(self) -> float:
+        wait = self._refused_until - self._clock.monotonic()
+        if self._probe_wait is not None:
+            wait = max(wait, self._probe_wait())
+        return wait
 
     def _next_probe_in(self) -> float:
         state = self.breaker.state

@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable
 
 from model_runtime.errors import InvalidInput
 from router.breaker import CircuitBreaker
-from router.budget import DataBudget
+from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, sleep_or_wake
 from router.cloud_client import AttemptRecord, CloudClient
 from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
 from router.durable_queue import DurableQueue, QueuedItem
-from router.errors import CircuitOpen, CloudRejected, CloudUnavailable
+from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
 from router.metrics import CloudMeter, RouterMetrics
 from router.retrying import LinkBackoff
 from router.tickets import encode_result
@@ -42,10 +42,15 @@ _HEADER_GUESS = 400  # request line and headers before the first call measured t
 
 
 def open_cloud(
-    config: RouterConfig, clock: Clock, on_attempt: Callable[[AttemptRecord], None]
+    config: RouterConfig,
+    clock: Clock,
+    on_attempt: Callable[[AttemptRecord], None],
+    budget: DataBudget,
+    probes: ProbeBudget,
 ) -> tuple[CloudClient, CloudClient, ConnectivityMonitor]:
     """The live and the drain CloudClients (one pool each, so escalations never queue behind
-    deliveries) and the monitor both report to, with its breaker."""
+    deliveries; both reserve and settle their bytes in `budget`) and the monitor both report
+    to, with its breaker, probing as often as `probes` lets it."""
     assert config.cloud_url is not None
     assert config.device_key is not None
     tls = config.cloud_tls.context() if config.cloud_tls is not None else None
@@ -56,6 +61,7 @@ def open_cloud(
             clock=clock,
             retry=retry,
             on_attempt=on_attempt,
+            budget=budget,
             compress=config.compress,
             probe_timeout_s=config.monitor.probe_timeout_s,
             max_connections=connections,
@@ -73,7 +79,12 @@ def open_cloud(
     breaker = CircuitBreaker(clock, failure_threshold=config.breaker_failures, cooldown=backoff)
     # Probes go through the live pool, keeping its connection warm for escalations.
     monitor = ConnectivityMonitor(
-        live.ready, clock=clock, config=config.monitor, breaker=breaker, backoff=backoff
+        live.ready,
+        clock=clock,
+        config=config.monitor,
+        breaker=breaker,
+        backoff=backoff,
+        probe_wait=probes.wait_s,
     )
     live.observer = drain.observer = monitor
     return live, drain, monitor
@@ -282,6 +293,9 @@ class Forwarder:
                         # what the request line and headers really took, for the next estimate
                         self._overhead = max(0, tally.sent - body_bytes)
             answer.response()  # only an answer that decodes is stored
+        except BudgetExhausted as error:
+            await self._queue.release(item.ticket, f"not sent: {error}")
+            self._hold(self._config.idle_poll_s, "budget")
         except CloudRejected as error:
             await self._refused(item, error)
         except CloudUnavailable as error:

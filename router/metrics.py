@@ -20,12 +20,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.breaker import BreakerState
-from router.budget import DataBudget, PeriodUsage
+from router.budget import PeriodUsage, ProbeBudget
 from router.cloud_client import AttemptRecord
 from router.connectivity import LinkSnapshot
 from router.decision import LinkState, Reason, Route
 from router.durable_queue import QueueStats
-from router.errors import CircuitOpen, CloudRejected, CloudUnavailable
+from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
 
 __all__ = [
     "CALL_RESULTS",
@@ -37,9 +37,10 @@ __all__ = [
     "StateReadings",
 ]
 
-PATHS = ("live", "drain")
-"""`live`: an escalation the caller waits for; `drain`: the forwarder delivering the queue."""
-CALL_RESULTS = ("ok", "unavailable", "rejected", "breaker_open", "cancelled", "error")
+PATHS = ("live", "drain", "probe")
+"""`live`: an escalation the caller waits for; `drain`: the forwarder delivering the queue;
+`probe`: the link's readiness probes (attempts and bytes only)."""
+CALL_RESULTS = ("ok", "unavailable", "rejected", "breaker_open", "budget", "cancelled", "error")
 HOLD_REASONS = ("retry_after", "setup", "failure", "budget")
 """Why the forwarder paused: the cloud's Retry-After, a 401/403/404, a failed delivery, the budget."""
 
@@ -123,7 +124,7 @@ class RouterMetrics:
         )
         self.attempts = Counter(
             f"{NS}_cloud_attempts",
-            "HTTP attempts at the cloud, by path (live, drain) and outcome.",
+            "HTTP attempts at the cloud, by path (live, drain, probe) and outcome.",
             ["path", "outcome"],
             registry=registry,
         )
@@ -148,13 +149,15 @@ class RouterMetrics:
         )
         self.sent_bytes = Counter(
             f"{NS}_cloud_sent_bytes",
-            "Bytes put on the wire to the cloud (request lines, headers, gzip bodies), by path.",
+            "Bytes put on the wire to the cloud (request lines, headers, gzip bodies), by path "
+            "(live, drain, probe); the data budget counts the same bytes.",
             ["path"],
             registry=registry,
         )
         self.received_bytes = Counter(
             f"{NS}_cloud_received_bytes",
-            "Bytes received from the cloud (status lines, headers, bodies as sent), by path.",
+            "Bytes received from the cloud (status lines, headers, bodies as sent), by path "
+            "(live, drain, probe); the data budget counts the same bytes.",
             ["path"],
             registry=registry,
         )
@@ -247,45 +250,28 @@ class RouterMetrics:
 
 class CloudMeter:
     """The CloudClients' `on_attempt`, and `call(path)` around each call: attempts, retries,
-    bytes and results counted, and each attempt's bytes (both ways: a metered link bills both)
-    charged to the data budget, without making the caller wait for the budget's disk write."""
+    bytes (both ways: a metered link bills both) and results counted, the same bytes the
+    clients settle in the data budget. A probe's bytes also tell `probes` how long to pause."""
 
-    def __init__(self, metrics: RouterMetrics, budget: DataBudget | None = None) -> None:
+    def __init__(self, metrics: RouterMetrics, probes: ProbeBudget | None = None) -> None:
         self.metrics = metrics
-        self.budget = budget
-        self._writes: set[asyncio.Task[None]] = set()
-
-    async def aclose(self) -> None:
-        """Wait for the budget writes still in progress."""
-        await asyncio.gather(*self._writes, return_exceptions=True)
-
-    def _charge(self, n: int) -> None:
-        if self.budget is None:
-            return
-        task = asyncio.ensure_future(self.budget.record(n))
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("could not record data budget use: %s", task.exception())
+        self.probes = probes
 
     def on_attempt(self, record: AttemptRecord) -> None:
         tally = _TALLY.get()
-        path = tally.path if tally is not None else "live"
+        path = "probe" if record.probe else tally.path if tally is not None else "live"
+        if record.probe and self.probes is not None:
+            self.probes.spent(record.bytes_sent + record.bytes_received)
         m = self.metrics
         m.attempts.labels(path, record.outcome).inc()
         if record.bytes_sent:
             m.sent_bytes.labels(path).inc(record.bytes_sent)
         if record.bytes_received:
             m.received_bytes.labels(path).inc(record.bytes_received)
-        if tally is not None:
-            tally.attempts += record.outcome != "breaker_open"
+        if tally is not None and not record.probe:
+            tally.attempts += record.outcome not in ("breaker_open", "budget")
             tally.sent += record.bytes_sent
             tally.received += record.bytes_received
-        if record.bytes_sent + record.bytes_received:
-            self._charge(record.bytes_sent + record.bytes_received)
 
     @contextmanager
     def call(self, path: str) -> Iterator[CallTally]:
@@ -298,6 +284,9 @@ class CloudMeter:
             result = "ok"
         except CircuitOpen:
             result = "breaker_open"
+            raise
+        except BudgetExhausted:
+            result = "budget"
             raise
         except CloudRejected:
             result = "rejected"

@@ -21,19 +21,19 @@ from prometheus_client import CollectorRegistry
 from model_runtime.errors import InvalidInput
 from model_runtime.v2_json import InferResponse
 from router.audit import Auditor, AuditSampler
-from router.budget import DataBudget
+from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import CloudClient
 from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
-from router.errors import CloudError
+from router.errors import BudgetExhausted, CloudError
 from router.forwarder import Forwarder, housekeep, open_cloud
 from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
-from router.policy import EscalationPolicy
+from router.policy import BudgetMode, EscalationPolicy
 from router.state_lock import StateDirLock
 from router.tickets import Admission, TicketResult, TicketStore
 
@@ -161,9 +161,16 @@ class Router:
             clock=clock,
         )
         self.metrics.quarantine("budget", self.budget.quarantined, "")
-        self.meter.budget = self.budget
         if config.cloud_configured:
-            self._live, self._drain, self.monitor = open_cloud(config, clock, self.meter.on_attempt)
+            self.meter.probes = ProbeBudget(
+                self.budget,
+                share=config.probe_budget_share,
+                interval_s=config.monitor.probe_interval_s,
+                clock=clock,
+            )
+            self._live, self._drain, self.monitor = open_cloud(
+                config, clock, self.meter.on_attempt, self.budget, self.meter.probes
+            )
             self.monitor.add_listener(lambda _: self._refresh_link())
             self.forwarder = Forwarder(
                 self.queue, self._drain, self.monitor, self.budget, self.meter, self.metrics,
@@ -195,7 +202,6 @@ class Router:
         for client in (self._live, self._drain):
             if client is not None:
                 await client.aclose()
-        await self.meter.aclose()
         for part in ("queue", "budget"):
             if hasattr(self, part):
                 await getattr(self, part).close()
@@ -322,7 +328,7 @@ class Router:
             raise
         outputs, answered = local.outputs, set[int]()
         if call is not None:
-            responses = await call
+            responses, why = await call
             for index, response in responses.items():
                 merged = _merge(outputs, response, [index])
                 if merged is not None:
@@ -333,7 +339,8 @@ class Router:
                 self.hard_examples.keep_live(model, cloud_model, kept)
             failed = [u for u in to_cloud if u.index not in answered]
             for u in failed:
-                decisions[u.index] = Decision(Route.QUEUE, Reason.CLOUD_FAILED)
+                decisions[u.index] = self._fallback(why.get(u.index, Reason.CLOUD_FAILED))
+            failed = [u for u in failed if decisions[u.index].route is Route.QUEUE]
             if failed:
                 tickets |= await self._admit(
                     cloud_model, failed, wishes, owner, all_or_nothing=False
@@ -343,6 +350,12 @@ class Router:
             if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
                 decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
         return self._answer(outputs, decisions, confidence, tickets, answered)
+
+    def _fallback(self, reason: Reason) -> Decision:
+        """Where an item goes whose live call did not answer, for `reason`."""
+        if reason is Reason.BUDGET_EXHAUSTED and self.config.budget_mode is BudgetMode.EDGE:
+            return Decision(Route.EDGE, reason)
+        return Decision(Route.QUEUE, reason)
 
     def _answer(
         self,
@@ -372,9 +385,10 @@ class Router:
         items: Sequence[_Unsure],
         time_left_s: float | None,
         request_id: str,
-    ) -> dict[int, InferResponse]:
-        """Live calls for `items`, all at once; row index -> the cloud's answer, for those
-        answered in time.
+    ) -> tuple[dict[int, InferResponse], dict[int, Reason]]:
+        """Live calls for `items`, all at once: row index -> the cloud's answer, for those
+        answered in time, and row index -> why not, for the others whose reason is not
+        cloud_failed (budget_exhausted: their bytes did not fit the data budget).
 
         Each item goes in its queued form, its ticket as the Idempotency-Key: if a call fails
         after the cloud ran it, the queued redelivery is answered from the cloud's idempotency
@@ -388,13 +402,15 @@ class Router:
             limit = min(limit, time_left_s - self.config.live_margin_s)
         deadline = self.clock.monotonic() + limit
 
-        async def call(u: _Unsure) -> tuple[int, InferResponse | None]:
+        async def call(u: _Unsure) -> tuple[int, InferResponse | Reason]:
             try:
                 with self.meter.call("live"):
                     answer = await live.infer(
                         cloud_model, u.item.body, idempotency_key=u.item.ticket, deadline=deadline
                     )
                 return u.index, answer.response()
+            except BudgetExhausted:
+                return u.index, Reason.BUDGET_EXHAUSTED
             except (CloudError, InvalidInput) as error:
                 log.info(
                     "live escalation failed; queued",
@@ -406,10 +422,13 @@ class Router:
                         }
                     },
                 )
-                return u.index, None
+                return u.index, Reason.CLOUD_FAILED
 
         answers = await asyncio.gather(*(call(u) for u in items))
-        return {index: response for index, response in answers if response is not None}
+        return (
+            {i: a for i, a in answers if isinstance(a, InferResponse)},
+            {i: a for i, a in answers if isinstance(a, Reason)},
+        )
 
     async def _admit(
         self,
@@ -489,6 +508,8 @@ class Router:
         self.metrics.enqueued.inc(n)
         if self.forwarder is not None:
             self.forwarder.wake()
+        if self.monitor is not None:
+            self.monitor.set_waiting(True)
 
     def _refused(self, n: int) -> None:
         self.metrics.admission_rejected.inc(n)
@@ -497,6 +518,8 @@ class Router:
         self._set_readings(await self.queue.stats())
 
     def _set_readings(self, stats: QueueStats) -> None:
+        if self.monitor is not None:
+            self.monitor.set_waiting(any(stats.depth_by_priority.values()))
         snap = self.monitor.snapshot() if self.monitor is not None else None
         self._readings = StateReadings.of(self.cloud_configured, stats, snap, self.budget.usage())
 

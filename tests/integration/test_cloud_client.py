@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from model_runtime.demo import HELDOUT
@@ -52,6 +52,10 @@ class Action:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    floats: int = 300
+    """Values in the answer's one output."""
+    chunked: bool = False
+    """Stream the answer in pieces (Transfer-Encoding: chunked) rather than with a length."""
 
 
 @dataclass
@@ -119,11 +123,19 @@ class ScriptedCloud:
         if action.status != 200:
             error = {"error": f"scripted {action.status}"}
             return JSONResponse(error, status_code=action.status, headers=action.headers)
-        outputs = [
-            {"name": "probabilities", "datatype": "FP32", "shape": [1, 300], "data": [0.5] * 300}
-        ]
-        name = request.path_params["name"]
-        return JSONResponse({"model_name": name, "outputs": outputs}, headers=action.headers)
+        n = action.floats
+        data = [(i * 7919 % 1000) / 1000 for i in range(n)]  # gzip shrinks it, not to nothing
+        outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [1, n], "data": data}]
+        answer = {"model_name": request.path_params["name"], "outputs": outputs}
+        if not action.chunked:
+            return JSONResponse(answer, headers=action.headers)
+        text = json.dumps(answer).encode()
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(text), 700):
+                yield text[start : start + 700]
+
+        return StreamingResponse(pieces(), media_type="application/json", headers=action.headers)
 
 
 @pytest.fixture
@@ -141,7 +153,12 @@ def proxy(cloud: ScriptedCloud) -> Iterator[FaultProxy]:
 class Attempts(list[AttemptRecord]):
     @property
     def outcomes(self) -> list[str]:
-        return [a.outcome for a in self]
+        """Of the inference attempts."""
+        return [a.outcome for a in self if not a.probe]
+
+    @property
+    def probes(self) -> list[str]:
+        return [a.outcome for a in self if a.probe]
 
 
 @pytest.fixture
@@ -265,6 +282,7 @@ async def test_cut_link_fails_fast_within_the_deadline(
     assert time.monotonic() - start < 2.0
     assert isinstance(raised.value.__cause__, CloudUnavailable)
     assert attempts.outcomes == ["network_error"] * 4
+    assert attempts.probes == ["network_error"]
 
 
 async def test_black_hole_gives_up_at_the_deadline_and_never_hangs(
@@ -279,6 +297,7 @@ async def test_black_hole_gives_up_at_the_deadline_and_never_hangs(
         assert not await client.ready()  # the probe has its own short timeout
     assert 0.9 <= elapsed < 2.0  # the deadline, plus slack for a busy machine
     assert set(attempts.outcomes) == {"timeout"}
+    assert attempts.probes == ["timeout"]
     assert proxy.bytes_to_target == 0
 
 
@@ -339,6 +358,7 @@ async def test_breaker_stops_calls_and_a_probe_reopens_the_link(
         answer = await client.infer("m", BODY, idempotency_key="t-back")
     assert answer.status == 200
     assert attempts.outcomes == ["ok"] + ["network_error"] * 3 + ["breaker_open", "ok"]
+    assert attempts.probes == ["ok"]
     snap = monitor.snapshot()
     assert not snap.breaker_open
     assert snap.goodput_bytes_per_s is not None

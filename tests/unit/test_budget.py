@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from router.budget import BudgetPeriod, DataBudget
+from router.budget import BudgetPeriod, DataBudget, ProbeBudget
 from router.clock import FakeClock
 from router.errors import BudgetExhausted
 
@@ -155,5 +156,88 @@ async def test_corrupt_budget_file_is_quarantined_not_deleted(path: Path) -> Non
         assert read(budget.quarantined[0]) == GARBAGE
         await budget.record(10)
         assert budget.usage()[0].used_bytes == 10
+    finally:
+        await budget.close()
+
+
+# -- reservations and the pace of probes -------------------------------------------------------
+
+
+async def test_reservations_hold_bytes_until_settled_with_what_was_used(path: Path) -> None:
+    budget = await DataBudget.open(path, daily_bytes=1_000, clock=FakeClock(at("2024-05-14T12:00")))
+    try:
+        first = budget.reserve(600)
+        assert budget.reserved_bytes == 600
+        assert not budget.allows(401)  # in flight together, they may not overspend
+        with pytest.raises(BudgetExhausted):
+            budget.reserve(401)
+        second = budget.reserve(400)
+        budget.settle(first, 550)  # counted at once, before its bytes are free for others
+        assert (budget.usage()[0].used_bytes, budget.reserved_bytes) == (550, 400)
+        assert budget.allows(50)
+        assert not budget.allows(51)
+        budget.grow(second, 50)  # an answer larger than expected, while it fits
+        with pytest.raises(BudgetExhausted, match="day data budget spent: 550 of 1000"):
+            budget.grow(second, 1)
+        budget.settle(second, 450)
+        assert (budget.usage()[0].used_bytes, budget.reserved_bytes) == (1_000, 0)
+    finally:
+        await budget.close()
+    again = await DataBudget.open(path, daily_bytes=1_000, clock=FakeClock(at("2024-05-14T13:00")))
+    try:
+        assert again.usage()[0].used_bytes == 1_000  # settled bytes reach the disk
+    finally:
+        await again.close()
+
+
+async def test_periods_end_at_utc_midnight_and_the_first_of_the_month(path: Path) -> None:
+    budget = await DataBudget.open(path, clock=FakeClock(at("2024-02-28T18:00")))
+    try:
+        assert budget.seconds_left(BudgetPeriod.DAY) == 6 * 3600
+        assert budget.seconds_left(BudgetPeriod.MONTH) == (24 + 6) * 3600  # a leap year
+    finally:
+        await budget.close()
+
+
+async def test_probes_are_spaced_to_spend_a_share_of_what_is_left(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "router.budget")
+    clock = FakeClock(at("2024-05-14T00:00"))
+    budget = await DataBudget.open(path, daily_bytes=1_000_000, clock=clock)
+    try:
+        probes = ProbeBudget(budget, share=0.1, interval_s=30.0, clock=clock)
+        assert probes.wait_s() == 0
+        probes.spent(0)  # a probe that could not connect costs nothing, and no pause
+        assert probes.wait_s() == 0
+        await budget.record(360)
+        probes.spent(360)
+        # 360 bytes out of 10 % of 999,640 left over 86,400 s: one probe every 311 s
+        assert probes.wait_s() == pytest.approx(360 * 86_400 / (0.1 * 999_640))
+        assert "link probes slowed to one per 311 s" in caplog.text
+        clock.advance(311.2)
+        assert probes.wait_s() == 0
+        await budget.record(999_400)  # 240 bytes left: not even a probe fits
+        assert probes.wait_s() == 86_400 - 311.2
+        assert "the day data budget is spent (999760 of 1000000 bytes); link probes stop" in (
+            caplog.text
+        )
+        assert "until 2024-05-15 00:00 UTC" in caplog.text
+        clock.advance(86_400 - 311.2)  # the next day
+        assert probes.wait_s() == 0
+        assert "link probes back to their usual pace" in caplog.text
+    finally:
+        await budget.close()
+
+
+async def test_without_limits_probes_keep_their_interval(path: Path) -> None:
+    clock = FakeClock(at("2024-05-14T00:00"))
+    budget = await DataBudget.open(path, clock=clock)
+    try:
+        probes = ProbeBudget(budget, share=0.1, interval_s=30.0, clock=clock)
+        probes.spent(360)
+        assert probes.wait_s() == 0
+        with pytest.raises(ValueError, match="share"):
+            ProbeBudget(budget, share=0, interval_s=30.0, clock=clock)
     finally:
         await budget.close()

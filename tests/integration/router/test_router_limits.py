@@ -143,7 +143,10 @@ async def test_spent_budget_stops_escalation_and_the_forwarder(
     mode: BudgetMode,
     route_taken: Route,
 ) -> None:
-    router = await make_router(budget_day_bytes=100, budget_mode=mode)
+    # Room for the first probe (its request and an answer of up to 1 kB reserved), not for an
+    # item's request and answer besides.
+    limit = 1_500
+    router = await make_router(budget_day_bytes=limit, budget_mode=mode)
     await link_is(router, *UP)
     runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
     (item,) = await route(router, pixels[:1])
@@ -157,9 +160,16 @@ async def test_spent_budget_stops_escalation_and_the_forwarder(
         assert (await router.result(item.ticket)).state == "pending"
     assert gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL) == runs
     status = await router.status()
-    assert status.budget["day"] == (100, 0, 100)
-    assert status.budget["month"] == (None, 0, None)
-    assert metric(router, "edge_agent_router_budget_left_bytes", period="day") == 100
+    # the probes are all that was spent, and counted
+    probes = metric(router, "edge_agent_router_cloud_sent_bytes_total", path="probe") + metric(
+        router, "edge_agent_router_cloud_received_bytes_total", path="probe"
+    )
+    assert 0 < probes < limit
+    assert status.budget["day"] == (limit, probes, limit - probes)
+    assert status.budget["month"] == (None, probes, None)
+    assert metric(router, "edge_agent_router_budget_left_bytes", period="day") == limit - probes
+    for path in ("live", "drain"):
+        assert metric(router, "edge_agent_router_cloud_sent_bytes_total", path=path) == 0
 
 
 async def test_a_request_the_cloud_refuses_ends_rejected_not_retried_forever(
