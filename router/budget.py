@@ -274,8 +274,11 @@ class ProbeBudget:
 
     A probe that took b bytes is followed by a pause of `DataBudget.spacing(b, share)`, so probes
     spend at most `share` of what is left of each limited period however long it has to run; a
-    probe that could not connect took nothing and costs no pause. While a probe's bytes do not
-    fit at all, probing stops until the period ends. Each change of pace is logged once.
+    probe that could not connect took nothing and costs no pause. Urgent probes (a down link
+    that items wait for) only wait out pauses of probes that spent bytes without an answer (a
+    black-holed link), so the link's return is noticed soon; there are as many answered ones as
+    outages. While a probe's bytes do not fit at all, probing stops until the period ends. Each
+    change of pace is logged once.
     """
 
     GUESS_BYTES = 512
@@ -293,19 +296,25 @@ class ProbeBudget:
         self.probe_bytes = self.GUESS_BYTES
         """What the last probe that reached the cloud took."""
         self._next_at = -math.inf
+        self._next_unanswered_at = -math.inf
         self._pace = "normal"
 
-    def spent(self, n_bytes: int) -> None:
-        """A probe took `n_bytes` (0: it never reached the cloud)."""
+    def spent(self, n_bytes: int, *, answered: bool) -> None:
+        """A probe took `n_bytes` (0: it never reached the cloud); `answered`: the cloud
+        answered it (ready or not)."""
         if n_bytes <= 0 or not self.budget.limited:
             return
-        self.probe_bytes = n_bytes
+        if answered:
+            self.probe_bytes = n_bytes
         spacing = self.budget.spacing(n_bytes, self.share)
         self._next_at = self.clock.monotonic() + spacing
+        if not answered:
+            self._next_unanswered_at = self._next_at
         self._say("slowed" if spacing > self.interval_s else "normal", spacing)
 
-    def wait_s(self) -> float:
-        """Seconds until the budget lets the next probe go; 0: now."""
+    def wait_s(self, urgent: bool = False) -> float:
+        """Seconds until the budget lets the next probe go; 0: now. `urgent`: items wait for a
+        down link."""
         if not self.budget.limited:
             return 0.0
         over = self.budget.exhausted_by(self.probe_bytes)
@@ -315,7 +324,8 @@ class ProbeBudget:
             return left
         if self._pace == "stopped":
             self._say("normal", 0.0)
-        return max(0.0, self._next_at - self.clock.monotonic())
+        next_at = self._next_unanswered_at if urgent else self._next_at
+        return max(0.0, next_at - self.clock.monotonic())
 
     def _say(self, pace: str, seconds: float, over: PeriodUsage | None = None) -> None:
         if pace == self._pace:

@@ -108,10 +108,11 @@ class ConnectivityMonitor:
         config: MonitorConfig | None = None,
         breaker: CircuitBreaker | None = None,
         backoff: LinkBackoff | None = None,
-        probe_wait: Callable[[], float] | None = None,
+        probe_wait: Callable[[bool], float] | None = None,
     ) -> None:
-        """`probe_wait()` says how many seconds the data budget wants the next probe to wait
-        (router.budget.ProbeBudget); `probe` may raise BudgetExhausted instead of sending."""
+        """`probe_wait(urgent)` says how many seconds the data budget wants the next probe to
+        wait, urgent when items wait for a down link (router.budget.ProbeBudget); `probe` may
+        raise BudgetExhausted instead of sending."""
         self._probe = probe
         self._probe_wait = probe_wait
         self._clock = clock or SystemClock()
@@ -297,7 +298,7 @@ class ConnectivityMonitor:
     def _budget_wait(self) -> float:
         wait = self._refused_until - self._clock.monotonic()
         if self._probe_wait is not None:
-            wait = max(wait, self._probe_wait())
+            wait = max(wait, self._probe_wait(self._waiting and self.state is LinkState.DOWN))
         return wait
 
     def _next_probe_in(self) -> float:

@@ -261,7 +261,9 @@ class CloudMeter:
         tally = _TALLY.get()
         path = "probe" if record.probe else tally.path if tally is not None else "live"
         if record.probe and self.probes is not None:
-            self.probes.spent(record.bytes_sent + record.bytes_received)
+            self.probes.spent(
+                record.bytes_sent + record.bytes_received, answered=record.status is not None
+            )
         m = self.metrics
         m.attempts.labels(path, record.outcome).inc()
         if record.bytes_sent:

@@ -44,6 +44,9 @@ class JumpClock:
     async def sleep(self, seconds: float) -> None:
         until = self.monotonic() + seconds
         while (left := until - self.monotonic()) > 0:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that comes as the event is set, and this sleep would then never end.
             with contextlib.suppress(TimeoutError):  # the time is up, or it jumped: look again
-                await asyncio.wait_for(self._jumped.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._jumped.wait()
         await asyncio.sleep(0)

@@ -55,7 +55,13 @@ class FaultProxy:
     - `delay(s)`: each chunk is delivered `s` seconds after it arrived, in each direction.
     - `throttle(bps)`: at most `bps` bytes per second each way, over all connections.
     - `reset()`: existing connections get a TCP RST; new ones are served normally.
+    - `refuse()`: nothing listens: connecting is refused, as to a host whose server is down
+      (existing connections are reset). The port is listened on again by `restore()`.
     - `restore()`: no faults.
+
+    `bytes_to_target` and `bytes_to_client` count what was passed on each way, every byte of
+    the TCP streams (not TCP/IP headers): what an HTTP client wrote and read, when no fault
+    held or dropped any of it.
     """
 
     def __init__(self, target_host: str, target_port: int, *, chunk_size: int = 16384) -> None:
@@ -128,8 +134,12 @@ class FaultProxy:
     def reset(self) -> None:
         self._call(self._set(kill=True))
 
+    def refuse(self) -> None:
+        self._call(self._stop_listening())
+
     def restore(self) -> None:
         self._call(self._set(cut=False, flowing=True, delay=0.0, set_rate=True))
+        self._call(self._listen())
 
     # --- the loop's side ------------------------------------------------------------------
 
@@ -139,8 +149,22 @@ class FaultProxy:
     async def _start(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        await self._listen()
+
+    async def _listen(self) -> None:
+        if self._server is not None:
+            return
+        # The same port again (0 the first time): clients keep the URL they were given.
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop_listening(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        for connection in list(self._connections):
+            connection.kill()
 
     async def _set(
         self,

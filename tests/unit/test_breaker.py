@@ -132,3 +132,18 @@ def test_default_cooldown_is_the_link_backoff() -> None:
 def test_bad_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         CircuitBreaker(FakeClock(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_hasten_cuts_an_open_cooldown_short_and_never_lengthens_it() -> None:
+    clock = FakeClock()
+    breaker, _ = make(clock, failure_threshold=1, cooldown=lambda n: 120.0)
+    breaker.hasten(10.0)  # closed: nothing to cut short
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_failure()
+    assert breaker.retry_in() == 120.0
+    breaker.hasten(10.0)
+    assert breaker.retry_in() == 10.0
+    breaker.hasten(30.0)
+    assert breaker.retry_in() == 10.0
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN

@@ -208,10 +208,10 @@ async def test_probes_are_spaced_to_spend_a_share_of_what_is_left(
     try:
         probes = ProbeBudget(budget, share=0.1, interval_s=30.0, clock=clock)
         assert probes.wait_s() == 0
-        probes.spent(0)  # a probe that could not connect costs nothing, and no pause
+        probes.spent(0, answered=False)  # a probe that could not connect: no cost, no pause
         assert probes.wait_s() == 0
         await budget.record(360)
-        probes.spent(360)
+        probes.spent(360, answered=True)
         # 360 bytes out of 10 % of 999,640 left over 86,400 s: one probe every 311 s
         assert probes.wait_s() == pytest.approx(360 * 86_400 / (0.1 * 999_640))
         assert "link probes slowed to one per 311 s" in caplog.text
@@ -235,9 +235,24 @@ async def test_without_limits_probes_keep_their_interval(path: Path) -> None:
     budget = await DataBudget.open(path, clock=clock)
     try:
         probes = ProbeBudget(budget, share=0.1, interval_s=30.0, clock=clock)
-        probes.spent(360)
+        probes.spent(360, answered=True)
         assert probes.wait_s() == 0
         with pytest.raises(ValueError, match="share"):
             ProbeBudget(budget, share=0, interval_s=30.0, clock=clock)
+    finally:
+        await budget.close()
+
+
+async def test_urgent_probes_wait_only_for_bytes_spent_without_an_answer(path: Path) -> None:
+    clock = FakeClock(at("2024-05-14T00:00"))
+    budget = await DataBudget.open(path, daily_bytes=1_000_000, clock=clock)
+    try:
+        probes = ProbeBudget(budget, share=0.1, interval_s=30.0, clock=clock)
+        probes.spent(360, answered=True)
+        assert probes.wait_s() > 300
+        assert probes.wait_s(urgent=True) == 0  # items wait for a down link: look now
+        probes.spent(200, answered=False)  # black-holed: its request went out, no answer came
+        assert probes.wait_s(urgent=True) == pytest.approx(200 * 86_400 / (0.1 * 1_000_000))
+        assert probes.probe_bytes == 360  # what an answered probe takes, for the stop rule
     finally:
         await budget.close()

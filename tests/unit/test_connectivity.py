@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from router.breaker import BreakerState
 from router.clock import FakeClock, SystemClock
 from router.connectivity import ConnectivityMonitor, MonitorConfig
 from router.decision import LinkState, LinkView
+from router.errors import BudgetExhausted
 from router.retrying import LinkBackoff
 
 
@@ -246,3 +248,62 @@ async def test_a_broken_listener_does_not_blind_the_others() -> None:
 def test_bad_config_names_the_field(changes: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         MonitorConfig(**changes)  # type: ignore[arg-type]
+
+
+# -- items waiting for a down link; the data budget's say ---------------------------------------
+
+
+async def test_while_items_wait_a_down_link_is_probed_at_least_every_ten_seconds() -> None:
+    clock = SteppingClock(step=1.0)
+    cloud = Cloud(clock, [False], stop_after=40)
+    monitor = monitor_for(cloud)  # the production defaults: backoff capped at 120 s
+    cap = MonitorConfig().recovery_probe_cap_s
+    # Down long enough to reach the cap, then items come: the open breaker's two-minute
+    # cool-down is cut short, and every later wait is at most recovery_probe_cap_s.
+    items_at = clock.monotonic() + 600
+    clock.at(items_at, lambda: monitor.set_waiting(True))
+    await asyncio.wait_for(monitor.run(), 5)
+    before = [t for t in cloud.times if t < items_at]
+    after = [t for t in cloud.times if t >= items_at]
+    assert max(b - a for a, b in itertools.pairwise(before)) >= 96.0
+    assert after[0] - items_at <= cap + clock.step  # the hook fires within a step
+    assert max(b - a for a, b in itertools.pairwise(after)) <= cap
+
+
+async def test_the_budget_holds_probes_back_unless_items_wait_for_a_down_link() -> None:
+    asked: list[bool] = []
+    clock = FakeClock()
+    allowed_at = clock.monotonic() + 500.0
+
+    def wait(urgent: bool) -> float:
+        asked.append(urgent)
+        return 0.0 if urgent else max(0.0, allowed_at - clock.monotonic())
+
+    for waiting, first_probe_after in ((True, 0.0), (False, 500.0)):
+        cloud = Cloud(clock, [False], stop_after=1)
+        monitor = ConnectivityMonitor(cloud, clock=clock, probe_wait=wait)
+        cloud.monitor = monitor
+        monitor.set_waiting(waiting)
+        start = clock.monotonic()
+        await asyncio.wait_for(monitor.run(), 5)
+        assert cloud.times[0] - start == pytest.approx(first_probe_after)
+    assert set(asked) == {False, True}
+
+
+async def test_a_probe_the_budget_refuses_says_nothing_of_the_link() -> None:
+    clock = FakeClock()
+    calls: list[float] = []
+    monitor: ConnectivityMonitor | None = None
+
+    async def refused() -> bool:
+        calls.append(clock.monotonic())
+        if len(calls) == 2 and monitor is not None:
+            monitor.stop()
+        raise BudgetExhausted("day", 1000, 1000)
+
+    monitor = ConnectivityMonitor(refused, clock=clock, config=MonitorConfig(probe_interval_s=30))
+    monitor.record_success(0.1, 100, 0.1)
+    await asyncio.wait_for(monitor.run(), 5)
+    assert calls[1] - calls[0] == pytest.approx(30.0)  # asked again an interval later
+    assert monitor.breaker.consecutive_failures == 0
+    assert monitor.state is LinkState.UP

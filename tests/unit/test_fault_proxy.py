@@ -153,3 +153,14 @@ def test_target_down_resets_the_client(echo: tuple[str, int]) -> None:
         ):
             round_trip(sock, b"anyone?")
         assert proxy.connections_accepted == 1
+
+
+def test_refuse_stops_listening_and_restore_listens_on_the_same_port(proxy: FaultProxy) -> None:
+    port = proxy.port
+    proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    proxy.restore()
+    assert proxy.port == port
+    with connect(proxy) as sock:
+        assert round_trip(sock, b"back") == b"back"
