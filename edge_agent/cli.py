@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,12 +13,14 @@ from edge_agent.config_cli import config_app
 from edge_agent.export_cli import export_hard_examples_command
 from edge_agent.queue_cli import queue_app
 from edge_agent.settings import SettingsError, load_settings
+from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
 from model_runtime.private_files import restrict_umask
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
 @app.command()
+@with_setting_flags(ROUTER_FLAGS)
 def serve(
     config: Annotated[
         Path | None, typer.Option(help="TOML file of settings; flags and EDGE_AGENT_* win over it.")
@@ -90,6 +92,7 @@ def serve(
             "--allow-plain-http", help="Allow an http:// cloud URL beyond loopback (unencrypted)."
         ),
     ] = None,
+    **router: Any,  # a flag per router setting (edge_agent.settings_flags)
 ) -> None:
     """Serve the model repository over the Open Inference Protocol (gRPC)."""
     # grpc-core reads this once, at import: its own log lines would repeat, in another format,
@@ -122,6 +125,7 @@ def serve(
             cloud_client_cert=cloud_client_cert,
             cloud_client_key=cloud_client_key,
             allow_plain_http=allow_plain_http,
+            **router,
         )
     except SettingsError as exc:
         typer.echo(f"edge-agent: invalid settings: {exc}", err=True)

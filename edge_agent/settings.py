@@ -23,7 +23,12 @@ from pydantic_settings import (
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings
 from model_runtime.model_config import describe_validation_error
-from router.decision import MAX_TTL_SECONDS
+from router.decision import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY_LEVELS,
+    MAX_TTL_SECONDS,
+    PRIORITY_LEVELS,
+)
 
 __all__ = ["DEFAULT_DEVICE", "AgentSettings", "SettingsError", "is_loopback", "load_settings"]
 
@@ -48,7 +53,9 @@ class SettingsError(Exception):
 
 
 class AgentSettings(LayeredSettings):
-    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     site: str = Field(default_factory=_host_name)
     """Where this agent runs (a clinic, a kiosk's location): the `site` label of
@@ -138,6 +145,66 @@ class AgentSettings(LayeredSettings):
     probe costs a few hundred bytes: shorter finds a dead link sooner, longer spends less."""
     probe_timeout_seconds: float = Field(default=5.0, gt=0)
     """A probe slower than this counts as failed."""
+    probe_budget_share: float = Field(default=0.1, gt=0.0, le=1.0)
+    """With a data budget, probes spend at most this share of what is left of each period,
+    spread over the rest of it (slower as it runs low; none once a probe no longer fits)."""
+    recovery_probe_cap_seconds: float = Field(default=10.0, gt=0)
+    """While items wait for a down link, probes are at most this far apart, so delivery starts
+    within about this long of the link's return (a probe that cannot connect costs no bytes)."""
+    link_backoff_seconds: float = Field(default=1.0, gt=0)
+    """First wait between probes of a down link; then x1.6 per failure, ±20 %."""
+    link_backoff_cap_seconds: float = Field(default=120.0, gt=0)
+    """Longest wait between probes of a down link that no item waits for."""
+    breaker_failures: int = Field(default=3, ge=1, le=100)
+    """Failed calls or probes in a row that take the link down (the circuit breaker opens)."""
+    degraded_rtt_seconds: float = Field(default=2.0, gt=0)
+    """A round-trip time above this marks the link degraded."""
+
+    # -- the queue and its delivery ------------------------------------------------------------
+    priority_levels: int = Field(default=PRIORITY_LEVELS, ge=1, le=MAX_PRIORITY_LEVELS)
+    """Priority levels as Triton numbers them: 1 is the most urgent, this the least."""
+    default_priority: int = Field(default=DEFAULT_PRIORITY, ge=1)
+    """The level of a request that sends priority 0 or none; at most priority_levels (so with
+    fewer than 5 levels, set it too)."""
+    queue_ageing_seconds: float = Field(default=600.0, ge=0)
+    """A waiting item moves one priority level up per this many seconds, so a stream of urgent
+    items cannot starve older ones; 0 turns ageing off."""
+    queue_lease_seconds: float = Field(default=300.0, gt=0)
+    """An item being sent whose outcome is not recorded within this long is sent again."""
+    results_retention_seconds: float = Field(default=7 * 86400.0, gt=0)
+    """How long an ended ticket, with the cloud's answer, stays readable (GetResult, Watch)."""
+    drain_batch_items: int = Field(default=16, ge=1, le=10_000)
+    """Items the forwarder claims from the queue at once."""
+    drain_batch_bytes: int = Field(default=1 << 20, ge=1)
+    """Payload bytes the forwarder claims at once (at least one item)."""
+    drain_concurrency: int = Field(default=4, ge=1, le=256)
+    """Deliveries in flight at once. To fill a bandwidth cap they must cover cap x a call's
+    duration: e.g. 20 kB/s x 0.4 s / 600-byte requests = 14."""
+    drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Time limit of one delivery (one attempt: the queue retries it later)."""
+    bandwidth_burst_seconds: float = Field(default=0.25, gt=0)
+    """The bandwidth cap's bucket holds this many seconds of it (at least one request)."""
+    failure_backoff_seconds: float = Field(default=0.5, gt=0)
+    """The forwarder's pause after a failed delivery; x1.6 per failure in a row."""
+    failure_backoff_cap_seconds: float = Field(default=60.0, gt=0)
+    """Longest pause after failed deliveries."""
+    setup_backoff_seconds: float = Field(default=30.0, gt=0)
+    """Pause after the cloud refuses the device or model (401, 403, 404)."""
+
+    # -- the cloud's limits and the calls to it -------------------------------------------------
+    cloud_requests_per_s: float = Field(default=40.0, ge=0)
+    """Calls started per second at most, live and queued together; each 429 halves it until
+    it grows back. 0: no rate of the agent's own (the cloud's Retry-After still holds)."""
+    cloud_burst: int = Field(default=10, ge=1)
+    """Calls that may start at once before cloud_requests_per_s applies."""
+    cloud_rate_recovery_seconds: float = Field(default=60.0, gt=0)
+    """How long the rate takes to grow back to cloud_requests_per_s after a 429 halved it."""
+    cloud_max_connections: int = Field(default=4, ge=1, le=256)
+    """Connections kept to the cloud for live calls (deliveries have drain_concurrency)."""
+    cloud_gzip: bool = True
+    """Send request bodies gzip-compressed (Content-Encoding: gzip)."""
+    live_retry_attempts: int = Field(default=4, ge=1, le=20)
+    """Attempts of a live call in all, within the caller's deadline."""
 
     # -- field quality: audits and hard examples --------------------------------------------
     audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -149,6 +216,8 @@ class AgentSettings(LayeredSettings):
     (`edge-agent export-hard-examples`); 0 is off, and deletes what was kept before."""
     hard_examples_cap_bytes: int = Field(default=64 * 2**20, ge=0)
     """Disk the hard examples may take; beyond it new ones are not kept. 0 means no cap."""
+    audit_max_waiting: int = Field(default=100, ge=1)
+    """Audits waiting for the cloud at most; more are skipped (counted as backlog)."""
 
     # -- patient data at rest ---------------------------------------------------------------
     encryption_key_file: Path | None = None
@@ -212,6 +281,22 @@ class AgentSettings(LayeredSettings):
         given = value is not None or data.get("cloud_ca_file") is not None
         if given and not str(data.get("cloud_url") or "").startswith("https://"):
             raise ValueError("cloud_ca_file and cloud_client_* are for an https:// cloud_url")
+        return value
+
+    @field_validator("default_priority")
+    @classmethod
+    def _within_levels(cls, value: int, info: ValidationInfo) -> int:
+        levels = info.data.get("priority_levels")
+        if levels is not None and value > levels:
+            raise ValueError(f"must be at most priority_levels ({levels}), got {value}")
+        return value
+
+    @field_validator("link_backoff_cap_seconds")
+    @classmethod
+    def _cap_above_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("link_backoff_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least link_backoff_seconds ({first:g}), got {value:g}")
         return value
 
     @field_validator("device_key_file")

@@ -32,6 +32,7 @@ from model_runtime.v2_json import InferResponse, decode_infer_response
 from router.budget import Reservation
 from router.clock import Clock, SystemClock
 from router.errors import BudgetExhausted, CircuitOpen, CloudError, CloudRejected, CloudUnavailable
+from router.pacing import RequestPacer
 from router.retrying import RetryPolicy, parse_retry_after, retry_call
 
 __all__ = [
@@ -232,6 +233,7 @@ class CloudClient:
         observer: CallObserver | None = None,
         on_attempt: Callable[[AttemptRecord], None] | None = None,
         budget: ByteBudget | None = None,
+        pacer: RequestPacer | None = None,
         compress: bool = True,
         probe_timeout_s: float = 5.0,
         max_connections: int = 4,
@@ -248,6 +250,7 @@ class CloudClient:
         self.observer = observer
         self.on_attempt = on_attempt
         self.budget = budget
+        self.pacer = pacer
         self._compress = compress
         # The largest recent answers per endpoint: what the next answer there is reserved at.
         self._answers: dict[str, deque[int]] = {}
@@ -416,6 +419,9 @@ class CloudClient:
         )
 
     async def _attempt(self, call: _Call, limit_s: float) -> _Reply:
+        if self.pacer is not None:  # RateLimited if the rate would start it too late
+            now = self._clock.monotonic()
+            limit_s -= await self.pacer.acquire(latest=now + limit_s - self.retry.min_attempt_s)
         request = self._http.build_request(
             "POST", call.path, content=call.payload, headers=call.headers, timeout=limit_s
         )
@@ -444,6 +450,8 @@ class CloudClient:
         kind, outcome = self._read(response, raw)
         self._finish(call, exchange, kind, response.status_code, start, rtt)
         if isinstance(outcome, CloudError):
+            if self.pacer is not None and outcome.retry_after is not None and kind != "rejected":
+                self.pacer.hold(outcome.retry_after, rate_limited=kind == "rate_limited")
             raise outcome
         params = outcome.get("parameters")
         replayed = response.headers.get(REPLAY_HEADER, "").lower() == "true" or (

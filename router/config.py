@@ -110,6 +110,14 @@ class RouterConfig:
     """Priority levels, as Triton numbers them: 1 is the most urgent, this the least."""
     default_priority: int = DEFAULT_PRIORITY
     """The level of a request that sends priority 0 or none."""
+    cloud_requests_per_s: float | None = 40.0
+    """Cloud calls started per second at most, live and drain together (router.pacing); each
+    429 halves it, and it grows back over `cloud_rate_recovery_s`. None or 0: no rate of its
+    own (the cloud's Retry-After still holds calls back)."""
+    cloud_burst: int = 10
+    """Calls that may start at once before the rate applies."""
+    cloud_rate_recovery_s: float = 60.0
+    """How long the rate takes to grow back to `cloud_requests_per_s` after a 429 halved it."""
     max_connections: int = 4
     """Connections of the live calls' pool; the forwarder's pool has at least
     `drain_concurrency`."""
@@ -157,10 +165,16 @@ class RouterConfig:
             "expire_interval_s",
             "purge_interval_s",
             "queue_lease_s",
+            "cloud_rate_recovery_s",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+        rate = self.cloud_requests_per_s
+        if rate is not None and not (isinstance(rate, int | float) and math.isfinite(rate)):
+            raise ValueError(f"cloud_requests_per_s: must be a number >= 0, got {rate!r}")
+        if rate is not None and rate < 0:
+            raise ValueError(f"cloud_requests_per_s: must be a number >= 0, got {rate!r}")
         for name in ("live_margin_s", "policy_margin_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -176,6 +190,7 @@ class RouterConfig:
             "drain_concurrency",
             "max_connections",
             "audit_max_waiting",
+            "cloud_burst",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -71,6 +71,9 @@ class Reason(StrEnum):
     """queue: the circuit breaker is open after repeated cloud failures."""
     DEADLINE_TOO_SHORT = "deadline_too_short"
     """queue: the expected cloud latency plus transfer time does not fit the caller's deadline."""
+    RATE_LIMITED = "rate_limited"
+    """queue, set by the router after the policy: the rate the cloud accepts (its Retry-After, or
+    the agent's own cloud_requests_per_s) would not let the call start before the deadline."""
     CLOUD_FAILED = "cloud_failed"
     """queue, set by the router after the policy: the cloud call failed within the deadline, so the
     local answer was returned, provisional, and the request queued."""

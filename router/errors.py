@@ -9,7 +9,8 @@ RouterError
 ├── TooManyWatchers      as many result watchers as allowed are watching already
 └── CloudError           a cloud call did not produce an answer
     ├── CloudUnavailable connection failed, timed out, 5xx, 429, or the breaker is open
-    │   └── CircuitOpen  the circuit breaker is open; the call was not attempted
+    │   ├── CircuitOpen  the circuit breaker is open; the call was not attempted
+    │   └── RateLimited  the rate the cloud accepts would not let the call start in time
     └── CloudRejected    the cloud refused the request itself (4xx other than 429)
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "QueueCorrupt",
     "QueueFull",
     "QueueSchemaTooNew",
+    "RateLimited",
     "RouterError",
     "TicketNotFound",
     "TooManyWatchers",
@@ -89,6 +91,18 @@ class CircuitOpen(CloudUnavailable):
         self.retry_in = retry_in
         when = "" if retry_in is None else f"; next probe in {retry_in:.1f} s"
         super().__init__(f"cloud circuit breaker is open{when}")
+
+
+class RateLimited(CloudUnavailable):
+    """The agent's own rate or the cloud's Retry-After would start the call only after its
+    deadline; nothing was sent. `retry_after` is how long it would have had to wait."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(
+            f"the cloud's rate limit lets the call start only in {wait_s:.2f} s, past its deadline",
+            status=None,
+            retry_after=wait_s,
+        )
 
 
 class QueueSchemaTooNew(RouterError):

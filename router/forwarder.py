@@ -19,13 +19,14 @@ from model_runtime.errors import InvalidInput
 from router.breaker import CircuitBreaker
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, sleep_or_wake
-from router.cloud_client import AttemptRecord, CloudClient
+from router.cloud_client import CloudClient
 from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
 from router.durable_queue import DurableQueue, QueuedItem
 from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
 from router.metrics import CloudMeter, RouterMetrics
+from router.pacing import RequestPacer
 from router.retrying import LinkBackoff
 from router.tickets import encode_result
 
@@ -42,26 +43,31 @@ _HEADER_GUESS = 400  # request line and headers before the first call measured t
 
 
 def open_cloud(
-    config: RouterConfig,
-    clock: Clock,
-    on_attempt: Callable[[AttemptRecord], None],
-    budget: DataBudget,
-    probes: ProbeBudget,
+    config: RouterConfig, clock: Clock, meter: CloudMeter, budget: DataBudget, probes: ProbeBudget
 ) -> tuple[CloudClient, CloudClient, ConnectivityMonitor]:
     """The live and the drain CloudClients (one pool each, so escalations never queue behind
-    deliveries; both reserve and settle their bytes in `budget`) and the monitor both report
-    to, with its breaker, probing as often as `probes` lets it."""
+    deliveries; both reserve and settle their bytes in `budget`, and start calls at the pace of
+    one RequestPacer) and the monitor both report to, with its breaker, probing as often as
+    `probes` lets it."""
     assert config.cloud_url is not None
     assert config.device_key is not None
     tls = config.cloud_tls.context() if config.cloud_tls is not None else None
+    pacer = RequestPacer(
+        config.cloud_requests_per_s,
+        config.cloud_burst,
+        clock,
+        recovery_s=config.cloud_rate_recovery_s,
+        on_wait=meter.on_paced,
+    )
     live, drain = (
         CloudClient(
             config.cloud_url,
             config.device_key,
             clock=clock,
             retry=retry,
-            on_attempt=on_attempt,
+            on_attempt=meter.on_attempt,
             budget=budget,
+            pacer=pacer,
             compress=config.compress,
             probe_timeout_s=config.monitor.probe_timeout_s,
             max_connections=connections,

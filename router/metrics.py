@@ -25,7 +25,14 @@ from router.cloud_client import AttemptRecord
 from router.connectivity import LinkSnapshot
 from router.decision import LinkState, Reason, Route
 from router.durable_queue import QueueStats
-from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
+from router.errors import (
+    BudgetExhausted,
+    CircuitOpen,
+    CloudRejected,
+    CloudUnavailable,
+    RateLimited,
+)
+from router.pacing import PACING_REASONS
 
 __all__ = [
     "CALL_RESULTS",
@@ -40,7 +47,16 @@ __all__ = [
 PATHS = ("live", "drain", "probe")
 """`live`: an escalation the caller waits for; `drain`: the forwarder delivering the queue;
 `probe`: the link's readiness probes (attempts and bytes only)."""
-CALL_RESULTS = ("ok", "unavailable", "rejected", "breaker_open", "budget", "cancelled", "error")
+CALL_RESULTS = (
+    "ok",
+    "unavailable",
+    "rejected",
+    "breaker_open",
+    "rate_limited",  # not sent: the cloud's rate would have started it after its deadline
+    "budget",
+    "cancelled",
+    "error",
+)
 HOLD_REASONS = ("retry_after", "setup", "failure", "budget")
 """Why the forwarder paused: the cloud's Retry-After, a 401/403/404, a failed delivery, the budget."""
 
@@ -161,6 +177,19 @@ class RouterMetrics:
             ["path"],
             registry=registry,
         )
+        self.paced = Counter(
+            f"{NS}_cloud_paced_calls",
+            "Cloud calls that waited before they were sent, by path (live, drain) and reason: "
+            "rate (the agent's cloud_requests_per_s) or retry_after (the cloud's Retry-After).",
+            ["path", "reason"],
+            registry=registry,
+        )
+        self.paced_seconds = Counter(
+            f"{NS}_cloud_paced_seconds",
+            "Seconds cloud calls waited before they were sent, by path and reason.",
+            ["path", "reason"],
+            registry=registry,
+        )
         self.enqueued = Counter(
             f"{NS}_queue_enqueued_items",
             "Items committed to the durable queue.",
@@ -206,6 +235,10 @@ class RouterMetrics:
         )
         for state in ("delivered", "expired", "dropped", "rejected"):
             self.ended.labels(state)
+        for path in ("live", "drain"):
+            for reason in PACING_REASONS:
+                self.paced.labels(path, reason)
+                self.paced_seconds.labels(path, reason)
         for reason in HOLD_REASONS:
             self.holds.labels(reason)
         # Exported at 0 from the start: the quarantine alert then tells "none" from "not scraped".
@@ -257,6 +290,13 @@ class CloudMeter:
         self.metrics = metrics
         self.probes = probes
 
+    def on_paced(self, reason: str, seconds: float) -> None:
+        """The RequestPacer held a call back for `seconds`, for `reason`."""
+        tally = _TALLY.get()
+        path = tally.path if tally is not None else "live"
+        self.metrics.paced.labels(path, reason).inc()
+        self.metrics.paced_seconds.labels(path, reason).inc(seconds)
+
     def on_attempt(self, record: AttemptRecord) -> None:
         tally = _TALLY.get()
         path = "probe" if record.probe else tally.path if tally is not None else "live"
@@ -286,6 +326,9 @@ class CloudMeter:
             result = "ok"
         except CircuitOpen:
             result = "breaker_open"
+            raise
+        except RateLimited:
+            result = "rate_limited"
             raise
         except BudgetExhausted:
             result = "budget"

@@ -25,7 +25,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from router.clock import Clock
-from router.errors import CircuitOpen, CloudUnavailable
+from router.errors import CircuitOpen, CloudUnavailable, RateLimited
 
 __all__ = [
     "RETRYABLE_STATUSES",
@@ -100,8 +100,9 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
 
 
 def is_retryable(error: BaseException) -> bool:
-    """Connection errors, timeouts and the statuses in RETRYABLE_STATUSES; nothing else."""
-    if not isinstance(error, CloudUnavailable) or isinstance(error, CircuitOpen):
+    """Connection errors, timeouts and the statuses in RETRYABLE_STATUSES; nothing else (not
+    a call the breaker or the rate held back: it was not sent)."""
+    if not isinstance(error, CloudUnavailable) or isinstance(error, CircuitOpen | RateLimited):
         return False
     return error.status is None or error.status in RETRYABLE_STATUSES
 

@@ -28,7 +28,7 @@ from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
-from router.errors import BudgetExhausted, CloudError
+from router.errors import BudgetExhausted, CloudError, RateLimited
 from router.forwarder import Forwarder, housekeep, open_cloud
 from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.local_model import LocalAnswer
@@ -169,7 +169,7 @@ class Router:
                 clock=clock,
             )
             self._live, self._drain, self.monitor = open_cloud(
-                config, clock, self.meter.on_attempt, self.budget, self.meter.probes
+                config, clock, self.meter, self.budget, self.meter.probes
             )
             self.monitor.add_listener(lambda _: self._refresh_link())
             self.forwarder = Forwarder(
@@ -388,7 +388,8 @@ class Router:
     ) -> tuple[dict[int, InferResponse], dict[int, Reason]]:
         """Live calls for `items`, all at once: row index -> the cloud's answer, for those
         answered in time, and row index -> why not, for the others whose reason is not
-        cloud_failed (budget_exhausted: their bytes did not fit the data budget).
+        cloud_failed (budget_exhausted: their bytes did not fit the data budget; rate_limited:
+        the rate the cloud accepts would have sent them after the deadline).
 
         Each item goes in its queued form, its ticket as the Idempotency-Key: if a call fails
         after the cloud ran it, the queued redelivery is answered from the cloud's idempotency
@@ -422,7 +423,9 @@ class Router:
                         }
                     },
                 )
-                return u.index, Reason.CLOUD_FAILED
+                # Held back by the cloud's rate until past its deadline, or failed.
+                limited = isinstance(error, RateLimited) or getattr(error, "status", None) == 429
+                return u.index, Reason.RATE_LIMITED if limited else Reason.CLOUD_FAILED
 
         answers = await asyncio.gather(*(call(u) for u in items))
         return (

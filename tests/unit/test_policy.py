@@ -87,9 +87,9 @@ def test_edge_budget_mode_answers_locally() -> None:
 
 
 def test_every_reason_the_policy_gives_is_covered() -> None:
-    # cloud_failed and queue_full are set by the router after the policy, not by decide().
+    # cloud_failed, rate_limited and queue_full are set by the router after the policy.
     covered = {c[3] for c in CASES}
-    assert covered == set(Reason) - {Reason.CLOUD_FAILED, Reason.QUEUE_FULL}
+    assert covered == set(Reason) - {Reason.CLOUD_FAILED, Reason.RATE_LIMITED, Reason.QUEUE_FULL}
 
 
 def test_margin_is_validated() -> None:

@@ -1,0 +1,141 @@
+"""A 200-row batch with escalation=always against a gateway with a low rate limit: the agent paces
+its calls (its own rate, halved by a 429, and the gateway's Retry-After) instead of sending a
+storm of them, and queues an item only when the caller's deadline forbids waiting for its turn.
+Real agent and gateway processes, tritonclient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_runtime.demo import HELDOUT
+from tests.integration.conftest import start_agent
+from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.support.processes import Daemon, wait_until
+
+pytestmark = pytest.mark.integration
+
+ROWS = 200
+GATEWAY_RATE = 25  # per second, bursts of as many: below the agent's default of 40
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(
+        tmp_path_factory.mktemp("limited"),
+        env={
+            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": str(GATEWAY_RATE),
+            "CLOUD_GATEWAY_RATE_LIMIT_BURST": str(GATEWAY_RATE),
+        },
+    )
+    yield gw
+    gw.daemon.stop()
+
+
+def agent_for(gateway: Gateway, workdir: Path, **env: str) -> Daemon:
+    key_file = workdir / "device.key"
+    key_file.write_text(gateway.key, encoding="utf-8")
+    return start_agent(
+        workdir,
+        "--cloud-url",
+        gateway.url,
+        "--device-key-file",
+        str(key_file),
+        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5", **env},
+    )
+
+
+def batch(agent: Daemon, timeout_s: float) -> tuple[list[str], list[str]]:
+    """Send the 200-row batch with escalation=always; each row's route and reason."""
+    x = np.asarray(np.load(HELDOUT)["X"][:ROWS], dtype=np.float32)
+    inp = triton.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    outputs = [triton.InferRequestedOutput(n) for n in ("routing.route", "routing.reason")]
+    result = triton.InferenceServerClient(agent.address("grpc")).infer(
+        "digits",
+        [inp],
+        outputs=outputs,
+        parameters={"escalation": "always"},
+        client_timeout=timeout_s,
+    )
+    decode = np.vectorize(lambda b: b.decode())
+    return list(decode(result.as_numpy("routing.route"))), list(
+        decode(result.as_numpy("routing.reason"))
+    )
+
+
+def refusals(gateway: Gateway) -> float:
+    return gateway.metric("cloud_gateway_rate_limited_total")
+
+
+def agent_metric(agent: Daemon, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the agent's /metrics whose labels include `labels`."""
+    text = httpx.get(f"http://{agent.address('metrics')}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def test_a_large_batch_is_paced_live_when_the_deadline_allows(
+    limited_gateway: Gateway, tmp_path: Path
+) -> None:
+    agent = agent_for(
+        limited_gateway,
+        tmp_path,
+        EDGE_AGENT_LIVE_TIMEOUT_SECONDS="60",
+        EDGE_AGENT_CLOUD_MAX_CONNECTIONS="32",
+    )
+    try:
+        before = refusals(limited_gateway)
+        routes, reasons = batch(agent, timeout_s=90)
+        assert set(routes) == {"cloud"}, set(reasons)  # none had to wait for the queue
+        assert set(reasons) == {"escalation_always"}
+        storm = refusals(limited_gateway) - before
+        # 200 calls at once were refused 117 times; paced, a handful at most find the limit
+        assert storm <= 10, storm
+        assert agent_metric(agent, "edge_agent_router_cloud_paced_calls_total", path="live") > 0
+    finally:
+        agent.stop()
+
+
+def test_rows_whose_turn_comes_after_the_deadline_are_queued_then_delivered_paced(
+    limited_gateway: Gateway, tmp_path: Path
+) -> None:
+    # A live limit well beyond the pacing of the first rows, and connections enough that
+    # none waits for one, however slow this machine: what holds the rest back is the rate.
+    agent = agent_for(
+        limited_gateway,
+        tmp_path,
+        EDGE_AGENT_LIVE_TIMEOUT_SECONDS="4",
+        EDGE_AGENT_CLOUD_MAX_CONNECTIONS="32",
+    )
+    try:
+        before = refusals(limited_gateway)
+        routes, reasons = batch(agent, timeout_s=30)
+        # Never cloud_failed: those that could not go in time waited in the queue instead.
+        assert set(reasons) <= {"escalation_always", "rate_limited"}
+        live = routes.count("cloud")
+        assert live >= 10  # the agent's burst at least went live
+        assert routes.count("queue") == reasons.count("rate_limited") == ROWS - live > 0
+        wait_until(
+            lambda: (
+                agent_metric(agent, "edge_agent_router_queue_ended_items_total", state="delivered")
+                == ROWS - live
+            ),
+            timeout=120,
+            what="the queued rows to be delivered",
+        )
+        storm = refusals(limited_gateway) - before
+        assert storm <= 10, storm
+        assert agent_metric(agent, "edge_agent_router_cloud_paced_calls_total", path="drain") > 0
+    finally:
+        agent.stop()
