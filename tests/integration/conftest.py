@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.fault_proxy import FaultProxy
@@ -145,6 +147,17 @@ def write_device_key(workdir: Path, gateway: Gateway, mode: int = 0o600) -> Path
     key_file.write_text(gateway.key, encoding="utf-8")
     key_file.chmod(mode)
     return key_file
+
+
+def agent_metric(agent: Daemon, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the agent's /metrics whose labels include `labels`."""
+    text = httpx.get(f"http://{agent.address('metrics')}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def model_runs(gateway: Gateway) -> float:

@@ -7,16 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import HELDOUT
-from tests.integration.conftest import start_agent_with_cloud
+from tests.integration.conftest import agent_metric, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
@@ -31,16 +29,6 @@ def day_budget(agent: Daemon) -> rpb.Budget:
     with grpc.insecure_channel(agent.address("grpc")) as channel:
         status = rpb_grpc.RouterServiceStub(channel).Status(rpb.StatusRequest(), timeout=5)
     return status.day_budget
-
-
-def metric(agent: Daemon, name: str, **labels: str) -> float:
-    text = httpx.get(f"http://{agent.address('metrics')}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def test_status_budget_is_the_bytes_the_link_carried_and_never_passes_the_limit(
@@ -74,12 +62,12 @@ def test_status_budget_is_the_bytes_the_link_carried_and_never_passes_the_limit(
         assert 0 < budget.used_bytes <= LIMIT
         assert budget.left_bytes == LIMIT - budget.used_bytes
         counted = sum(
-            metric(agent, f"edge_agent_router_cloud_{way}_bytes_total", path=path)
+            agent_metric(agent, f"edge_agent_router_cloud_{way}_bytes_total", path=path)
             for way in ("sent", "received")
             for path in ("live", "drain", "probe")
         )
         assert counted == budget.used_bytes
-        assert metric(agent, "edge_agent_router_cloud_sent_bytes_total", path="probe") > 0
+        assert agent_metric(agent, "edge_agent_router_cloud_sent_bytes_total", path="probe") > 0
         wait_until(lambda: "link probes" in agent.log(), 10, what="the agent to say probes slowed")
     finally:
         agent.stop()

@@ -8,14 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from model_runtime.demo import HELDOUT
-from tests.integration.conftest import start_agent
+from tests.integration.conftest import agent_metric, start_agent
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.processes import Daemon, wait_until
 
@@ -38,7 +36,9 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     gw.daemon.stop()
 
 
-def agent_for(gateway: Gateway, workdir: Path, **env: str) -> Daemon:
+def agent_for(gateway: Gateway, workdir: Path, live_timeout_s: float) -> Daemon:
+    """An agent escalating straight to `gateway`, with connections enough that no live call
+    waits for one, however slow this machine: what holds calls back is the pace alone."""
     key_file = workdir / "device.key"
     key_file.write_text(gateway.key, encoding="utf-8")
     return start_agent(
@@ -47,7 +47,11 @@ def agent_for(gateway: Gateway, workdir: Path, **env: str) -> Daemon:
         gateway.url,
         "--device-key-file",
         str(key_file),
-        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5", **env},
+        "--live-timeout-seconds",
+        str(live_timeout_s),
+        "--cloud-max-connections",
+        "32",
+        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5"},
     )
 
 
@@ -74,26 +78,10 @@ def refusals(gateway: Gateway) -> float:
     return gateway.metric("cloud_gateway_rate_limited_total")
 
 
-def agent_metric(agent: Daemon, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` on the agent's /metrics whose labels include `labels`."""
-    text = httpx.get(f"http://{agent.address('metrics')}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
 def test_a_large_batch_is_paced_live_when_the_deadline_allows(
     limited_gateway: Gateway, tmp_path: Path
 ) -> None:
-    agent = agent_for(
-        limited_gateway,
-        tmp_path,
-        EDGE_AGENT_LIVE_TIMEOUT_SECONDS="60",
-        EDGE_AGENT_CLOUD_MAX_CONNECTIONS="32",
-    )
+    agent = agent_for(limited_gateway, tmp_path, live_timeout_s=60)
     try:
         before = refusals(limited_gateway)
         routes, reasons = batch(agent, timeout_s=90)
@@ -110,14 +98,7 @@ def test_a_large_batch_is_paced_live_when_the_deadline_allows(
 def test_rows_whose_turn_comes_after_the_deadline_are_queued_then_delivered_paced(
     limited_gateway: Gateway, tmp_path: Path
 ) -> None:
-    # A live limit well beyond the pacing of the first rows, and connections enough that
-    # none waits for one, however slow this machine: what holds the rest back is the rate.
-    agent = agent_for(
-        limited_gateway,
-        tmp_path,
-        EDGE_AGENT_LIVE_TIMEOUT_SECONDS="4",
-        EDGE_AGENT_CLOUD_MAX_CONNECTIONS="32",
-    )
+    agent = agent_for(limited_gateway, tmp_path, live_timeout_s=4)
     try:
         before = refusals(limited_gateway)
         routes, reasons = batch(agent, timeout_s=30)

@@ -1,7 +1,8 @@
 """CloudClient against a real HTTP server on a real socket, directly and through the fault proxy.
 
 The server is a small scripted v2 endpoint (starlette + uvicorn in a thread) that answers 429,
-503, 400, 500 or slowly on demand and records what it received: fault injection, not a mock.
+503, 400, 500, slowly or chunked on demand and records what it received: fault injection, not
+a mock. The client's bytes against the data budget are counted as the proxy carries them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,11 +35,13 @@ from starlette.routing import Route
 from model_runtime.demo import HELDOUT
 from model_runtime.v2_json import encode_infer_request
 from router.breaker import CircuitBreaker
+from router.budget import BudgetPeriod, DataBudget
 from router.clock import SystemClock
 from router.cloud_client import AttemptRecord, CloudClient
 from router.connectivity import ConnectivityMonitor
-from router.errors import CircuitOpen, CloudRejected, CloudUnavailable
+from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
 from router.retrying import RetryPolicy
+from tests.integration.router.helpers import until
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import BIN, Daemon, start_daemon, wait_until
 
@@ -455,3 +459,122 @@ async def test_real_gateway_runs_once_and_replays_through_a_flaky_link(
     np.testing.assert_array_equal(again.response().outputs["probabilities"], probabilities)
     assert refused.value.status == 401
     assert _model_runs(daemon) - runs_before == 1  # three deliveries of gw-1, one model run
+
+
+# --- the data budget: bytes counted to the byte, reserved before sending ---------------------
+
+
+async def open_budget(tmp_path: Path, limit: int | None) -> DataBudget:
+    return await DataBudget.open(tmp_path / "budget.sqlite", daily_bytes=limit)
+
+
+@pytest.fixture
+async def budget(tmp_path: Path) -> AsyncIterator[DataBudget]:
+    opened = await open_budget(tmp_path, None)
+    yield opened
+    await opened.close()
+
+
+def budgeted_client(url: str, budget: DataBudget, attempts: Attempts) -> CloudClient:
+    return CloudClient(
+        url,
+        KEY,
+        retry=RetryPolicy(max_attempts=1),
+        on_attempt=attempts.append,
+        budget=budget,
+        probe_timeout_s=2.0,
+    )
+
+
+def used(budget: DataBudget) -> int:
+    return budget.usage()[0].used_bytes
+
+
+async def test_every_byte_each_way_is_counted_as_the_proxy_carried_it(
+    cloud: ScriptedCloud, proxy: FaultProxy, budget: DataBudget
+) -> None:
+    attempts = Attempts()
+    cloud.script = [
+        Action(),
+        Action(chunked=True, floats=2_000),  # gzip, streamed: chunk framing counts too
+        Action(status=429, headers={"Retry-After": "1"}),
+        Action(status=400),
+        Action(chunked=True, floats=5),
+    ]
+    async with budgeted_client(proxy.url, budget, attempts) as c:
+        assert await c.ready()
+        await c.infer("m", BODY, idempotency_key="k-1")
+        await c.infer("m", BODY, idempotency_key="k-2")
+        with pytest.raises(CloudUnavailable):
+            await c.infer("m", BODY, idempotency_key="k-3")
+        with pytest.raises(CloudRejected):
+            await c.infer("m", BODY, idempotency_key="k-4")
+        await c.infer("m", BODY, idempotency_key="k-5")
+        cloud.ready = False
+        assert not await c.ready()
+    assert [a.outcome for a in attempts] == [
+        "ok", "ok", "ok", "rate_limited", "rejected", "ok", "unavailable"
+    ]  # fmt: skip
+    sent = sum(a.bytes_sent for a in attempts)
+    received = sum(a.bytes_received for a in attempts)
+    await until(
+        lambda: (proxy.bytes_to_target, proxy.bytes_to_client) == (sent, received),
+        what=f"the proxy to have passed on {sent} bytes up and {received} down",
+    )
+    assert used(budget) == sent + received
+    assert budget.reserved_bytes == 0
+
+
+async def test_calls_in_flight_together_never_overspend_the_budget(
+    cloud: ScriptedCloud, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    attempts = Attempts()
+    limit = 0
+    budget = await open_budget(tmp_path, None)
+    try:
+        async with budgeted_client(proxy.url, budget, attempts) as c:
+            await c.infer("m", BODY, idempotency_key="k-99")  # what one exchange takes
+            one = used(budget)
+            limit = 5 * one + one // 2
+            budget.limits[BudgetPeriod.DAY] = limit + one
+            attempts.clear()
+            # Twenty at once: each reserves its bytes before its first wait, so all twenty
+            # have reserved or been refused before any is answered.
+            results = await asyncio.gather(
+                *(c.infer("m", BODY, idempotency_key=f"k-{i:02d}") for i in range(20)),
+                return_exceptions=True,
+            )
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BudgetExhausted)]
+        assert (len(answered), len(refused)) == (5, 15)
+        assert len(cloud.seen) == 1 + 5  # the refused ones were never sent
+        assert used(budget) == one + 5 * one <= one + limit
+        await until(
+            lambda: proxy.bytes_to_target + proxy.bytes_to_client == 6 * one,
+            what="the proxy to have passed on six exchanges",
+        )
+        assert [a.outcome for a in attempts].count("budget") == 15
+    finally:
+        await budget.close()
+
+
+async def test_an_answer_too_large_for_what_is_left_is_left_unread(
+    cloud: ScriptedCloud, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    attempts = Attempts()
+    budget = await open_budget(tmp_path, 4_000)
+    try:
+        cloud.script = [Action(floats=3), Action(floats=20_000)]
+        async with budgeted_client(proxy.url, budget, attempts) as c:
+            await c.infer("m", BODY, idempotency_key="small")
+            with pytest.raises(BudgetExhausted, match="day data budget spent"):
+                await c.infer("m", BODY, idempotency_key="large")
+            assert budget.reserved_bytes == 0
+        assert [a.outcome for a in attempts] == ["ok", "budget"]
+        assert used(budget) <= 4_000
+        assert used(budget) == sum(a.bytes_sent + a.bytes_received for a in attempts)
+        # Its status line and headers were read and counted, its body (larger than what was
+        # left, by its Content-Length) was not: the connection was closed instead.
+        assert 0 < attempts[1].bytes_received < 500
+    finally:
+        await budget.close()
