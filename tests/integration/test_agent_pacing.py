@@ -30,6 +30,8 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
         env={
             "CLOUD_GATEWAY_RATE_LIMIT_PER_S": str(GATEWAY_RATE),
             "CLOUD_GATEWAY_RATE_LIMIT_BURST": str(GATEWAY_RATE),
+            # the rate is the limit under test, not the calls a device has in flight
+            "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64",
         },
     )
     yield gw
