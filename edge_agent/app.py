@@ -21,11 +21,12 @@ from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
 from edge_agent.metrics import AgentMetrics, serve_metrics
+from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.encryption import DataKeyError
 from model_runtime.logs import configure_logging, redact
-from router import BudgetMode, FullPolicy, MonitorConfig, RetryPolicy, Router, RouterConfig
+from router import Router, RouterConfig
 from router.state_lock import StateDirInUse
 
 __all__ = ["run"]
@@ -180,66 +181,14 @@ def _auth_mode(settings: AgentSettings) -> str:
 
 def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
     try:
-        return _build_router_config(settings, credentials)
+        return router_config(
+            settings,
+            device_key=credentials.device_key,
+            cloud_tls=credentials.cloud_tls,
+            keyring=credentials.keyring,
+        )
     except ValueError as exc:
         raise StartupError(f"invalid router settings: {redact(str(exc))}") from None
-
-
-def _build_router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
-    s = settings
-    return RouterConfig(
-        cloud_url=s.cloud_url,
-        device_key=credentials.device_key,
-        cloud_tls=credentials.cloud_tls,
-        keyring=credentials.keyring,
-        max_watchers=s.max_watchers,
-        state_dir=s.state_dir,
-        queue_cap_bytes=s.queue_cap_bytes or None,
-        full_policy=FullPolicy(s.queue_full_policy),
-        default_ttl_s=s.default_ttl_seconds,
-        results_retention_s=s.results_retention_seconds,
-        budget_day_bytes=s.budget_day_bytes or None,
-        budget_month_bytes=s.budget_month_bytes or None,
-        budget_mode=BudgetMode(s.budget_mode),
-        probe_budget_share=s.probe_budget_share,
-        bandwidth_cap_bytes_per_s=s.bandwidth_cap_bytes_per_s or None,
-        bandwidth_burst_s=s.bandwidth_burst_seconds,
-        live_timeout_s=s.live_timeout_seconds,
-        drain_batch=s.drain_batch_items,
-        drain_batch_bytes=s.drain_batch_bytes,
-        drain_concurrency=s.drain_concurrency,
-        live_retry=RetryPolicy(max_attempts=s.live_retry_attempts),
-        drain_retry=RetryPolicy(
-            max_attempts=1,
-            attempt_timeout_s=s.drain_timeout_seconds,
-            max_total_s=s.drain_timeout_seconds,
-        ),
-        monitor=MonitorConfig(
-            probe_interval_s=s.probe_interval_seconds,
-            probe_timeout_s=s.probe_timeout_seconds,
-            degraded_rtt_s=s.degraded_rtt_seconds,
-            recovery_probe_cap_s=s.recovery_probe_cap_seconds,
-        ),
-        breaker_failures=s.breaker_failures,
-        link_backoff_s=s.link_backoff_seconds,
-        link_backoff_cap_s=s.link_backoff_cap_seconds,
-        failure_backoff_s=s.failure_backoff_seconds,
-        failure_backoff_cap_s=s.failure_backoff_cap_seconds,
-        setup_backoff_s=s.setup_backoff_seconds,
-        queue_ageing_s=s.queue_ageing_seconds or None,
-        queue_lease_s=s.queue_lease_seconds,
-        priority_levels=s.priority_levels,
-        default_priority=s.default_priority,
-        cloud_requests_per_s=s.cloud_requests_per_s or None,
-        cloud_burst=s.cloud_burst,
-        cloud_rate_recovery_s=s.cloud_rate_recovery_seconds,
-        max_connections=s.cloud_max_connections,
-        compress=s.cloud_gzip,
-        audit_share=s.audit_share,
-        audit_max_waiting=s.audit_max_waiting,
-        hard_examples_retention_s=s.hard_examples_retention_days * 86400.0,
-        hard_examples_cap_bytes=s.hard_examples_cap_bytes or None,
-    )
 
 
 def _in_use(exc: StateDirInUse) -> str:

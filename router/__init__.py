@@ -5,7 +5,7 @@
 
 from router.audit import Auditor, AuditSampler
 from router.breaker import BreakerState, CircuitBreaker
-from router.budget import BudgetPeriod, DataBudget, PeriodUsage
+from router.budget import BudgetPeriod, DataBudget, PeriodUsage, ProbeBudget
 from router.clock import Clock, FakeClock, SystemClock
 from router.cloud_client import ATTEMPT_OUTCOMES, AttemptRecord, CloudAnswer, CloudClient
 from router.config import RouterConfig
@@ -42,6 +42,7 @@ from router.errors import (
     QueueCorrupt,
     QueueFull,
     QueueSchemaTooNew,
+    RateLimited,
     RouterError,
     TicketNotFound,
 )
@@ -55,6 +56,7 @@ from router.hard_examples import (
 )
 from router.local_model import LocalAnswer
 from router.metrics import RouterMetrics
+from router.pacing import RequestPacer
 from router.policy import BudgetMode, EscalationPolicy
 from router.retrying import LinkBackoff, RetryPolicy
 from router.router import RoutedAnswer, RoutedItem, Router, RouterStatus
@@ -107,12 +109,15 @@ __all__ = [
     "NoHardExamples",
     "PeriodUsage",
     "PriorityScale",
+    "ProbeBudget",
     "QueueCorrupt",
     "QueueFull",
     "QueueSchemaTooNew",
     "QueueStats",
     "QueuedItem",
+    "RateLimited",
     "Reason",
+    "RequestPacer",
     "RetryPolicy",
     "Route",
     "RoutedAnswer",

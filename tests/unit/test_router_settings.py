@@ -14,8 +14,8 @@ import tomli_w
 import typer.main
 from typer.testing import CliRunner
 
-from edge_agent.app import _build_router_config
 from edge_agent.cli import app
+from edge_agent.router_settings import router_config as from_settings
 from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.settings_flags import ROUTER_FLAGS
 from router import PriorityScale, RouterConfig
@@ -79,6 +79,9 @@ INTERNAL = {
     "purge_interval_s": "housekeeping period",
     "hard_examples_retention_s": "the setting hard_examples_retention_days",
     "hard_examples_cap_bytes": "the setting of that name (0 for none)",
+    "max_watchers": "the setting of that name, among the security settings",
+    "cloud_tls": "from the files cloud_ca_file, cloud_client_cert and cloud_client_key name",
+    "keyring": "from the files encryption_key_file and encryption_old_key_files name",
 }
 COVERED = {  # RouterConfig fields carried by the settings in SAMPLES (names differ)
     "full_policy", "default_ttl_s", "queue_cap_bytes", "priority_levels", "default_priority",
@@ -93,7 +96,7 @@ COVERED = {  # RouterConfig fields carried by the settings in SAMPLES (names dif
 
 
 def router_config(settings: AgentSettings) -> RouterConfig:
-    return _build_router_config(settings, "device-key")
+    return from_settings(settings, device_key="device-key")
 
 
 def test_every_router_knob_is_a_setting_or_said_why_not() -> None:
