@@ -159,7 +159,8 @@ class DataBudget:
 
     def reserve(self, n_bytes: int) -> Reservation:
         """Hold `n_bytes` for an exchange about to start; BudgetExhausted if they do not fit."""
-        self.require(n_bytes)
+        if self.limited:  # asked for every exchange: without limits, skip today's periods
+            self.require(n_bytes)
         self._reserved += n_bytes
         return Reservation(n_bytes)
 
