@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from model_runtime.demo import HELDOUT
-from tests.integration.conftest import agent_metric, start_agent
+from tests.integration.conftest import agent_metric, start_agent, write_device_key
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.processes import Daemon, wait_until
 
@@ -41,8 +41,7 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
 def agent_for(gateway: Gateway, workdir: Path, live_timeout_s: float) -> Daemon:
     """An agent escalating straight to `gateway`, with connections enough that no live call
     waits for one, however slow this machine: what holds calls back is the pace alone."""
-    key_file = workdir / "device.key"
-    key_file.write_text(gateway.key, encoding="utf-8")
+    key_file = write_device_key(workdir, gateway)
     return start_agent(
         workdir,
         "--cloud-url",
