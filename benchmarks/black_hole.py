@@ -50,6 +50,8 @@ def _agent(work: Path, *args: str) -> Daemon:
             "0",
             "--metrics-port",
             "0",
+            "--rest-port",
+            "0",
             "--state-dir",
             str(work / "state"),
             "--log-level",

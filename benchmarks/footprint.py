@@ -146,6 +146,8 @@ def main() -> None:
             str(port),
             "--metrics-port",
             "0",
+            "--rest-port",
+            "0",
             "--state-dir",
             tempfile.mkdtemp(prefix="bench-footprint-"),
         ]

@@ -32,9 +32,9 @@ import numpy as np
 from _harness import Result, print_table, summarize  # beside this script
 
 from cloud_gateway.keys import KeyStore
-from cloud_gateway.server import bind_socket
 from model_runtime import ModelRepository, json_codec
 from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
+from model_runtime.sockets import bind_socket
 from model_runtime.v2_json import decode_infer_request, encode_infer_request, encode_infer_response
 
 INFER = "/v2/models/digits-large/infer"

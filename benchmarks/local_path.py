@@ -149,7 +149,8 @@ def main() -> None:
                 pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready
             )
 
-    serve = ["serve", "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"]
+    serve = ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0"]
+    serve += ["--log-level", "WARNING"]
     agent = start_daemon(
         "edge-agent",
         [*serve, "--state-dir", str(work / "state")],

@@ -27,10 +27,11 @@ from cloud_gateway.idempotency import (
     SqliteIdempotencyStore,
 )
 from cloud_gateway.keys import KeyStore
-from cloud_gateway.limits import BodyLimits, RateLimiter
+from cloud_gateway.limits import RateLimiter
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.service import GatewayService, InferOutcome
 from cloud_gateway.settings import GatewaySettings, SettingsError, load_settings
+from model_runtime.http_body import BodyLimits
 
 __all__ = [
     "AuthenticationFailed",

@@ -6,7 +6,6 @@ GatewayError
 ├── RateLimited             the device is over its request rate
 ├── DeviceBusy              the device has too many requests in flight already
 ├── Overloaded              the worker has too many requests in flight already
-├── UnsupportedEncoding     a Content-Encoding other than gzip or identity
 ├── IdempotencyKeyReused    the same Idempotency-Key came with a different request
 ├── IdempotencyInProgress   a duplicate waited too long for the first request to finish
 ├── StoreUnavailable        the idempotency store (SQLite or Redis) cannot be reached
@@ -17,8 +16,8 @@ GatewayError
     └── UpstreamBadResponse an answer that is not a v2 response, or another 5xx
 
 The errors carry facts (a reason, a retry delay), never status codes: `http_error` maps them,
-with model_runtime's errors (ModelNotFound, InvalidInput, RequestTooLarge, LimitExceeded), by
-type.
+with model_runtime's errors (ModelNotFound, InvalidInput, RequestTooLarge, LimitExceeded,
+UnsupportedEncoding), by type.
 """
 
 from __future__ import annotations
@@ -27,7 +26,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from model_runtime import InvalidInput, LimitExceeded, ModelError, ModelNotFound, RequestTooLarge
+from model_runtime import (
+    InvalidInput,
+    LimitExceeded,
+    ModelError,
+    ModelNotFound,
+    RequestTooLarge,
+    UnsupportedEncoding,
+)
 
 __all__ = [
     "AuthenticationFailed",
@@ -89,12 +95,6 @@ class Overloaded(GatewayError):
         super().__init__(
             f"the gateway already has {limit} requests in flight (max_in_flight); retry later"
         )
-
-
-class UnsupportedEncoding(GatewayError):
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        super().__init__(f"Content-Encoding '{encoding}' is not supported; use gzip or none")
 
 
 class IdempotencyKeyReused(GatewayError):

@@ -6,7 +6,6 @@ a v2 error body through the single table in errors.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from importlib.metadata import PackageNotFoundError, version
@@ -31,7 +30,8 @@ from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.offload import Offloader
 from cloud_gateway.rate_limit import DeviceRateLimiter
 from cloud_gateway.service import GatewayService, InferOutcome, check_idempotency_key
-from model_runtime import InvalidInput, LimitExceeded, ModelError, RequestTooLarge, json_codec
+from model_runtime import InvalidInput, LimitExceeded, ModelError, RequestTooLarge
+from model_runtime.http_body import parse_json_body
 from model_runtime.repository import parse_version
 from model_runtime.v2_json import InferRequest, TensorLimits, decode_infer_request, error_body
 
@@ -166,7 +166,7 @@ class V2Routes:
             raise InvalidInput("body", "the client went away before sending all of it") from None
 
         def decode() -> InferRequest:
-            return decode_infer_request(_parse_json(body), signature, self._tensor_limits)
+            return decode_infer_request(parse_json_body(body), signature, self._tensor_limits)
 
         decoded = await self._offload.run(len(body), decode)
         return await self._service.infer(
@@ -178,19 +178,6 @@ def _model(request: Request) -> tuple[str, str]:
     version: str = request.path_params.get("version", "")
     parse_version(version)  # refused here for the upstream too, which might read "01" as 1
     return request.path_params["name"], version
-
-
-def _parse_json(body: bytes) -> Any:
-    try:
-        return json_codec.loads(body)
-    except json_codec.JsonTooComplex as exc:
-        raise InvalidInput("body", exc.msg) from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            "body", f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidInput("body", "is not UTF-8 text") from None
 
 
 def _log_request(request: Request, status: int, **fields: object) -> None:

@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from cloud_gateway.app import WorkerAppFactory, create_app
 from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
 from model_runtime.private_files import private_dir
+from model_runtime.sockets import bind_socket
 
 __all__ = ["bind_socket", "run", "write_port_file"]
 
@@ -39,27 +39,6 @@ log = logging.getLogger("cloud_gateway")
 # Read by prometheus-client when it is first imported in a worker: set before workers spawn.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_HEALTHCHECK_S = 60
-
-
-def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket, bound once here so port 0 yields one real port for all workers.
-
-    Created with proto=IPPROTO_TCP on purpose: asyncio turns Nagle's algorithm off only for
-    sockets that say so (`base_events._set_nodelay`), and with Nagle on, every response whose
-    headers and body go out in two writes waits ~40 ms for the client's delayed ACK.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def write_port_file(path: Path, ports: dict[str, int]) -> None:

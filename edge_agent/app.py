@@ -21,8 +21,9 @@ from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
 from edge_agent.metrics import AgentMetrics, serve_metrics
+from edge_agent.rest import RestServer, create_rest_app
 from edge_agent.router_settings import router_config
-from edge_agent.settings import AgentSettings
+from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.encryption import DataKeyError
 from model_runtime.logs import configure_logging, redact
@@ -135,6 +136,13 @@ async def _serve_with(
         raise StartupError(
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
         ) from None
+    try:
+        rest = _rest_server(settings, service, router, metrics)
+    except OSError as exc:
+        metrics_server.shutdown()
+        raise StartupError(
+            f"cannot serve REST on {settings.rest_host}:{settings.rest_port}: {exc.strerror}"
+        ) from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -143,13 +151,18 @@ async def _serve_with(
     loop.add_signal_handler(signal.SIGHUP, _reload_configs, repository, metrics)
 
     await server.start()
+    ports = {"grpc": server.port, "metrics": metrics_server.server_port}
+    if rest is not None:
+        await rest.start()
+        ports["rest"] = rest.port
     if settings.port_file is not None:
-        _write_port_file(settings.port_file, grpc=server.port, metrics=metrics_server.server_port)
+        _write_port_file(settings.port_file, **ports)
     log.info(
         "serving",
         extra={
             "fields": {
                 "grpc": f"{settings.host}:{server.port}",
+                "rest": f"{settings.rest_host}:{rest.port}" if rest is not None else "off",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
                 "models": [m.describe() for m in repository],
                 "cloud": redact(settings.cloud_url) if settings.cloud_url else "none",
@@ -165,7 +178,10 @@ async def _serve_with(
     deadline = loop.time() + settings.grace_seconds
     await server.not_serving()
     await service.wait_idle(settings.grace_seconds)
-    await server.stop(max(0.0, deadline - loop.time()))  # then the streams (WatchResults)
+    left = max(0.0, deadline - loop.time())
+    # Then the streams: gRPC's WatchResults within the grace left, REST's result streams at
+    # once (a browser's EventSource reconnects and resumes by itself).
+    await asyncio.gather(server.stop(left), *([rest.stop(left)] if rest is not None else []))
     metrics_server.shutdown()
     return 0
 
@@ -177,6 +193,22 @@ def _auth_mode(settings: AgentSettings) -> str:
         if on is not None
     ]
     return "+".join(modes) or ("insecure" if settings.insecure else "none (loopback)")
+
+
+def _rest_server(
+    settings: AgentSettings, service: InferenceService, router: Router, metrics: AgentMetrics
+) -> RestServer | None:
+    if not settings.rest_enabled:
+        return None
+    app, streams = create_rest_app(
+        service,
+        router,
+        metrics,
+        max_body_bytes=settings.max_message_bytes,
+        cors_origins=settings.rest_cors_origins,
+        loopback_only=is_loopback(settings.rest_host),
+    )
+    return RestServer(app, streams, settings.rest_host, settings.rest_port)
 
 
 def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:

@@ -32,6 +32,19 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="gRPC port; 0 picks one (default: 8001).")
     ] = None,
+    rest: Annotated[
+        bool | None, typer.Option(help="Serve v2 REST and the kiosk page too (default: on).")
+    ] = None,
+    rest_host: Annotated[
+        str | None, typer.Option(help="REST address; loopback only (default: 127.0.0.1).")
+    ] = None,
+    rest_port: Annotated[
+        int | None, typer.Option(help="REST port; 0 picks one (default: 8002).")
+    ] = None,
+    rest_cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="A web origin whose pages may call the REST API; repeat for more."),
+    ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 picks one (default: 9101).")
@@ -94,7 +107,7 @@ def serve(
     ] = None,
     **router: Any,  # a flag per router setting (edge_agent.settings_flags)
 ) -> None:
-    """Serve the model repository over the Open Inference Protocol (gRPC)."""
+    """Serve the model repository over the Open Inference Protocol (gRPC and REST)."""
     # grpc-core reads this once, at import: its own log lines would repeat, in another format,
     # what the agent reports itself. GRPC_VERBOSITY=ERROR in the environment brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
@@ -106,6 +119,10 @@ def serve(
             model_repository=model_repository,
             host=host,
             port=port,
+            rest_enabled=rest,
+            rest_host=rest_host,
+            rest_port=rest_port,
+            rest_cors_origins=rest_cors_origin or None,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
             onnx_threads=onnx_threads,

@@ -104,7 +104,7 @@ def run_demo(console: Console) -> int:
     gateway = _Process([*gateway_args, "--port", "0"], work)
     cloud_port = gateway.ports["http"]
     agent = _Process(
-        ["edge-agent", "serve", "--port", "0", "--metrics-port", "0",
+        ["edge-agent", "serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0",
          "--state-dir", str(work / "agent"), "--cloud-url", f"http://127.0.0.1:{cloud_port}",
          "--device-key-file", str(key_file), "--log-level", "WARNING"],
         work,

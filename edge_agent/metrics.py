@@ -1,7 +1,8 @@
 """The edge agent's Prometheus metrics, on an injected registry, and the /metrics server.
 
 Label values are bounded: model names come from the repository (an unknown name is counted
-as "unknown"), codes from gRPC's fixed set, reasons from InvalidInput's fixed kinds.
+as "unknown"), codes from gRPC's and HTTP's fixed sets, REST endpoints from the route
+names, reasons from InvalidInput's fixed kinds.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class AgentMetrics:
             ["method", "model", "code"],
             registry=registry,
         )
+        self.http_requests = Counter(
+            "edge_agent_http_requests",
+            "REST calls answered, by endpoint, model and HTTP status code; a result stream "
+            "counts when it ends.",
+            ["endpoint", "model", "code"],
+            registry=registry,
+        )
         self.invalid_requests = Counter(
             "edge_agent_invalid_requests",
             "Inference requests refused as invalid, by model and what was wrong.",
@@ -100,7 +108,7 @@ class AgentMetrics:
             "Inference requests being answered now.",
             registry=registry,
         ).set_function(lambda: self.in_flight)
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        self._request_children: dict[tuple[int, str, str, str], Counter] = {}
         inference = Histogram(
             "edge_agent_inference_duration_seconds",
             "Time the local model took to run one request's batch.",
@@ -173,10 +181,18 @@ class AgentMetrics:
         self.auth_failures.labels(reason).inc()
 
     def count_request(self, method: str, model: str, code: str) -> None:
-        key = (method, self.model_label(model), code)
+        """A gRPC call answered, with its status code's name."""
+        self._count(self.requests, method, model, code)
+
+    def count_http_request(self, endpoint: str, model: str, code: int) -> None:
+        """A REST call answered, with its HTTP status."""
+        self._count(self.http_requests, endpoint, model, str(code))
+
+    def _count(self, counter: Counter, call: str, model: str, code: str) -> None:
+        key = (id(counter), call, self.model_label(model), code)
         child = self._request_children.get(key)
         if child is None:  # label sets are bounded, so this cache is too
-            child = self._request_children[key] = self.requests.labels(*key)
+            child = self._request_children[key] = counter.labels(*key[1:])
         child.inc()
 
 

@@ -37,6 +37,10 @@ DEFAULT_DEVICE = "edge-agent"
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
 
 
+# A web origin as browsers send it in the Origin header: scheme, host, optional port; no path.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
 def _host_name() -> str:
     """The host name, made a valid site id, so the default never stops a start-up."""
     name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname()).lstrip("._:-")[:63]
@@ -99,9 +103,23 @@ class AgentSettings(LayeredSettings):
     """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     port_file: Path | None = None
-    """If set, {"grpc": port, "metrics": port} is written here once both are bound."""
+    """If set, {"grpc": port, "rest": port, "metrics": port} is written here once all are bound
+    ("rest" only while the REST API is on)."""
     max_watchers: int = Field(default=1024, ge=1)
     """WatchResults streams open at once; one more is refused with RESOURCE_EXHAUSTED."""
+
+    # -- v2 REST, for web pages (browser kiosks) ---------------------------------------------
+    rest_enabled: bool = True
+    """Serve the v2 REST API, the tickets over HTTP and the kiosk page beside gRPC."""
+    rest_host: str = "127.0.0.1"
+    """Address the REST API listens on. Loopback only: it has no authentication yet."""
+    rest_port: int = Field(default=8002, ge=0, le=65535)
+    """REST port; 0 picks a free one (see port_file). 8002 keeps clear of the agent's gRPC
+    (8001) and metrics (9101) and the gateway's API (8000) and metrics (9102)."""
+    rest_cors_origins: list[str] = Field(default_factory=list)
+    """Web origins (`https://kiosk.example.org`, `http://127.0.0.1:5173`) whose pages may call
+    the REST API from a browser; "*" allows any page. None by default: only pages the agent
+    serves itself (the kiosk page) can call it."""
 
     # -- escalation to the cloud (router) ---------------------------------------------------
     allow_plain_http: bool = False
@@ -252,6 +270,27 @@ class AgentSettings(LayeredSettings):
                 "callers must authenticate, or insecure = true (--insecure) to let anyone who "
                 "can reach the port call it"
             )
+        return value
+
+    @field_validator("rest_host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        if not is_loopback(value):
+            raise ValueError(
+                f"{value} is beyond loopback; the REST API has no authentication yet, so it "
+                "listens only on 127.0.0.1, ::1 or localhost"
+            )
+        return value
+
+    @field_validator("rest_cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give scheme://host[:port] with no path, "
+                    'such as "https://kiosk.example.org", or "*"'
+                )
         return value
 
     @field_validator("cloud_url")

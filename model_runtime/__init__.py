@@ -8,6 +8,7 @@ from model_runtime.errors import (
     ModelLoadError,
     ModelNotFound,
     RequestTooLarge,
+    UnsupportedEncoding,
 )
 from model_runtime.model_config import ModelConfig, load_model_config, write_model_config
 from model_runtime.onnx_model import OnnxModel, Prediction
@@ -28,6 +29,7 @@ __all__ = [
     "Prediction",
     "RequestTooLarge",
     "TensorSpec",
+    "UnsupportedEncoding",
     "confidence",
     "load_model_config",
     "write_model_config",

@@ -5,7 +5,8 @@ ModelError
 ├── ModelLoadError       a repository entry is broken (missing file, invalid ONNX, bad config)
 ├── InvalidInput         a request's tensors do not fit the model's metadata
 ├── RequestTooLarge      a request is over the configured size limit
-└── LimitExceeded        a request would cause more work than a configured limit allows
+├── LimitExceeded        a request would cause more work than a configured limit allows
+└── UnsupportedEncoding  a request body in a Content-Encoding other than gzip or identity
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "RequestTooLarge",
+    "UnsupportedEncoding",
 ]
 
 INVALID_INPUT_KINDS = frozenset(
@@ -87,3 +89,9 @@ class LimitExceeded(ModelError):
         self.problem = problem
         self.limit = limit
         super().__init__(f"{field}: {problem}")
+
+
+class UnsupportedEncoding(ModelError):
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        super().__init__(f"Content-Encoding '{encoding}' is not supported; use gzip or none")

@@ -25,6 +25,8 @@ __all__ = [
     "InferResponse",
     "ModelSignature",
     "Parameters",
+    "RequestBody",
+    "RequestTensor",
     "TensorLimits",
     "answer_bytes_bound",
     "decode_infer_request",
@@ -33,6 +35,7 @@ __all__ = [
     "encode_infer_response",
     "error_body",
     "model_metadata",
+    "read_infer_request",
 ]
 
 Array = npt.NDArray[np.generic]
@@ -293,33 +296,81 @@ def _check_limits(name: str, shape: list[int], data: list[Any], limits: TensorLi
         )
 
 
-def _decode_tensor(
-    raw: object,
-    where: str,
-    spec: TensorSpec | None,
-    *,
-    finite: bool,
-    limits: TensorLimits | None = None,
-) -> tuple[str, Array]:
+@dataclass(frozen=True, slots=True)
+class RequestTensor:
+    """One tensor of a v2 JSON body, well formed (name, datatype, integer shape, a data list),
+    its values not yet decoded: a server checks it against the model first."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+    def decode(
+        self,
+        spec: TensorSpec | None = None,
+        *,
+        finite: bool = True,
+        limits: TensorLimits | None = None,
+    ) -> Array:
+        """The values as an array, after checking datatype and shape against `spec`, the
+        shape and the data's length against `limits`, and (for requests, `finite`) the JSON
+        types of the values. Raises InvalidInput or LimitExceeded."""
+        if spec is not None:
+            spec.check(self.datatype, self.shape)
+        elif any(d < 1 for d in self.shape):
+            raise InvalidInput(self.name, f"shape {self.shape} has a dimension below 1")
+        if limits is not None:
+            _check_limits(self.name, self.shape, self.data, limits)
+        if finite:  # requests; answers may spell infinities as "-inf" (log-probabilities)
+            _check_value_types(self.name, self.datatype, self.data, len(self.shape))
+        array = array_from_values(self.name, self.datatype, self.shape, self.data)
+        if finite:
+            check_finite(self.name, array)
+        return array
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBody:
+    """A v2 JSON inference request, well formed, its tensors not yet checked nor decoded."""
+
+    inputs: tuple[RequestTensor, ...]
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+    outputs: tuple[str, ...] | None = None
+    """The outputs asked for by name; None when the caller wants them all."""
+
+
+def _read_tensor(raw: object, where: str) -> RequestTensor:
     tensor = _object(raw, where)
     name = _string(tensor.get("name"), f"{where}.name")
     datatype = _string(tensor.get("datatype"), f"{name}.datatype")
     shape = _shape(tensor.get("shape"), name)
-    if spec is not None:
-        spec.check(datatype, shape)
-    elif any(d < 1 for d in shape):
-        raise InvalidInput(name, f"shape {shape} has a dimension below 1")
     if "data" not in tensor:
-        raise InvalidInput(f"{name}.data", "is missing")
-    data = _list(tensor["data"], f"{name}.data")
-    if limits is not None:
-        _check_limits(name, shape, data, limits)
-    if finite:  # requests; answers may spell infinities as "-inf" (log-probabilities)
-        _check_value_types(name, datatype, data, len(shape))
-    array = array_from_values(name, datatype, shape, data)
-    if finite:
-        check_finite(name, array)
-    return name, array
+        problem = "is missing"
+        parameters = tensor.get("parameters")
+        if isinstance(parameters, Mapping) and "binary_data_size" in parameters:
+            problem += "; binary tensor data is not read here, send the values as JSON data"
+        raise InvalidInput(f"{name}.data", problem)
+    return RequestTensor(name, datatype, shape, _list(tensor["data"], f"{name}.data"))
+
+
+def read_infer_request(body: object) -> RequestBody:
+    """Check that a parsed v2 request body is well formed, without a model to check it against.
+
+    Errors name a JSON path (`inputs[2].name`, `parameters.priority`) or the tensor. A server
+    then checks the tensors against its model, in its own words, and decodes them.
+    """
+    request = _object(body, "body")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("id", f"must be a string, got {_json_type(request_id)}")
+    parameters = _parameters(request.get("parameters"), "parameters")
+    inputs = tuple(
+        _read_tensor(raw, f"inputs[{i}]")
+        for i, raw in enumerate(_list(request.get("inputs"), "inputs"))
+    )
+    return RequestBody(inputs, request_id, parameters, _output_names(request.get("outputs")))
 
 
 def decode_infer_request(
@@ -332,47 +383,46 @@ def decode_infer_request(
     whose metadata it does not hold) the tensors are only checked for being well formed.
     With `limits`, a tensor over them raises LimitExceeded before its values are converted.
     """
-    request = _object(body, "body")
-    request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("id", f"must be a string, got {_json_type(request_id)}")
-    parameters = _parameters(request.get("parameters"), "parameters")
-    raw_inputs = _list(request.get("inputs"), "inputs")
-    if not raw_inputs:
+    request = read_infer_request(body)
+    if not request.inputs:
         raise InvalidInput("inputs", "is empty; at least one input tensor is needed")
     specs = {s.name: s for s in model.inputs} if model is not None else None
     inputs: dict[str, Array] = {}
-    for i, raw in enumerate(raw_inputs):
-        where = f"inputs[{i}]"
-        name = _string(_object(raw, where).get("name"), f"{where}.name")
+    for tensor in request.inputs:
+        name = tensor.name
         if name in inputs:
             raise InvalidInput(name, "is given twice")
         if specs is not None and name not in specs:
             raise InvalidInput(name, f"is not an input of the model (inputs: {', '.join(specs)})")
-        spec = specs[name] if specs else None
-        inputs[name] = _decode_tensor(raw, where, spec, finite=True, limits=limits)[1]
+        spec = specs[name] if specs is not None else None
+        inputs[name] = tensor.decode(spec, limits=limits)
     if specs is not None:
         missing = [n for n in specs if n not in inputs]
         if missing:
             raise InvalidInput(missing[0], "input is missing from the request")
-    outputs = _requested_outputs(request.get("outputs"), model)
-    return InferRequest(inputs, request_id, parameters, outputs)
+    _check_outputs(request.outputs, model)
+    return InferRequest(inputs, request.id, request.parameters, request.outputs)
 
 
-def _requested_outputs(value: object, model: ModelSignature | None) -> tuple[str, ...] | None:
+def _output_names(value: object) -> tuple[str, ...] | None:
     if value is None:
         return None
-    names: list[str] = []
+    return tuple(
+        _string(_object(raw, f"outputs[{i}]").get("name"), f"outputs[{i}].name")
+        for i, raw in enumerate(_list(value, "outputs"))
+    )
+
+
+def _check_outputs(names: tuple[str, ...] | None, model: ModelSignature | None) -> None:
     # A signature without declared outputs (some upstream servers) cannot refuse any.
     known = [s.name for s in model.outputs] if model is not None and model.outputs else None
-    for i, raw in enumerate(_list(value, "outputs")):
-        name = _string(_object(raw, f"outputs[{i}]").get("name"), f"outputs[{i}].name")
-        if known is not None and name not in known:
+    if names is None or known is None:
+        return
+    for i, name in enumerate(names):
+        if name not in known:
             raise InvalidInput(
                 f"outputs[{i}]", f"'{name}' is not an output of the model ({', '.join(known)})"
             )
-        names.append(name)
-    return tuple(names)
 
 
 def decode_infer_response(body: object) -> InferResponse:
@@ -389,8 +439,8 @@ def decode_infer_response(body: object) -> InferResponse:
     outputs: dict[str, Array] = {}
     for i, raw in enumerate(_list(response.get("outputs"), "outputs")):
         # A model may answer with infinities (log-probabilities); only inputs must be finite.
-        name, array = _decode_tensor(raw, f"outputs[{i}]", None, finite=False)
-        outputs[name] = array
+        tensor = _read_tensor(raw, f"outputs[{i}]")
+        outputs[tensor.name] = tensor.decode(finite=False)
     return InferResponse(model_name, outputs, version, response_id, parameters)
 
 

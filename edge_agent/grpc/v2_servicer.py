@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TypeVar
 
@@ -16,11 +15,10 @@ from edge_agent.grpc.convert import decode_infer_request, encode_infer_result
 from edge_agent.grpc.status import status_for
 from edge_agent.inference import InferenceService
 from edge_agent.metrics import AgentMetrics
+from edge_agent.request_log import log_infer, logging_calls
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
 
 __all__ = ["V2Servicer"]
-
-log = logging.getLogger(__name__)
 
 _OK = grpc.StatusCode.OK.name
 _R = TypeVar("_R")
@@ -105,8 +103,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         elapsed = time.perf_counter() - started
         self.metrics.models[model.name].request_seconds.observe(elapsed)
         self.metrics.count_request("ModelInfer", model.name, _OK)
-        if log.isEnabledFor(logging.DEBUG):  # one line per request only when asked for
-            _log_request(request.id, model.name, _OK, elapsed, result.parameters.get("route"))
+        if logging_calls():
+            log_infer(request.id, model.name, _OK, elapsed, result.parameters.get("route"))
         return response
 
     def _fail(
@@ -119,28 +117,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         request_id: str = "",
     ) -> _R:
         code, message = status_for(exc, request_id)
-        if log.isEnabledFor(logging.DEBUG):
-            _log_request(request_id, model, code.name, None, None, message)
+        if logging_calls():
+            log_infer(request_id, model, code.name, None, None, message)
         if isinstance(exc, InvalidInput):
             self.metrics.invalid_requests.labels(self.metrics.model_label(model), exc.kind).inc()
         self.metrics.count_request(method, model, code.name)
         context.set_code(code)
         context.set_details(message)
         return response_type()
-
-
-def _log_request(
-    request_id: str,
-    model: str,
-    code: str,
-    seconds: float | None,
-    route: object,
-    problem: str | None = None,
-) -> None:
-    # Never the payload: only what identifies the call and how it ended.
-    fields = {"request_id": request_id or "-", "model": model, "code": code, "route": route}
-    if seconds is not None:
-        fields["seconds"] = round(seconds, 6)
-    if problem is not None:
-        fields["problem"] = problem
-    log.debug("infer", extra={"fields": fields})

@@ -42,6 +42,8 @@ def start_agent(
             "0",
             "--metrics-port",
             "0",
+            "--rest-port",
+            "0",
             "--state-dir",
             str(workdir / "state"),
             *args,

@@ -32,6 +32,8 @@ def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
                 "serve",
                 "--metrics-port",
                 "0",
+                "--rest-port",
+                "0",
                 "--state-dir",
                 state_dir,
                 *args,
@@ -102,7 +104,7 @@ def test_unusable_state_dir_is_one_clear_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     result = subprocess.run(
-        [str(BIN / "edge-agent"), "serve", "--port", "0", "--metrics-port", "0",
+        [str(BIN / "edge-agent"), "serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0",
          "--state-dir", str(blocker / "state")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -22,7 +22,8 @@ X = np.load(HELDOUT)["X"]
 
 def serve(state: Path) -> subprocess.CompletedProcess[str]:
     """A second `edge-agent serve`, run to its exit (the timeout fails a wait on the lock)."""
-    args = ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
+    args = ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0"]
+    args += ["--state-dir", str(state)]
     return subprocess.run(
         [str(BIN / "edge-agent"), *args],
         capture_output=True,
