@@ -198,13 +198,6 @@ def test_far_too_large_message_is_refused_by_the_transport(
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def _threads_and_rss(pid: int) -> tuple[int, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-    rss_kb = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-    return threads, rss_kb
-
-
 def test_bad_requests_leave_threads_and_memory_unchanged(
     agent: Daemon, stub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
@@ -215,9 +208,9 @@ def test_bad_requests_leave_threads_and_memory_unchanged(
                     stub.ModelInfer(make(), timeout=10)
 
     burst()  # first touches allocate what any steady state needs
-    threads_before, rss_before = _threads_and_rss(agent.process.pid)
+    threads_before, rss_before = agent.threads_and_rss_kb()
     for _ in range(3):
         burst()
-    threads_after, rss_after = _threads_and_rss(agent.process.pid)
+    threads_after, rss_after = agent.threads_and_rss_kb()
     assert threads_after == threads_before
     assert rss_after - rss_before < 2048, f"RSS grew by {rss_after - rss_before} kB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["Daemon", "start_daemon", "wait_until"]
 
@@ -54,6 +58,25 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`, from its /metrics port."""
+        text = httpx.get(f"http://{self.address('metrics')}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    def threads_and_rss_kb(self) -> tuple[int, int]:
+        """The process's thread count and resident memory in kB, from /proc (Linux)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        threads = re.search(r"^Threads:\s+(\d+)", status, re.M)
+        rss_kb = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+        assert threads is not None
+        assert rss_kb is not None
+        return int(threads.group(1)), int(rss_kb.group(1))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send `sig` and wait for the exit code."""

@@ -1,0 +1,16 @@
+"""Fixtures of the REST transport's tests: an HTTP client of the module's agent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.processes import Daemon
+
+
+@pytest.fixture(scope="module")
+def rest(agent: Daemon) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://{agent.address('rest')}", timeout=30) as client:
+        yield client
