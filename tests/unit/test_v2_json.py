@@ -17,6 +17,7 @@ from model_runtime.v2_json import (
     encode_infer_response,
     error_body,
     model_metadata,
+    read_infer_request,
 )
 
 
@@ -224,3 +225,29 @@ def test_metadata_and_error_bodies(model: OnnxModel) -> None:
     assert meta["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 64]}]
     assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities"]
     assert error_body("X: bad") == {"error": "X: bad"}
+
+
+def test_reading_checks_the_form_and_leaves_the_model_checks_to_the_server(
+    model: OnnxModel, heldout: np.ndarray
+) -> None:
+    body = {"inputs": [x_tensor(data=heldout[:1].tolist())], "outputs": [{"name": "routing.route"}]}
+    read = read_infer_request(wire(body))
+    # An output the model lacks is a server's call (the agent serves routing.* beside them).
+    assert read.outputs == ("routing.route",)
+    (tensor,) = read.inputs
+    assert (tensor.name, tensor.datatype, tensor.shape) == ("X", "FP32", [1, 64])
+    assert tensor.decode(model.inputs[0]).tobytes() == heldout[:1].astype(np.float32).tobytes()
+    assert read_infer_request({"inputs": []}).inputs == ()
+    with pytest.raises(InvalidInput, match="is not an output of the model"):
+        decode_infer_request(wire(body), model)
+
+
+def test_binary_tensor_data_is_named_as_such() -> None:
+    tensor = x_tensor()
+    del tensor["data"]
+    tensor["parameters"] = {"binary_data_size": 256}
+    with pytest.raises(InvalidInput) as caught:
+        read_infer_request({"inputs": [tensor]})
+    assert str(caught.value) == (
+        "X.data: is missing; binary tensor data is not read here, send the values as JSON data"
+    )
