@@ -151,9 +151,20 @@ def serve(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    web: Annotated[
+        bool,
+        typer.Option(
+            "--web", help="Serve the kiosk page instead; Enter takes the cloud away and back."
+        ),
+    ] = False,
+) -> None:
     """Start a cloud gateway and an agent, replay the held-out set with an outage, show the table."""
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if web:
+        from edge_agent.web_demo import run_web_demo
+
+        raise typer.Exit(run_web_demo())
     from rich.console import Console
 
     from edge_agent.demo import run_demo

@@ -29,7 +29,7 @@ from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime import ModelRepository
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 
-__all__ = ["run_demo"]
+__all__ = ["DemoPair", "run_demo", "start_pair"]
 
 BIN = Path(sys.executable).parent
 OUTAGE = (0.35, 0.65)  # the share of the run during which the cloud is gone
@@ -64,7 +64,8 @@ class _Process:
         self.ports: dict[str, int] = json.loads(self.port_file.read_text())
 
     def stop(self) -> None:
-        self.process.terminate()
+        if self.process.poll() is None:
+            self.process.terminate()
         self.process.wait(30)
 
 
@@ -89,9 +90,32 @@ def _sent_bytes(metrics_port: int) -> float:
     )
 
 
-def run_demo(console: Console) -> int:
-    data = np.load(HELDOUT)
-    X, y = data["X"], data["y"]
+@dataclass
+class DemoPair:
+    """A gateway with a key for one device, and an agent escalating to it, on free ports."""
+
+    work: Path
+    gateway_args: list[str]
+    gateway: _Process
+    agent: _Process
+
+    @property
+    def cloud_port(self) -> int:
+        return self.gateway.ports["http"]
+
+    def stop_cloud(self) -> None:
+        self.gateway.stop()
+
+    def start_cloud(self) -> None:
+        """On the port it had, so the agent finds it again."""
+        self.gateway = _Process([*self.gateway_args, "--port", str(self.cloud_port)], self.work)
+
+    def stop(self) -> None:
+        self.agent.stop()
+        self.gateway.stop()
+
+
+def start_pair() -> DemoPair:
     work = Path(tempfile.mkdtemp(prefix="edge-cloud-router-demo-"))
     gw_state = work / "gateway"
     key = subprocess.run(
@@ -103,13 +127,25 @@ def run_demo(console: Console) -> int:
     gateway_args = ["cloud-gateway", "serve", "--metrics-port", "0", "--state-dir", str(gw_state)]
     gateway = _Process([*gateway_args, "--port", "0"], work)
     cloud_port = gateway.ports["http"]
-    agent = _Process(
-        ["edge-agent", "serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0",
-         "--state-dir", str(work / "agent"), "--cloud-url", f"http://127.0.0.1:{cloud_port}",
-         "--device-key-file", str(key_file), "--log-level", "WARNING"],
-        work,
-        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5"},
-    )  # fmt: skip
+    try:
+        agent = _Process(
+            ["edge-agent", "serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0",
+             "--state-dir", str(work / "agent"), "--cloud-url", f"http://127.0.0.1:{cloud_port}",
+             "--device-key-file", str(key_file), "--log-level", "WARNING"],
+            work,
+            env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "0.5"},
+        )  # fmt: skip
+    except BaseException:
+        gateway.stop()
+        raise
+    return DemoPair(work, gateway_args, gateway, agent)
+
+
+def run_demo(console: Console) -> int:
+    data = np.load(HELDOUT)
+    X, y = data["X"], data["y"]
+    pair = start_pair()
+    agent = pair.agent
     channel = grpc.insecure_channel(f"127.0.0.1:{agent.ports['grpc']}")
     v2, tickets_api = pb_grpc.GRPCInferenceServiceStub(channel), rpb_grpc.RouterServiceStub(channel)
     tally = Tally()
@@ -120,10 +156,10 @@ def run_demo(console: Console) -> int:
             for i in range(len(X)):
                 if i == cut_at:
                     progress.update(task, description="the cloud is gone")
-                    gateway.stop()
+                    pair.stop_cloud()
                 elif i == back_at:
                     progress.update(task, description="the cloud is back")
-                    gateway = _Process([*gateway_args, "--port", str(cloud_port)], work)
+                    pair.start_cloud()
                 response = v2.ModelInfer(_request(X[i : i + 1]), timeout=30)
                 params = response.parameters
                 tally.routes.append(params["route"].string_param)
@@ -158,8 +194,7 @@ def run_demo(console: Console) -> int:
         sent = _sent_bytes(agent.ports["metrics"])
     finally:
         channel.close()
-        agent.stop()
-        gateway.stop()
+        pair.stop()
 
     edge = ModelRepository.load(EDGE_REPOSITORY).get("digits").predict({"X": X}).outputs["label"]
     cloud = (
