@@ -4,12 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real third-party servers the integration tests start: redis-server for the gateway's shared
-# idempotency store, Prometheus (and its promtool) for the metric, rule and scrape checks.
+# Real third-party programs the integration tests start: redis-server for the gateway's shared
+# idempotency store, Prometheus (and its promtool) for the metric, rule and scrape checks,
+# Chromium for the kiosk page (Playwright drives Debian's build; it never downloads one).
 # Installed when missing and we may; otherwise those tests skip and say so.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v promtool >/dev/null || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
