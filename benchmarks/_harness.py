@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Result", "print_table", "process_cpu_seconds", "summarize"]
+__all__ = ["Result", "http_load", "print_table", "process_cpu_seconds", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,63 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    body = await reader.readexactly(length)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+
+
+async def http_load(
+    port: int,
+    path: str,
+    body: bytes,
+    headers: Callable[[int], dict[str, str]],
+    total: int,
+    concurrency: int,
+) -> Result:
+    """`total` POSTs of `body` to `path` over `concurrency` keep-alive connections.
+
+    A minimal HTTP/1.1 client on asyncio streams: on a 2-core machine a full client such as
+    httpx costs as much CPU per request as the server under test, and would measure itself.
+    Answers must carry a Content-Length (no chunked bodies).
+    """
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    def request(i: int) -> bytes:
+        lines = [
+            f"POST {path} HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
+        lines += [f"{k}: {v}" for k, v in headers(i).items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in counter:
+                raw = request(i)
+                start = time.perf_counter()
+                await _one(reader, writer, raw)
+                latencies.append(time.perf_counter() - start)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Result("", total, time.perf_counter() - start, latencies)
 
 
 def print_table(title: str, rows: Sequence[tuple[str, dict[str, float]]]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _harness import Result, print_table, summarize  # beside this script
+from _harness import Result, http_load, print_table, summarize  # beside this script
 
 from cloud_gateway.keys import KeyStore
 from model_runtime import ModelRepository, json_codec
@@ -106,61 +106,6 @@ def daemon(command: list[str], port_file: Path, env: dict[str, str]) -> Iterator
 # -- load -----------------------------------------------------------------------------------------
 
 
-async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    body = await reader.readexactly(length)
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
-
-
-async def load(
-    port: int,
-    body: bytes,
-    headers: Callable[[int], dict[str, str]],
-    total: int,
-    concurrency: int,
-) -> Result:
-    """`total` POSTs over `concurrency` keep-alive connections.
-
-    A minimal HTTP/1.1 client on asyncio streams: on a 2-core machine a full client such as
-    httpx costs as much CPU per request as the server under test, and would measure itself.
-    """
-    latencies: list[float] = []
-    counter = iter(range(total))
-
-    def request(i: int) -> bytes:
-        lines = [
-            f"POST {INFER} HTTP/1.1",
-            "Host: bench",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-        ]
-        lines += [f"{k}: {v}" for k, v in headers(i).items()]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for i in counter:
-                raw = request(i)
-                start = time.perf_counter()
-                await _one(reader, writer, raw)
-                latencies.append(time.perf_counter() - start)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result("", total, time.perf_counter() - start, latencies)
-
-
 async def load_httpx(
     port: int,
     body: bytes,
@@ -200,9 +145,12 @@ def run_load(
     *,
     client: str = "raw",
 ) -> Result:
-    generate = load if client == "raw" else load_httpx
-    asyncio.run(generate(port, body, headers, min(200, total), concurrency))  # warm up
-    result = asyncio.run(generate(port, body, headers, total, concurrency))
+    if client == "raw":
+        asyncio.run(http_load(port, INFER, body, headers, min(200, total), concurrency))  # warm up
+        result = asyncio.run(http_load(port, INFER, body, headers, total, concurrency))
+    else:
+        asyncio.run(load_httpx(port, body, headers, min(200, total), concurrency))  # warm up
+        result = asyncio.run(load_httpx(port, body, headers, total, concurrency))
     return Result(name, result.calls, result.seconds, result.latencies_s)
 
 

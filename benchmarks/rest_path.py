@@ -1,0 +1,244 @@
+"""REST beside gRPC on the edge agent, and against MLServer's and KServe's REST serving the
+very same ONNX file, at concurrency 1 and 16.
+
+Every server is its own process on this machine, one worker each, answering the same one-item
+v2 request for the demo model (JSON over REST, raw bytes over gRPC). The agent's REST runs on
+uvicorn with httptools, as it does whenever httptools is installed, and in a second agent with
+h11 (httptools hidden from it): the measurement behind the choice of HTTP parser. MLServer 1.7.1
+runs an onnxruntime runtime in its own process (parallel_workers 0, no access log); KServe 0.21
+a kserve.Model with onnxruntime, logging at WARNING; both make their session as the agent does
+(one thread, no spinning; benchmarks/peers/). Rounds alternate between the servers, so drift on
+a shared machine hits all alike; figures are medians of the rounds, with each server's CPU time
+per request (steadier than req/s when client and servers share the cores). REST load comes from
+a minimal asyncio HTTP/1.1 client, gRPC load from grpc's own client in threads. Set the peers up
+once, then run (about five minutes):
+
+    benchmarks/peers/setup.sh
+    .venv/bin/python benchmarks/rest_path.py [--requests 3000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _harness import Result, http_load, print_table, process_cpu_seconds, summarize
+from local_path import measure as grpc_measure
+
+from edge_agent.grpc._generated import grpc_service_pb2 as pb
+from model_runtime import json_codec
+from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
+from model_runtime.v2_json import encode_infer_request
+from tests.support.processes import Daemon, start_daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers"
+MODEL = EDGE_REPOSITORY / "digits" / "1" / "model.onnx"
+INFER = "/v2/models/digits/infer"
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    pid: int
+    run: Callable[[int, int], Result]
+    """(concurrency, requests) -> the measured result, warm-up excluded."""
+
+
+def rest_server(name: str, port: int, pid: int, body: bytes) -> Server:
+    def run(concurrency: int, total: int) -> Result:
+        def no_headers(i: int) -> dict[str, str]:
+            return {}
+
+        asyncio.run(http_load(port, INFER, body, no_headers, 300, concurrency))  # warm up
+        cpu = process_cpu_seconds(pid)
+        result = asyncio.run(http_load(port, INFER, body, no_headers, total, concurrency))
+        cpu = process_cpu_seconds(pid) - cpu
+        return Result(name, result.calls, result.seconds, result.latencies_s, cpu)
+
+    return Server(name, pid, run)
+
+
+def grpc_server(name: str, address: str, pid: int, request: pb.ModelInferRequest) -> Server:
+    def run(concurrency: int, total: int) -> Result:
+        return grpc_measure(address, request, concurrency, total, pid)
+
+    return Server(name, pid, run)
+
+
+def _free_port() -> int:
+    # Only for the peers, which take fixed ports from their settings and cannot report one.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def peer(command: list[str], ready_url: str, **popen: object) -> Iterator[int]:
+    """Run a peer server until the block ends; yields its pid once `ready_url` answers 200."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **popen,  # type: ignore[call-overload]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {process.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{command[0]} did not become ready")
+            time.sleep(0.2)
+        yield process.pid
+    finally:
+        # SIGINT stops both at once (KServe waits out a long grace period on SIGTERM).
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
+            if process.poll() is None:
+                process.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(15)
+
+
+def start_mlserver(stack: ExitStack, work: Path, body: bytes) -> Server | None:
+    mlserver = ROOT / ".venv-bench-mlserver" / "bin" / "mlserver"
+    if not mlserver.exists():
+        print(f"skipping MLServer: {mlserver} is missing (benchmarks/peers/setup.sh)")
+        return None
+    models = work / "mlserver"
+    (models / "digits").mkdir(parents=True)
+    model = {"name": "digits", "implementation": "mlserver_onnx.OnnxRuntime"}
+    (models / "digits" / "model-settings.json").write_text(
+        json.dumps({**model, "parameters": {"uri": str(MODEL)}})
+    )
+    port = _free_port()
+    ports = {"http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port()}
+    settings = {"host": "127.0.0.1", **ports, "parallel_workers": 0, "debug": False}
+    (models / "settings.json").write_text(json.dumps(settings))
+    pid = stack.enter_context(
+        peer(
+            [str(mlserver), "start", str(models)],
+            f"http://127.0.0.1:{port}/v2/models/digits/ready",
+            env={**os.environ, "PYTHONPATH": str(PEERS)},
+        )
+    )
+    return rest_server("MLServer 1.7.1 REST", port, pid, body)
+
+
+def start_kserve(stack: ExitStack, body: bytes) -> Server | None:
+    python = ROOT / ".venv-kserve" / "bin" / "python"
+    if not python.exists():
+        print(f"skipping KServe: {python} is missing (benchmarks/peers/setup.sh)")
+        return None
+    port = _free_port()
+    pid = stack.enter_context(
+        peer(
+            [str(python), str(PEERS / "kserve_onnx.py"), str(MODEL), "digits", str(port)],
+            f"http://127.0.0.1:{port}/v2/models/digits/ready",
+        )
+    )
+    return rest_server("KServe 0.21 REST", port, pid, body)
+
+
+def start_agent(stack: ExitStack, work: Path, name: str, env: dict[str, str]) -> Daemon:
+    def ready(d: Daemon) -> bool:
+        return httpx.get(f"http://{d.address('rest')}/v2/health/ready").status_code == 200
+
+    args = ["serve", "--port", "0", "--rest-port", "0", "--metrics-port", "0"]
+    args += ["--log-level", "WARNING", "--state-dir", str(work / name)]
+    agent = start_daemon("edge-agent", args, work / name, ready=ready, env=env)
+    stack.callback(agent.stop)
+    return agent
+
+
+def _parser_of(pid: int) -> str:
+    """Which HTTP parser a process has loaded: httptools' C extension shows in its maps."""
+    return "httptools" if "httptools" in Path(f"/proc/{pid}/maps").read_text() else "h11"
+
+
+def _median(results: list[Result]) -> dict[str, float]:
+    keys = summarize(results[0]).keys()
+    return {k: statistics.median(summarize(r)[k] for r in results) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    x = np.asarray(np.load(HELDOUT)["X"][:1], dtype=np.float32)
+    body = json_codec.dumps(encode_infer_request({"X": x}))
+    request = pb.ModelInferRequest(
+        model_name="digits",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 64])],
+        raw_input_contents=[x.tobytes()],
+    )
+    work = Path(tempfile.mkdtemp(prefix="bench-rest-"))
+    # A package named httptools that cannot be imported: uvicorn then falls back to h11.
+    (work / "no-httptools" / "httptools").mkdir(parents=True)
+    (work / "no-httptools" / "httptools" / "__init__.py").write_text(
+        'raise ImportError("hidden by benchmarks/rest_path.py")\n'
+    )
+    with ExitStack() as stack:
+        agent = start_agent(stack, work, "agent", {})
+        h11_agent = start_agent(
+            stack, work, "agent-h11", {"PYTHONPATH": str(work / "no-httptools")}
+        )
+        servers = [
+            grpc_server("agent gRPC", agent.address("grpc"), agent.process.pid, request),
+            rest_server("agent REST", agent.ports["rest"], agent.process.pid, body),
+            rest_server("agent REST, h11", h11_agent.ports["rest"], h11_agent.process.pid, body),
+        ]
+        servers += [s for s in (start_mlserver(stack, work, body), start_kserve(stack, body)) if s]
+        servers[1].run(1, 10)
+        servers[2].run(1, 10)
+        parsers = {"agent": _parser_of(agent.process.pid), "h11": _parser_of(h11_agent.process.pid)}
+        print(f"HTTP parsers loaded: agent {parsers['agent']}, second agent {parsers['h11']}")
+
+        rows = []
+        for concurrency in (1, 16):
+            runs: dict[str, list[Result]] = {s.name: [] for s in servers}
+            for _ in range(args.rounds):  # alternate, so drift in the machine hits all alike
+                for server in servers:
+                    runs[server.name].append(server.run(concurrency, args.requests))
+            figures = {name: _median(results) for name, results in runs.items()}
+            for name, figure in figures.items():
+                rows.append((f"{name}, c{concurrency}", figure))
+            base = figures["agent REST"]
+            for name, figure in figures.items():
+                if name != "agent REST":
+                    ratio = {k: figure[k] / base[k] for k in base}
+                    rows.append((f"{name} / agent REST, c{concurrency}", ratio))
+    print_table(
+        f"REST and gRPC on the agent, and peers' REST: {args.requests} requests x "
+        f"{args.rounds} rounds per row (medians); one item of the demo model",
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
