@@ -8,6 +8,7 @@ could carry raw bytes, and of values that are not of the tensor's datatype.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -207,3 +208,21 @@ def test_bad_requests_leave_threads_and_memory_unchanged(agent: Daemon, rest: ht
     threads_after, rss_after = agent.threads_and_rss_kb()
     assert threads_after == threads_before
     assert rss_after - rss_before < 2048, f"RSS grew by {rss_after - rss_before} kB"
+
+
+def test_an_endless_request_head_is_cut_off(agent: Daemon, rest: httpx.Client) -> None:
+    _, rss_before = agent.threads_and_rss_kb()
+    host, port = agent.address("rest").split(":")
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with contextlib.suppress(ConnectionError):
+            while sent < 8 << 20:  # 8 MB of headers, if the agent were to take them all
+                sock.sendall(line)
+                sent += len(line)
+        with contextlib.suppress(ConnectionError):
+            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+    assert sent < 8 << 20, "the agent read 8 MB of headers"
+    assert agent.threads_and_rss_kb()[1] - rss_before < 2048
+    assert rest.get("/v2/health/ready").status_code == 200
