@@ -70,7 +70,8 @@ def _agent(work: Path, gateway: Gateway, proxy: FaultProxy) -> Daemon:
     key_file.chmod(0o600)
     return start_daemon(
         "edge-agent",
-        ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(work / "state"),
+        ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0",
+         "--state-dir", str(work / "state"),
          "--log-level", "WARNING", "--cloud-url", proxy.url, "--device-key-file", str(key_file)],
         work,
         ready=_ready,

@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from edge_agent import __version__
+from edge_agent.access import AccessPolicy
 from edge_agent.credentials import Credentials, CredentialsError, load_credentials
 from edge_agent.grpc.auth import AuthInterceptor, server_credentials
 from edge_agent.grpc.router_servicer import RouterServicer
@@ -21,7 +22,7 @@ from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
 from edge_agent.metrics import AgentMetrics, serve_metrics
-from edge_agent.rest import RestServer, create_rest_app
+from edge_agent.rest import RestServer, ServerTls, create_rest_app
 from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime import ModelLoadError, ModelRepository
@@ -137,11 +138,11 @@ async def _serve_with(
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}"
         ) from None
     try:
-        rest = _rest_server(settings, service, router, metrics)
+        rest = _rest_server(settings, service, router, metrics, access)
     except OSError as exc:
         metrics_server.shutdown()
         raise StartupError(
-            f"cannot serve REST on {settings.rest_host}:{settings.rest_port}: {exc.strerror}"
+            f"cannot serve REST on {settings.rest_host}:{settings.rest_port}: {exc.strerror or exc}"
         ) from None
 
     stop = asyncio.Event()
@@ -196,8 +197,13 @@ def _auth_mode(settings: AgentSettings) -> str:
 
 
 def _rest_server(
-    settings: AgentSettings, service: InferenceService, router: Router, metrics: AgentMetrics
+    settings: AgentSettings,
+    service: InferenceService,
+    router: Router,
+    metrics: AgentMetrics,
+    access: AccessPolicy,
 ) -> RestServer | None:
+    """The REST API, under the gRPC API's rules: its tokens, its TLS certificate and client CA."""
     if not settings.rest_enabled:
         return None
     app, streams = create_rest_app(
@@ -207,8 +213,12 @@ def _rest_server(
         max_body_bytes=settings.max_message_bytes,
         cors_origins=settings.rest_cors_origins,
         loopback_only=is_loopback(settings.rest_host),
+        access=access,
     )
-    return RestServer(app, streams, settings.rest_host, settings.rest_port)
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return RestServer(app, streams, settings.rest_host, settings.rest_port, tls=tls)
 
 
 def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:

@@ -111,8 +111,10 @@ class AgentSettings(LayeredSettings):
     # -- v2 REST, for web pages (browser kiosks) ---------------------------------------------
     rest_enabled: bool = True
     """Serve the v2 REST API, the tickets over HTTP and the kiosk page beside gRPC."""
-    rest_host: str = "127.0.0.1"
-    """Address the REST API listens on. Loopback only: it has no authentication yet."""
+    rest_host: str = Field(default="127.0.0.1", validate_default=True)
+    """Address the REST API listens on. As for host: beyond loopback it needs token_file
+    (callers send `Authorization: Bearer <token>`) or tls_client_ca_file, or insecure = true.
+    With tls_cert_file it speaks HTTPS only, with the gRPC API's certificate and client CA."""
     rest_port: int = Field(default=8002, ge=0, le=65535)
     """REST port; 0 picks a free one (see port_file). 8002 keeps clear of the agent's gRPC
     (8001) and metrics (9101) and the gateway's API (8000) and metrics (9102)."""
@@ -274,11 +276,16 @@ class AgentSettings(LayeredSettings):
 
     @field_validator("rest_host")
     @classmethod
-    def _loopback_only(cls, value: str) -> str:
-        if not is_loopback(value):
+    def _rest_authenticated_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
+        if not data.get("rest_enabled", True):
+            return value
+        authenticated = data.get("token_file") is not None or data.get("tls_client_ca_file")
+        if not is_loopback(value) and not authenticated and not data.get("insecure"):
             raise ValueError(
-                f"{value} is beyond loopback; the REST API has no authentication yet, so it "
-                "listens only on 127.0.0.1, ::1 or localhost"
+                f"{value} is beyond loopback: give token_file or tls_client_ca_file (mTLS) so "
+                "callers must authenticate, or insecure = true (--insecure) to let anyone who "
+                "can reach the port call it"
             )
         return value
 

@@ -3,6 +3,6 @@ a results stream over HTTP, the browser rules, and the kiosk page."""
 
 from edge_agent.rest.app import KIOSK_DIR
 from edge_agent.rest.app import create_app as create_rest_app
-from edge_agent.rest.server import RestServer
+from edge_agent.rest.server import RestServer, ServerTls
 
-__all__ = ["KIOSK_DIR", "RestServer", "create_rest_app"]
+__all__ = ["KIOSK_DIR", "RestServer", "ServerTls", "create_rest_app"]

@@ -1,5 +1,6 @@
 """The agent's REST application: v2 inference, tickets and results, the kiosk page, the browser
-rules, and a count of every answer in edge_agent_http_requests_total."""
+rules, who may call (edge_agent.access), and a count of every answer in
+edge_agent_http_requests_total."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edge_agent.access import AccessPolicy
 from edge_agent.inference import InferenceService
 from edge_agent.metrics import AgentMetrics
+from edge_agent.rest.auth import Authenticate
 from edge_agent.rest.browser import browser_middleware
 from edge_agent.rest.router_routes import RouterRoutes
 from edge_agent.rest.v2_routes import V2Routes
@@ -73,8 +76,10 @@ def create_app(
     max_body_bytes: int,
     cors_origins: Sequence[str],
     loopback_only: bool,
+    access: AccessPolicy | None = None,
 ) -> tuple[Starlette, RouterRoutes]:
-    """The app, and its result streams (to end them when the agent stops)."""
+    """The app, and its result streams (to end them when the agent stops). With `access` that
+    requires credentials, every call but health checks and the kiosk page's files needs them."""
     v2 = V2Routes(service, metrics, BodyLimits(max_body_bytes, max_body_bytes))
     tickets = RouterRoutes(router)
     routes: list[BaseRoute] = [
@@ -85,8 +90,13 @@ def create_app(
     ]
     middleware = [
         Middleware(_CountAnswers, metrics=metrics),
+        # Before authentication: a refusal carries CORS headers, so a page can read it.
         *browser_middleware(cors_origins, loopback_only=loopback_only),
     ]
+    if access is not None and access.required:
+        middleware.append(
+            Middleware(Authenticate, policy=access, on_denied=metrics.count_auth_failure)
+        )
     handlers: dict[Any, Any] = {HTTPException: _http_exception}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
     return app, tickets

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge_agent.access import ANONYMOUS, Caller
 from edge_agent.inference import InferRequest, InferResult
 from model_runtime import OnnxModel
 from model_runtime.v2_json import encode_infer_response, read_infer_request
@@ -21,7 +22,9 @@ __all__ = [
 ]
 
 
-def decode_infer_request(body: object, model: OnnxModel, time_left_s: float | None) -> InferRequest:
+def decode_infer_request(
+    body: object, model: OnnxModel, time_left_s: float | None, caller: Caller = ANONYMOUS
+) -> InferRequest:
     """Check and decode a parsed v2 request body for `model`; raises InvalidInput."""
     request = read_infer_request(body)
     model.check_input_names([t.name for t in request.inputs])
@@ -33,6 +36,7 @@ def decode_infer_request(body: object, model: OnnxModel, time_left_s: float | No
         parameters=request.parameters,
         id=request.id or "",
         time_left_s=time_left_s,
+        caller=caller,
     )
 
 

@@ -8,24 +8,31 @@ fragments). Bodies are v2 error bodies, `{"error": "<what is wrong>"}`.
 UnsupportedMediaType    a body in a form the API does not read (the binary tensor extension)
 ForbiddenOrigin         a browser page from an origin not in rest_cors_origins
 ForbiddenHost           a Host header that is not this machine's (DNS rebinding)
+
+and, from the rest of the agent: AccessDenied (edge_agent.access) 401, the router's
+TicketNotFound 404, TooManyWatchers 503 and QueueFull 507, model_runtime's errors, and
+ServiceStopping 503.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
 
+from edge_agent.access import AccessDenied
 from edge_agent.inference import ServiceStopping
 from model_runtime import (
     InvalidInput,
+    LimitExceeded,
     ModelNotFound,
     RequestTooLarge,
     UnsupportedEncoding,
 )
 from model_runtime.v2_json import error_body
-from router.errors import QueueFull, TicketNotFound
+from router.errors import QueueFull, TicketNotFound, TooManyWatchers
 
 __all__ = [
     "STATUS_BY_ERROR",
@@ -73,20 +80,38 @@ class HttpError:
 
 STATUS_BY_ERROR: dict[type[Exception], int] = {
     InvalidInput: 400,
+    AccessDenied: 401,
     ForbiddenOrigin: 403,
     ForbiddenHost: 403,
     ModelNotFound: 404,
     TicketNotFound: 404,
     RequestTooLarge: 413,
+    LimitExceeded: 413,
     UnsupportedEncoding: 415,
     UnsupportedMediaType: 415,
     ServiceStopping: 503,
+    # The agent's cap on open result streams, for all callers together (gRPC: RESOURCE_EXHAUSTED).
+    TooManyWatchers: 503,
     # The request is fine but cannot be stored for the cloud now (gRPC: RESOURCE_EXHAUSTED).
     QueueFull: 507,
 }
 
-# Worth a retry soon: the agent is restarting. A client that obeys waits a second.
-_RETRY_AFTER: dict[type, dict[str, str]] = {ServiceStopping: {"Retry-After": "1"}}
+
+def _www_authenticate(exc: Exception) -> dict[str, str]:
+    # RFC 6750 §3: no error code when the request had no credentials at all.
+    assert isinstance(exc, AccessDenied)
+    challenge = 'Bearer realm="edge-agent"'
+    if exc.reason != "missing":
+        challenge += ', error="invalid_token"'
+    return {"WWW-Authenticate": challenge}
+
+
+_HEADERS: dict[type[Exception], Callable[[Exception], dict[str, str]]] = {
+    AccessDenied: _www_authenticate,
+    # Worth a retry soon: the agent is restarting, or a stream may close meanwhile.
+    ServiceStopping: lambda exc: {"Retry-After": "1"},
+    TooManyWatchers: lambda exc: {"Retry-After": "5"},
+}
 
 
 def http_error(exc: Exception, request_id: str = "") -> HttpError:
@@ -94,7 +119,8 @@ def http_error(exc: Exception, request_id: str = "") -> HttpError:
     for cls in type(exc).__mro__:
         status = STATUS_BY_ERROR.get(cls)
         if status is not None:
-            return HttpError(status, str(exc), dict(_RETRY_AFTER.get(cls, {})))
+            headers = _HEADERS.get(cls)
+            return HttpError(status, str(exc), headers(exc) if headers is not None else {})
     log.error("internal error", exc_info=exc, extra={"fields": {"request_id": request_id or "-"}})
     return HttpError(500, "internal error; see the agent's log")
 

@@ -3,19 +3,22 @@ Server-Sent Events stream of results from a cursor (WatchResults), and the route
 
 The stream's event ids are the cursors, so a browser's EventSource resumes where it left off
 by itself: on reconnecting it sends the last id as `Last-Event-ID`, which wins over the
-`after_cursor` query parameter.
+`after_cursor` query parameter. A caller sees only its own results: those it queued (with the
+same `client_id` query parameter as the request's `client_id` parameter, if it gave one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from edge_agent.access import CLIENT_ID_PARAMETER, check_client_id
+from edge_agent.rest.auth import caller_of
 from edge_agent.rest.convert import encode_status, encode_ticket_result
 from edge_agent.rest.errors import error_response
 from model_runtime import InvalidInput, json_codec
@@ -49,7 +52,7 @@ class RouterRoutes:
 
     async def result(self, request: Request) -> Response:
         try:
-            result = await self.router.result(request.path_params["ticket"])
+            result = await self.router.result(request.path_params["ticket"], owner=_owner(request))
         except Exception as exc:
             return error_response(exc)
         return Response(
@@ -61,48 +64,83 @@ class RouterRoutes:
 
     async def results(self, request: Request) -> Response:
         try:
-            cursor = _cursor(request)
-        except InvalidInput as exc:
+            tickets = tuple(request.query_params.getlist("ticket"))
+            # Refused here, before the first byte, when over the cap of watchers.
+            watch = self.router.watch(_cursor(request), tickets, owner=_owner(request))
+        except Exception as exc:
             return error_response(exc)
-        watch = self.router.watch(cursor, tuple(request.query_params.getlist("ticket")))
-        return StreamingResponse(
-            self._events(watch),
-            media_type="text/event-stream",
-            # Every event matters and none may wait in a buffer on the way.
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return _ResultStream(_ResultEvents(watch, self._closing, self.heartbeat_s))
 
-    async def _events(self, watch: AsyncIterator[TicketResult]) -> AsyncIterator[bytes]:
+
+class _ResultEvents:
+    """One stream's events: the router's watch, read one result ahead, with heartbeats."""
+
+    def __init__(
+        self, watch: AsyncIterator[TicketResult], closing: asyncio.Event, heartbeat_s: float
+    ) -> None:
+        self._watch = watch
+        # The router counts the watcher from now on, and frees it only when the stream has
+        # started and is closed: start it at once, whatever becomes of the response.
+        self._next = asyncio.ensure_future(anext(watch))
+        self._closing = closing
+        self._heartbeat_s = heartbeat_s
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         yield f"retry: {RECONNECT_MS}\n\n".encode()
         closing = asyncio.ensure_future(self._closing.wait())
-        ended = asyncio.ensure_future(anext(watch))
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    {ended, closing}, timeout=self.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
+                    {self._next, closing},
+                    timeout=self._heartbeat_s,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                if ended in done:
+                if self._next in done:
                     try:
-                        result = ended.result()
+                        result = self._next.result()
                     except StopAsyncIteration:  # the router closed
                         return
                     yield _event(result)
-                    ended = asyncio.ensure_future(anext(watch))
+                    self._next = asyncio.ensure_future(anext(self._watch))
                 elif closing in done:
                     return
                 else:
                     yield b": keep-alive\n\n"
         finally:
             closing.cancel()
-            ended.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await ended
-            await watch.aclose()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        await asyncio.sleep(0)  # a read-ahead made this very turn gets to start the stream
+        self._next.cancel()
+        await asyncio.gather(self._next, return_exceptions=True)
+        await self._watch.aclose()  # type: ignore[attr-defined]
+
+
+class _ResultStream(StreamingResponse):
+    """A results stream whose watcher is released however the response ends: sent whole,
+    cut by the client, or never begun."""
+
+    def __init__(self, events: _ResultEvents) -> None:
+        # Every event matters and none may wait in a buffer on the way.
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.close()
 
 
 def _event(result: TicketResult) -> bytes:
     data = json_codec.dumps(encode_ticket_result(result))
     return b"id: %d\nevent: result\ndata: %s\n\n" % (result.cursor, data)
+
+
+def _owner(request: Request) -> str:
+    client_id = check_client_id(request.query_params.get(CLIENT_ID_PARAMETER))
+    return caller_of(request).owner(client_id)
 
 
 def _cursor(request: Request) -> int:

@@ -10,14 +10,69 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from ssl import CERT_REQUIRED
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edge_agent.rest.auth import CERTIFICATE_NAME
 from edge_agent.rest.router_routes import RouterRoutes
 from model_runtime.sockets import bind_socket
 
-__all__ = ["RestServer"]
+__all__ = ["RestServer", "ServerTls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    """With it, a client must present a certificate it signed, as on the gRPC API."""
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "ssl_certfile": str(self.cert_file),
+            "ssl_keyfile": str(self.key_file),
+        }
+        if self.client_ca_file is not None:
+            options |= {"ssl_ca_certs": str(self.client_ca_file), "ssl_cert_reqs": CERT_REQUIRED}
+        return options
+
+
+class _NamingH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol that tells the app the name in a client's verified certificate
+    (uvicorn itself does not), so REST names mTLS callers as gRPC does (edge_agent.rest.auth)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        name = certificate_name(transport.get_extra_info("peercert"))
+        if name is not None:
+            app = self.app
+
+            async def naming(scope: Scope, receive: Receive, send: Send) -> None:
+                scope[CERTIFICATE_NAME] = name
+                await app(scope, receive, send)
+
+            self.app = naming
+
+
+def certificate_name(peercert: dict[str, Any] | None) -> str | None:
+    """The common name of a verified client certificate, else its first alternative name."""
+    if not peercert:
+        return None
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and value:
+                return str(value)
+    for _kind, value in peercert.get("subjectAltName", ()):
+        if value:
+            return str(value)
+    return None
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -29,16 +84,25 @@ class _EmbeddedServer(uvicorn.Server):
 class RestServer:
     """Binds at construction (so a taken port fails early), serves after `start`."""
 
-    def __init__(self, app: Starlette, streams: RouterRoutes, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        streams: RouterRoutes,
+        host: str,
+        port: int,
+        *,
+        tls: ServerTls | None = None,
+    ) -> None:
+        """With `tls`, HTTPS only (the gRPC API's certificate and key, and its client CA)."""
         self._streams = streams
         self._socket = bind_socket(host, port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app,
-            # h11 refuses a request head over 16 KiB; httptools would buffer any amount of
+            # h11, which refuses a request head over 16 KiB; httptools would buffer any amount of
             # headers (48 MB measured) before the app could refuse anything. It is also ~1.2x
             # faster (BENCHMARKS.md), which does not buy that back.
-            http="h11",
+            http=_NamingH11Protocol,
             lifespan="off",
             log_config=None,
             log_level="warning",  # its start and stop lines would repeat the agent's own
@@ -46,7 +110,13 @@ class RestServer:
             server_header=False,
             # Kiosks keep one connection open between requests a few seconds apart.
             timeout_keep_alive=30,
+            **(tls.uvicorn_options() if tls is not None else {}),
         )
+        try:
+            config.load()  # reads the TLS certificate and key now: a bad one fails at start-up
+        except BaseException:
+            self._socket.close()
+            raise
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
 

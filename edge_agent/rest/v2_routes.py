@@ -17,6 +17,7 @@ from edge_agent import __version__
 from edge_agent.inference import InferenceService
 from edge_agent.metrics import AgentMetrics
 from edge_agent.request_log import log_infer, logging_calls
+from edge_agent.rest.auth import caller_of
 from edge_agent.rest.convert import decode_infer_request, encode_infer_result
 from edge_agent.rest.errors import UnsupportedMediaType, error_response, http_error
 from model_runtime import InvalidInput, json_codec
@@ -105,8 +106,9 @@ class V2Routes:
                 )
             model = self.service.model(name, version)  # 404 before reading a byte of the body
             body = await self._read(request)
+            time_left = time_left and time_left - _since(started)
             decoded = decode_infer_request(
-                parse_json_body(body), model, time_left and time_left - _since(started)
+                parse_json_body(body), model, time_left, caller_of(request)
             )
             request_id = decoded.id
             result = await self.service.infer(decoded)

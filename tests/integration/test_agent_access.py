@@ -264,6 +264,7 @@ def test_mtls_lets_in_clients_with_a_certificate_of_the_ca_only(tmp_path: Path) 
             "serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(tmp_path / "s"),
             "--tls-cert-file", str(files["agent.crt"]), "--tls-key-file", str(files["agent.key"]),
             "--tls-client-ca-file", str(files["clients-ca.crt"]),
+            "--rest-port", "0",
         ],
         tmp_path,
         ready=ready,

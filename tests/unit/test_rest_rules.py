@@ -3,8 +3,11 @@ settings and the browser guard accept."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from edge_agent.access import AccessDenied
 from edge_agent.inference import ServiceStopping
 from edge_agent.rest.browser import _host_name
 from edge_agent.rest.errors import (
@@ -13,9 +16,16 @@ from edge_agent.rest.errors import (
     UnsupportedMediaType,
     http_error,
 )
+from edge_agent.rest.server import certificate_name
 from edge_agent.settings import SettingsError, is_loopback, load_settings
-from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge, UnsupportedEncoding
-from router.errors import QueueFull, TicketNotFound
+from model_runtime import (
+    InvalidInput,
+    LimitExceeded,
+    ModelNotFound,
+    RequestTooLarge,
+    UnsupportedEncoding,
+)
+from router.errors import QueueFull, TicketNotFound, TooManyWatchers
 
 
 class StrangeInput(InvalidInput):
@@ -35,6 +45,9 @@ class StrangeInput(InvalidInput):
         (UnsupportedEncoding("br"), 415),
         (UnsupportedMediaType("binary tensors"), 415),
         (ServiceStopping(), 503),
+        (TooManyWatchers(1024), 503),
+        (AccessDenied("missing", "this agent needs credentials"), 401),
+        (LimitExceeded("X", "too many items", "items_per_request"), 413),
         (QueueFull(100, 100), 507),
     ],
 )
@@ -43,9 +56,14 @@ def test_each_error_has_its_status_and_says_what_is_wrong(exc: Exception, status
     assert (error.status, error.message) == (status, str(exc))
 
 
-def test_a_stopping_agent_says_when_to_come_back() -> None:
+def test_refusals_say_when_to_come_back_and_how_to_authenticate() -> None:
     assert http_error(ServiceStopping()).headers == {"Retry-After": "1"}
+    assert http_error(TooManyWatchers(1)).headers == {"Retry-After": "5"}
     assert http_error(InvalidInput("X", "bad")).headers == {}
+    missing = http_error(AccessDenied("missing", "needs credentials")).headers
+    assert missing == {"WWW-Authenticate": 'Bearer realm="edge-agent"'}
+    unknown = http_error(AccessDenied("unknown", "unknown token")).headers
+    assert unknown == {"WWW-Authenticate": 'Bearer realm="edge-agent", error="invalid_token"'}
 
 
 def test_an_unexpected_error_reveals_nothing(caplog: pytest.LogCaptureFixture) -> None:
@@ -109,7 +127,25 @@ def test_origins_must_be_origins() -> None:
         ]
 
 
-def test_rest_beyond_loopback_is_refused() -> None:
+def test_rest_beyond_loopback_needs_tokens_or_insecure(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(rest_host="0.0.0.0")
     assert caught.value.problems[0].startswith("rest_host: 0.0.0.0 is beyond loopback")
+    tokens = tmp_path / "tokens"
+    assert load_settings(rest_host="0.0.0.0", token_file=tokens).rest_host == "0.0.0.0"
+    assert load_settings(rest_host="0.0.0.0", insecure=True).rest_host == "0.0.0.0"
+    assert load_settings(rest_host="0.0.0.0", rest_enabled=False).rest_host == "0.0.0.0"
+    tls = {f"tls_{k}": tmp_path / k for k in ("cert_file", "key_file", "client_ca_file")}
+    assert load_settings(rest_host="0.0.0.0", **tls).rest_host == "0.0.0.0"
+
+
+def test_the_name_in_a_client_certificate() -> None:
+    subject = ((("countryName", "KE"),), (("commonName", "kiosk-1"),))
+    assert certificate_name({"subject": subject}) == "kiosk-1"
+    alternative = {
+        "subject": ((("organizationName", "Clinic"),),),
+        "subjectAltName": (("DNS", "k.clinic"),),
+    }
+    assert certificate_name(alternative) == "k.clinic"
+    assert certificate_name({}) is None
+    assert certificate_name(None) is None

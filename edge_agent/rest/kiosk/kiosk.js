@@ -3,8 +3,10 @@
 // (a Server-Sent Events stream of the ticket's result).
 //
 // URL parameters: model (default "digits"); escalation (auto, never, always; default: the
-// agent's); timeout, the latency budget in seconds (default 2); agent, the agent's base URL
-// when this page is served from elsewhere (that origin must be in rest_cors_origins).
+// agent's); timeout, the latency budget in seconds (default 2); client_id, which results are
+// this screen's when several share a token; agent, the agent's base URL when this page is
+// served from elsewhere (that origin must be in rest_cors_origins). When the agent asks for a
+// token, give it in the fragment, which the browser never sends to a server: #token=...
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -12,6 +14,8 @@ const agent = (params.get("agent") || "").replace(/\/+$/, "");
 const model = params.get("model") || "digits";
 const escalation = params.get("escalation");
 const timeout = params.get("timeout") || "2";
+const clientId = params.get("client_id");
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
 
 const pad = document.getElementById("pad");
 const ink = pad.getContext("2d", { willReadFrequently: true });
@@ -106,8 +110,12 @@ function closeStream() {
   stream = null;
 }
 
-async function call(path, options) {
-  const response = await fetch(agent + path, options);
+function authorized(headers = {}) {
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(agent + path, { ...options, headers: authorized(options.headers) });
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
   return body;
@@ -125,7 +133,9 @@ async function classify() {
     inputs: [{ name: inputName, datatype: "FP32", shape: [1, 64], data: values }],
     outputs: [{ name: "label" }],
   };
-  if (escalation) request.parameters = { escalation };
+  request.parameters = {};
+  if (escalation) request.parameters.escalation = escalation;
+  if (clientId) request.parameters.client_id = clientId;
   let answer;
   try {
     answer = await call(`/v2/models/${encodeURIComponent(model)}/infer`, {
@@ -144,12 +154,12 @@ async function classify() {
   if (facts.provisional && facts.ticket) follow(facts.ticket);
 }
 
-// The ticket's result, pushed when the link to the cloud carries the request. EventSource
-// reconnects by itself and resumes after the last event it saw.
+// The ticket's result, pushed when the link to the cloud carries the request.
 function follow(ticket) {
-  stream = new EventSource(`${agent}/router/v1/results?ticket=${encodeURIComponent(ticket)}`);
-  stream.addEventListener("result", (event) => {
-    const ended = JSON.parse(event.data);
+  const query = new URLSearchParams({ ticket });
+  if (clientId) query.set("client_id", clientId);
+  const url = `/router/v1/results?${query}`;
+  const onResult = (ended) => {
     if (ended.ticket !== ticket) return;
     closeStream();
     if (ended.state !== "delivered") {
@@ -165,7 +175,63 @@ function follow(ticket) {
       "answered by the cloud model (it replaced the provisional answer)",
       scores ? percent(Math.max(...scores.data)) : "",
     );
-  });
+  };
+  stream = token ? readEvents(url, onResult) : eventSource(url, onResult);
+}
+
+// EventSource reconnects by itself and resumes after the last event it saw (Last-Event-ID).
+function eventSource(url, onResult) {
+  const source = new EventSource(agent + url);
+  source.addEventListener("result", (event) => onResult(JSON.parse(event.data)));
+  return source;
+}
+
+// EventSource cannot send a token: the same stream read with fetch, which can, reconnecting
+// and resuming as EventSource would.
+function readEvents(url, onResult) {
+  const controller = new AbortController();
+  let lastId = null;
+  (async () => {
+    while (!controller.signal.aborted) {
+      try {
+        const headers = authorized(lastId === null ? {} : { "Last-Event-ID": lastId });
+        const response = await fetch(agent + url, { headers, signal: controller.signal });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value;
+          let end;
+          while ((end = buffer.indexOf("\n\n")) >= 0) {
+            const message = parseEvent(buffer.slice(0, end));
+            buffer = buffer.slice(end + 2);
+            if (message.id !== null) lastId = message.id;
+            if (message.event === "result" && message.data) onResult(JSON.parse(message.data));
+          }
+        }
+      } catch (error) {
+        if (controller.signal.aborted) return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  })();
+  return { close: () => controller.abort() };
+}
+
+function parseEvent(block) {
+  const message = { event: "message", data: "", id: null };
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (field === "event") message.event = value;
+    else if (field === "data") message.data += (message.data ? "\n" : "") + value;
+    else if (field === "id") message.id = value;
+  }
+  return message;
 }
 
 async function watchLink() {

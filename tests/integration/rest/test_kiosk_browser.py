@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -79,13 +80,28 @@ def classify(page: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(1, 64)
 
 
+def rest_ready(agent: Daemon) -> bool:
+    """Health needs no token, whatever the agent asks of other calls."""
+    return httpx.get(f"http://{agent.address('rest')}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("token", [None, "kiosk-token-0123456789abcdef"], ids=["open", "token"])
 def test_the_page_shows_a_provisional_answer_then_the_clouds(
-    tmp_path: Path, gateway: Gateway, proxy: FaultProxy, page: Any
+    tmp_path: Path, gateway: Gateway, proxy: FaultProxy, page: Any, token: str | None
 ) -> None:
-    agent = start_agent_with_cloud(tmp_path, gateway, proxy)
+    # With a token, the page sends it on every call and reads the results stream with fetch
+    # (EventSource cannot send one); without, EventSource reads it.
+    args: list[str] = []
+    if token is not None:
+        token_file = tmp_path / "tokens"
+        token_file.write_text(f"kiosk-7 {token}\n")
+        token_file.chmod(0o600)
+        args = ["--token-file", str(token_file)]
+    agent = start_agent_with_cloud(tmp_path, gateway, proxy, *args, ready=rest_ready)
     try:
         proxy.cut()
-        page.goto(f"http://{agent.address('rest')}/kiosk/?escalation=always")
+        fragment = f"#token={token}" if token is not None else ""
+        page.goto(f"http://{agent.address('rest')}/kiosk/?escalation=always{fragment}")
         result = page.locator("#result")
         footer = page.locator("#link")
         playwright.expect(footer).to_contain_text("cloud link: down", timeout=30_000)

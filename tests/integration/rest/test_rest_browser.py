@@ -1,6 +1,7 @@
 """Browser rules of the REST API: pages from other origins are refused unless the operator
 allowed them (then CORS and preflights answer for them), Host must be this machine's, and the
-API never listens beyond loopback while it has no authentication."""
+API listens beyond loopback only when callers must authenticate (or the operator says
+--insecure)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_a_host_that_is_not_this_machine_is_refused(agent: Daemon, rest: httpx.C
         assert rest.get("/v2/models/digits", headers={"Host": host}).status_code == 200
 
 
-def test_rest_beyond_loopback_is_refused_at_start(tmp_path: Path) -> None:
+def test_rest_beyond_loopback_without_tokens_is_refused_at_start(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "edge-agent"), "serve", "--rest-host", "0.0.0.0", "--state-dir", str(tmp_path)],
         capture_output=True,
@@ -93,10 +94,8 @@ def test_rest_beyond_loopback_is_refused_at_start(tmp_path: Path) -> None:
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("edge-agent: invalid settings: rest_host: ")
-    assert line.endswith(
-        "0.0.0.0 is beyond loopback; the REST API has no authentication yet, so it listens "
-        "only on 127.0.0.1, ::1 or localhost"
-    )
+    assert "0.0.0.0 is beyond loopback: give token_file so callers must send a token" in line
+    assert "--insecure" in line
 
 
 def test_rest_can_be_turned_off(tmp_path: Path) -> None:
