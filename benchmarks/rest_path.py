@@ -3,8 +3,8 @@ very same ONNX file, at concurrency 1 and 16.
 
 Every server is its own process on this machine, one worker each, answering the same one-item
 v2 request for the demo model (JSON over REST, raw bytes over gRPC). The agent's REST runs on
-uvicorn with httptools, as it does whenever httptools is installed, and in a second agent with
-h11 (httptools hidden from it): the measurement behind the choice of HTTP parser. MLServer 1.7.1
+uvicorn's h11, as shipped, and in a second agent on httptools (benchmarks/peers/
+agent_httptools.py): the measurement behind the choice of HTTP parser. MLServer 1.7.1
 runs an onnxruntime runtime in its own process (parallel_workers 0, no access log); KServe 0.21
 a kserve.Model with onnxruntime, logging at WARNING; both make their session as the agent does
 (one thread, no spinning; benchmarks/peers/). Rounds alternate between the servers, so drift on
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from model_runtime import json_codec
 from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
 from model_runtime.v2_json import encode_infer_request
-from tests.support.processes import Daemon, start_daemon
+from tests.support.processes import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -163,14 +164,26 @@ def start_kserve(stack: ExitStack, body: bytes) -> Server | None:
     return rest_server("KServe 0.21 REST", port, pid, body)
 
 
-def start_agent(stack: ExitStack, work: Path, name: str, env: dict[str, str]) -> Daemon:
-    def ready(d: Daemon) -> bool:
-        return httpx.get(f"http://{d.address('rest')}/v2/health/ready").status_code == 200
-
+def start_agent(
+    stack: ExitStack, work: Path, name: str, command: list[str] | None = None
+) -> Daemon:
+    """`edge-agent serve` (or `command serve`) on free ports, stopped when the stack closes."""
+    ports = work / f"{name}.ports.json"
     args = ["serve", "--port", "0", "--rest-port", "0", "--metrics-port", "0"]
-    args += ["--log-level", "WARNING", "--state-dir", str(work / name)]
-    agent = start_daemon("edge-agent", args, work / name, ready=ready, env=env)
+    args += ["--log-level", "WARNING", "--state-dir", str(work / name), "--port-file", str(ports)]
+    process = subprocess.Popen(
+        [*(command or [str(ROOT / ".venv" / "bin" / "edge-agent")]), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    agent = Daemon(process, {}, work / f"{name}.log")
     stack.callback(agent.stop)
+    deadline = time.monotonic() + 120
+    while not ports.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.1)
+    agent.ports = json.loads(ports.read_text())
     return agent
 
 
@@ -198,26 +211,24 @@ def main() -> None:
         raw_input_contents=[x.tobytes()],
     )
     work = Path(tempfile.mkdtemp(prefix="bench-rest-"))
-    # A package named httptools that cannot be imported: uvicorn then falls back to h11.
-    (work / "no-httptools" / "httptools").mkdir(parents=True)
-    (work / "no-httptools" / "httptools" / "__init__.py").write_text(
-        'raise ImportError("hidden by benchmarks/rest_path.py")\n'
-    )
     with ExitStack() as stack:
-        agent = start_agent(stack, work, "agent", {})
-        h11_agent = start_agent(
-            stack, work, "agent-h11", {"PYTHONPATH": str(work / "no-httptools")}
-        )
+        agent = start_agent(stack, work, "agent")
         servers = [
             grpc_server("agent gRPC", agent.address("grpc"), agent.process.pid, request),
             rest_server("agent REST", agent.ports["rest"], agent.process.pid, body),
-            rest_server("agent REST, h11", h11_agent.ports["rest"], h11_agent.process.pid, body),
         ]
+        if importlib.util.find_spec("httptools") is None:
+            print("skipping the httptools agent: httptools is missing (benchmarks/peers/setup.sh)")
+        else:
+            launcher = [sys.executable, str(PEERS / "agent_httptools.py")]
+            other = start_agent(stack, work, "agent-httptools", launcher)
+            servers.append(
+                rest_server("agent REST, httptools", other.ports["rest"], other.process.pid, body)
+            )
         servers += [s for s in (start_mlserver(stack, work, body), start_kserve(stack, body)) if s]
-        servers[1].run(1, 10)
-        servers[2].run(1, 10)
-        parsers = {"agent": _parser_of(agent.process.pid), "h11": _parser_of(h11_agent.process.pid)}
-        print(f"HTTP parsers loaded: agent {parsers['agent']}, second agent {parsers['h11']}")
+        for server in servers:
+            server.run(1, 10)
+        print("HTTP parsers:", {s.name: _parser_of(s.pid) for s in servers if "REST" in s.name})
 
         rows = []
         for concurrency in (1, 16):

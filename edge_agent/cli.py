@@ -36,7 +36,8 @@ def serve(
         bool | None, typer.Option(help="Serve v2 REST and the kiosk page too (default: on).")
     ] = None,
     rest_host: Annotated[
-        str | None, typer.Option(help="REST address; loopback only (default: 127.0.0.1).")
+        str | None,
+        typer.Option(help="REST address (default: 127.0.0.1); beyond it, as for --host."),
     ] = None,
     rest_port: Annotated[
         int | None, typer.Option(help="REST port; 0 picks one (default: 8002).")

@@ -13,4 +13,7 @@ if [ ! -x .venv-kserve/bin/python ] || ! .venv-kserve/bin/python -c 'import kser
   python3 -m venv .venv-kserve
   .venv-kserve/bin/pip install -q --disable-pip-version-check 'kserve==0.21.*' onnxruntime
 fi
-echo "peers ready: .venv-bench-mlserver, .venv-kserve"
+# httptools, for the agent variant of benchmarks/peers/agent_httptools.py (neither daemon uses
+# it: both name uvicorn's h11 protocol).
+.venv/bin/pip install -q --disable-pip-version-check httptools
+echo "peers ready: .venv-bench-mlserver, .venv-kserve, httptools in .venv"
