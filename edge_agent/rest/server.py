@@ -100,7 +100,7 @@ class RestServer:
         config = uvicorn.Config(
             app,
             # h11, which refuses a request head over 16 KiB; httptools would buffer any amount of
-            # headers (48 MB measured) before the app could refuse anything. It is also ~1.2x
+            # headers (48 MB measured) before the app could refuse anything. It is also 1.5-1.7x
             # faster (BENCHMARKS.md), which does not buy that back.
             http=_NamingH11Protocol,
             lifespan="off",
