@@ -265,13 +265,7 @@ class AgentSettings(LayeredSettings):
             raise ValueError("tls_cert_file and tls_key_file go together; give both or neither")
         if data.get("tls_client_ca_file") is not None and cert is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
-        authenticated = data.get("token_file") is not None or data.get("tls_client_ca_file")
-        if not is_loopback(value) and not authenticated and not data.get("insecure"):
-            raise ValueError(
-                f"{value} is beyond loopback: give token_file or tls_client_ca_file (mTLS) so "
-                "callers must authenticate, or insecure = true (--insecure) to let anyone who "
-                "can reach the port call it"
-            )
+        _authenticated_beyond_loopback_or_insecure(value, data)
         return value
 
     @field_validator("rest_host")
@@ -280,13 +274,7 @@ class AgentSettings(LayeredSettings):
         data = info.data
         if not data.get("rest_enabled", True):
             return value
-        authenticated = data.get("token_file") is not None or data.get("tls_client_ca_file")
-        if not is_loopback(value) and not authenticated and not data.get("insecure"):
-            raise ValueError(
-                f"{value} is beyond loopback: give token_file or tls_client_ca_file (mTLS) so "
-                "callers must authenticate, or insecure = true (--insecure) to let anyone who "
-                "can reach the port call it"
-            )
+        _authenticated_beyond_loopback_or_insecure(value, data)
         return value
 
     @field_validator("rest_cors_origins")
@@ -362,6 +350,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # another name: it may resolve to anything
+
+
+def _authenticated_beyond_loopback_or_insecure(host: str, data: dict[str, Any]) -> None:
+    """The rule of both APIs' addresses: beyond loopback, callers must authenticate."""
+    authenticated = data.get("token_file") is not None or data.get("tls_client_ca_file")
+    if not is_loopback(host) and not authenticated and not data.get("insecure"):
+        raise ValueError(
+            f"{host} is beyond loopback: give token_file or tls_client_ca_file (mTLS) so "
+            "callers must authenticate, or insecure = true (--insecure) to let anyone who "
+            "can reach the port call it"
+        )
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:

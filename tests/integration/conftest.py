@@ -54,6 +54,18 @@ def start_agent(
     )
 
 
+# Two callers' bearer tokens, and the token file that names them (token_file).
+TOKENS = {"kiosk-a": "a" * 8 + "0123456789abcdef", "kiosk-b": "b" * 8 + "0123456789abcdef"}
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text("".join(f"{name} {token}\n" for name, token in TOKENS.items()))
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One agent on the bundled demo repository, shared by a module's read-only tests."""

@@ -20,14 +20,18 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import HELDOUT
-from tests.integration.conftest import collect_stream, start_agent, start_agent_with_cloud
+from tests.integration.conftest import (
+    TOKENS,
+    collect_stream,
+    start_agent,
+    start_agent_with_cloud,
+)
 from tests.integration.gateway.helpers import Gateway
 from tests.integration.test_audit_agent import metric
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import BIN, Daemon, wait_until
 
 X = np.load(HELDOUT)["X"].astype(np.float32)
-TOKENS = {"kiosk-a": "a" * 8 + "0123456789abcdef", "kiosk-b": "b" * 8 + "0123456789abcdef"}
 
 
 def bearer(name: str) -> tuple[tuple[str, str], ...]:
@@ -41,14 +45,6 @@ def infer_request(i: int, **parameters: str) -> pb.ModelInferRequest:
     for key, value in parameters.items():
         request.parameters[key].string_param = value
     return request
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokens"
-    path.write_text("".join(f"{name} {token}\n" for name, token in TOKENS.items()))
-    path.chmod(0o600)
-    return path
 
 
 def ready_with(token: str) -> Callable[[Daemon], bool]:

@@ -207,10 +207,4 @@ def test_bad_requests_leave_threads_and_memory_unchanged(
                 with pytest.raises(grpc.RpcError):
                     stub.ModelInfer(make(), timeout=10)
 
-    burst()  # first touches allocate what any steady state needs
-    threads_before, rss_before = agent.threads_and_rss_kb()
-    for _ in range(3):
-        burst()
-    threads_after, rss_after = agent.threads_and_rss_kb()
-    assert threads_after == threads_before
-    assert rss_after - rss_before < 2048, f"RSS grew by {rss_after - rss_before} kB"
+    agent.assert_steady(burst)

@@ -78,6 +78,17 @@ class Daemon:
         assert rss_kb is not None
         return int(threads.group(1)), int(rss_kb.group(1))
 
+    def assert_steady(self, burst: Callable[[], None]) -> None:
+        """After a first `burst` (which allocates what any steady state needs), three more
+        leave the process's thread count as it was and its memory within 2 MB."""
+        burst()
+        threads_before, rss_before = self.threads_and_rss_kb()
+        for _ in range(3):
+            burst()
+        threads_after, rss_after = self.threads_and_rss_kb()
+        assert threads_after == threads_before
+        assert rss_after - rss_before < 2048, f"RSS grew by {rss_after - rss_before} kB"
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send `sig` and wait for the exit code."""
         if self.process.poll() is None:

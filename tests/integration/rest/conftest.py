@@ -1,4 +1,4 @@
-"""Fixtures of the REST transport's tests: an HTTP client of the module's agent."""
+"""Fixtures of the REST transport's tests: an HTTP client of the agent."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from tests.support.processes import Daemon
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rest(agent: Daemon) -> Iterator[httpx.Client]:
+    """A client of the test's agent: the module's, or one a module starts per test."""
     with httpx.Client(base_url=f"http://{agent.address('rest')}", timeout=30) as client:
         yield client

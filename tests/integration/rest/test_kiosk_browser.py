@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -23,6 +22,7 @@ from edge_agent.rest import KIOSK_DIR
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY
 from tests.integration.conftest import start_agent, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
+from tests.integration.rest.helpers import rest_ready
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
 
@@ -78,11 +78,6 @@ def classify(page: Any) -> np.ndarray:
         page.click("#classify")
     values = json.loads(sent.value.post_data)["inputs"][0]["data"]
     return np.asarray(values, dtype=np.float32).reshape(1, 64)
-
-
-def rest_ready(agent: Daemon) -> bool:
-    """Health needs no token, whatever the agent asks of other calls."""
-    return httpx.get(f"http://{agent.address('rest')}/v2/health/ready").status_code == 200
 
 
 @pytest.mark.parametrize("token", [None, "kiosk-token-0123456789abcdef"], ids=["open", "token"])

@@ -15,30 +15,16 @@ import httpx
 import pytest
 import trustme
 
-from tests.integration.conftest import start_agent_with_cloud
+from tests.integration.conftest import TOKENS, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
-from tests.integration.rest.helpers import X, body
+from tests.integration.rest.helpers import X, body, rest_ready
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, start_daemon, wait_until
 from tests.support.sse import EventStream
 
-TOKENS = {"kiosk-a": "a" * 8 + "0123456789abcdef", "kiosk-b": "b" * 8 + "0123456789abcdef"}
-
 
 def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[name]}"}
-
-
-def rest_ready(agent: Daemon) -> bool:
-    return httpx.get(f"http://{agent.address('rest')}/v2/health/ready").status_code == 200
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokens"
-    path.write_text("".join(f"{name} {token}\n" for name, token in TOKENS.items()))
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture
@@ -56,12 +42,6 @@ def agent(
     )
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def rest(agent: Daemon) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://{agent.address('rest')}", timeout=30) as client:
-        yield client
 
 
 def test_every_call_but_health_and_the_page_needs_a_known_token(

@@ -201,13 +201,7 @@ def test_bad_requests_leave_threads_and_memory_unchanged(agent: Daemon, rest: ht
             for _ in range(20):
                 assert make().send(rest).status_code == status
 
-    burst()  # first touches allocate what any steady state needs
-    threads_before, rss_before = agent.threads_and_rss_kb()
-    for _ in range(3):
-        burst()
-    threads_after, rss_after = agent.threads_and_rss_kb()
-    assert threads_after == threads_before
-    assert rss_after - rss_before < 2048, f"RSS grew by {rss_after - rss_before} kB"
+    agent.assert_steady(burst)
 
 
 def test_an_endless_request_head_is_cut_off(agent: Daemon, rest: httpx.Client) -> None:

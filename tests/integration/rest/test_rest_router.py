@@ -39,12 +39,6 @@ def agent(tmp_path: Path, gateway: Gateway, proxy: FaultProxy) -> Iterator[Daemo
     daemon.stop()
 
 
-@pytest.fixture
-def rest(agent: Daemon) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://{agent.address('rest')}", timeout=30) as client:
-        yield client
-
-
 def status(rest: httpx.Client) -> dict[str, Any]:
     answer = rest.get("/router/v1/status")
     assert answer.status_code == 200
