@@ -32,8 +32,9 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="gRPC port; 0 picks one (default: 8001).")
     ] = None,
-    rest: Annotated[
-        bool | None, typer.Option(help="Serve v2 REST and the kiosk page too (default: on).")
+    rest_enabled: Annotated[
+        bool | None,
+        typer.Option("--rest/--no-rest", help="Serve v2 REST and the kiosk page (default: on)."),
     ] = None,
     rest_host: Annotated[
         str | None,
@@ -42,9 +43,12 @@ def serve(
     rest_port: Annotated[
         int | None, typer.Option(help="REST port; 0 picks one (default: 8002).")
     ] = None,
-    rest_cors_origin: Annotated[
+    rest_cors_origins: Annotated[
         list[str] | None,
-        typer.Option(help="A web origin whose pages may call the REST API; repeat for more."),
+        typer.Option(
+            "--rest-cors-origin",
+            help="A web origin whose pages may call the REST API; repeat for more.",
+        ),
     ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
     metrics_port: Annotated[
@@ -120,10 +124,10 @@ def serve(
             model_repository=model_repository,
             host=host,
             port=port,
-            rest_enabled=rest,
+            rest_enabled=rest_enabled,
             rest_host=rest_host,
             rest_port=rest_port,
-            rest_cors_origins=rest_cors_origin or None,
+            rest_cors_origins=rest_cors_origins or None,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
             onnx_threads=onnx_threads,
