@@ -17,9 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 __all__ = ["Daemon", "start_daemon", "wait_until"]
 
 BIN = Path(sys.executable).parent
@@ -58,16 +55,6 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`, from its /metrics port."""
-        text = httpx.get(f"http://{self.address('metrics')}/metrics", timeout=10).text
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
 
     def threads_and_rss_kb(self) -> tuple[int, int]:
         """The process's thread count and resident memory in kB, from /proc (Linux)."""

@@ -20,7 +20,7 @@ import pytest
 
 from edge_agent.rest import KIOSK_DIR
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY
-from tests.integration.conftest import start_agent, start_agent_with_cloud
+from tests.integration.conftest import agent_metric, start_agent, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
 from tests.integration.rest.helpers import rest_ready
 from tests.support.fault_proxy import FaultProxy
@@ -152,13 +152,13 @@ def test_a_page_from_an_allowed_origin_may_call_the_agent(
         allowing.stop()
 
     # The agent of the module allows no origin: the browser gets nothing it may read.
-    refused_before = agent.metric("edge_agent_http_requests_total", code="403")
+    refused_before = agent_metric(agent, "edge_agent_http_requests_total", code="403")
     page.goto(f"{elsewhere}/index.html?agent=http://{agent.address('rest')}")
     draw_a_seven(page)
     page.click("#classify")
     playwright.expect(page.locator("#result")).to_have_attribute("data-state", "error")
     playwright.expect(page.locator("#source")).to_contain_text("The agent did not answer")
     wait_until(
-        lambda: agent.metric("edge_agent_http_requests_total", code="403") > refused_before,
+        lambda: agent_metric(agent, "edge_agent_http_requests_total", code="403") > refused_before,
         what="the refusal counted",
     )

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trustme
 
-from tests.integration.conftest import TOKENS, start_agent_with_cloud
+from tests.integration.conftest import TOKENS, agent_metric, start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
 from tests.integration.rest.helpers import X, body, rest_ready
 from tests.support.fault_proxy import FaultProxy
@@ -58,13 +58,13 @@ def test_every_call_but_health_and_the_page_needs_a_known_token(
         ({"Authorization": "Bearer " + "x" * 24}, "unknown", 'error="invalid_token"'),
         ({"Authorization": "Basic dXNlcjpwdw=="}, "malformed", 'error="invalid_token"'),
     ):
-        before = agent.metric("edge_agent_auth_failures_total", reason=reason)
+        before = agent_metric(agent, "edge_agent_auth_failures_total", reason=reason)
         for call in calls:
             refused = call(headers)
             assert refused.status_code == 401, reason
             assert challenge in refused.headers["www-authenticate"]
             assert refused.json()["error"]
-        assert agent.metric("edge_agent_auth_failures_total", reason=reason) == before + 4
+        assert agent_metric(agent, "edge_agent_auth_failures_total", reason=reason) == before + 4
     # Probes and the page itself carry no token.
     assert rest.get("/v2/health/ready").status_code == 200
     assert rest.get("/kiosk/").status_code == 200

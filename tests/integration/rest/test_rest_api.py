@@ -14,6 +14,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from model_runtime.demo import EDGE_REPOSITORY, HELDOUT, MODEL_CARD
+from tests.integration.conftest import agent_metric
 from tests.integration.rest.helpers import X, body
 from tests.support.processes import Daemon
 
@@ -148,11 +149,11 @@ def test_the_kiosk_page_is_served(rest: httpx.Client) -> None:
 
 def test_rest_calls_are_counted_beside_grpc(agent: Daemon, rest: httpx.Client) -> None:
     labels = {"endpoint": "infer", "model": "digits", "code": "200"}
-    before = agent.metric("edge_agent_http_requests_total", **labels)
-    latencies = agent.metric("edge_agent_request_duration_seconds_count", model="digits")
+    before = agent_metric(agent, "edge_agent_http_requests_total", **labels)
+    latencies = agent_metric(agent, "edge_agent_request_duration_seconds_count", model="digits")
     rest.post("/v2/models/digits/infer", json=body(X[:2]))
-    assert agent.metric("edge_agent_http_requests_total", **labels) == before + 1
-    assert agent.metric("edge_agent_request_duration_seconds_count", model="digits") == (
+    assert agent_metric(agent, "edge_agent_http_requests_total", **labels) == before + 1
+    assert agent_metric(agent, "edge_agent_request_duration_seconds_count", model="digits") == (
         latencies + 1
     )
-    assert agent.metric("edge_agent_requests_in_flight") == 0
+    assert agent_metric(agent, "edge_agent_requests_in_flight") == 0

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.integration.conftest import agent_metric
 from tests.integration.rest.helpers import X, body
 from tests.support.processes import Daemon
 
@@ -164,18 +165,21 @@ def test_bad_request_is_refused_clearly_and_counted(
     make, status, words, reason = CASES[case]
     model = "unknown" if case == "unknown model" else "digits"
     labels = {"code": str(status), "endpoint": "infer", "model": model}
-    before = agent.metric("edge_agent_http_requests_total", **labels)
+    before = agent_metric(agent, "edge_agent_http_requests_total", **labels)
     invalid = {"model": "digits", "reason": reason or ""}
-    invalid_before = agent.metric("edge_agent_invalid_requests_total", **invalid)
+    invalid_before = agent_metric(agent, "edge_agent_invalid_requests_total", **invalid)
 
     response = make().send(rest)
 
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
     assert words in response.json()["error"]
-    assert agent.metric("edge_agent_http_requests_total", **labels) == before + 1
+    assert agent_metric(agent, "edge_agent_http_requests_total", **labels) == before + 1
     if reason is not None:
-        assert agent.metric("edge_agent_invalid_requests_total", **invalid) == invalid_before + 1
+        assert (
+            agent_metric(agent, "edge_agent_invalid_requests_total", **invalid)
+            == invalid_before + 1
+        )
     # and the agent goes on answering
     ok = rest.post("/v2/models/digits/infer", json=body(X[:1]))
     assert ok.status_code == 200

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import start_agent
+from tests.integration.conftest import agent_metric, start_agent
 from tests.integration.rest.helpers import X, body
 from tests.support.processes import BIN, Daemon
 
@@ -32,7 +32,7 @@ def open_to_kiosk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def items(agent: Daemon) -> float:
-    return agent.metric("edge_agent_items_total", model="digits")
+    return agent_metric(agent, "edge_agent_items_total", model="digits")
 
 
 def test_pages_from_other_origins_are_refused_by_default(agent: Daemon, rest: httpx.Client) -> None:
