@@ -36,6 +36,7 @@ from cloud_gateway.keys import KeyStore
 from cloud_gateway.limits import BodyLimits, InFlight, RateLimiter
 from cloud_gateway.metrics import GatewayMetrics, RequestMetricsMiddleware
 from cloud_gateway.offload import Offloader
+from cloud_gateway.openapi import DocumentLimits, openapi_document
 from cloud_gateway.rate_limit import DeviceRateLimiter, RedisRateLimiter
 from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
@@ -116,6 +117,15 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
     service = GatewayService(
         backend, guard, metrics, max_answer_bytes=settings.max_answer_bytes, offloader=offloader
     )
+    document = openapi_document(
+        backend.served_models(),
+        DocumentLimits(
+            min(settings.max_body_bytes, settings.max_decompressed_bytes),
+            settings.max_items_per_request,
+            settings.max_tensor_elements,
+            settings.max_answer_bytes,
+        ),
+    )
     routes = V2Routes(
         service,
         Authenticator(keys, cache_s=settings.key_cache_s),
@@ -125,6 +135,7 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
         tensor_limits=TensorLimits(settings.max_items_per_request, settings.max_tensor_elements),
         in_flight=InFlight(settings.max_in_flight_per_device, settings.max_in_flight),
         offloader=offloader,
+        openapi=document,
     )
 
     connections = ConnectionGuard(

@@ -17,7 +17,7 @@ GatewayError
 
 The errors carry facts (a reason, a retry delay), never status codes: `http_error` maps them,
 with model_runtime's errors (ModelNotFound, InvalidInput, RequestTooLarge, LimitExceeded,
-UnsupportedEncoding), by type.
+UnsupportedEncoding, OutputNotFinite), by type.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from model_runtime import (
     LimitExceeded,
     ModelError,
     ModelNotFound,
+    OutputNotFinite,
     RequestTooLarge,
     UnsupportedEncoding,
 )
@@ -198,6 +199,9 @@ _TABLE: dict[type[Exception], tuple[int, _Headers]] = {
     LimitExceeded: (413, None),
     UnsupportedEncoding: (415, None),
     IdempotencyKeyReused: (422, None),
+    # The request is well formed, but the model cannot answer it in JSON: the device's
+    # forwarder ends such a ticket as rejected rather than sending it again and again.
+    OutputNotFinite: (422, None),
     RateLimited: (429, _retry_header),
     DeviceBusy: (429, _retry_header),
     Overloaded: (503, _retry_header),

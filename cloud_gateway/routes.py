@@ -6,6 +6,7 @@ a v2 error body through the single table in errors.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from importlib.metadata import PackageNotFoundError, version
@@ -59,6 +60,7 @@ class V2Routes:
         tensor_limits: TensorLimits | None = None,
         in_flight: InFlight | None = None,
         offloader: Offloader | None = None,
+        openapi: dict[str, Any] | None = None,
     ) -> None:
         self._service = service
         self._auth = authenticator
@@ -68,6 +70,7 @@ class V2Routes:
         self._tensor_limits = tensor_limits
         self._in_flight = in_flight or InFlight(per_device=2**31, total=2**31)
         self._offload = offloader or Offloader()
+        self._openapi = json.dumps(openapi or {}, separators=(",", ":")).encode()
 
     def routes(self) -> list[Route]:
         model = "/v2/models/{name}"
@@ -79,6 +82,7 @@ class V2Routes:
             Route("/v2/health/live", self.live, name="health_live"),
             Route("/v2/health/ready", self.ready, name="health_ready"),
             Route("/v2", self.server_metadata, name="server_metadata"),
+            Route("/openapi.json", self.openapi, name="openapi"),
             Route(model, self.model_metadata, name="model_metadata"),
             Route(versioned, self.model_metadata, name="model_metadata"),
             Route(f"{model}/ready", self.model_ready, name="model_ready"),
@@ -107,6 +111,10 @@ class V2Routes:
     async def ready(self, request: Request) -> Response:
         ready = await self._service.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        # Open, like the health checks: it describes the API and the limits, never a key.
+        return Response(self._openapi, media_type="application/json")
 
     # -- authenticated endpoints ---------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cloud_gateway.backends.base import Backend
 from cloud_gateway.errors import (
     IdempotencyInProgress,
@@ -23,7 +25,7 @@ from cloud_gateway.errors import (
 from cloud_gateway.idempotency import IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.offload import JSON_BYTES_PER_VALUE, Offloader
-from model_runtime import InvalidInput, LimitExceeded, json_codec
+from model_runtime import InvalidInput, LimitExceeded, OutputNotFinite, json_codec
 from model_runtime.v2_json import (
     InferRequest,
     ModelSignature,
@@ -184,6 +186,10 @@ class GatewayService:
             raise
         m = self._metrics
         label = self.backend.model_label(name)  # upstream mode learns names from answers
+        for output, array in response.outputs.items():
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                m.child(m.model_runs, label, "not_finite").inc()
+                raise OutputNotFinite(response.model_name, output)
         m.child(m.model_runs, label, "ok").inc()
         m.child(m.model_run_duration, label).observe(self._monotonic() - start)
 

@@ -7,6 +7,7 @@ from model_runtime.errors import (
     ModelError,
     ModelLoadError,
     ModelNotFound,
+    OutputNotFinite,
     RequestTooLarge,
     UnsupportedEncoding,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ModelRepository",
     "OnnxModel",
     "OutputKind",
+    "OutputNotFinite",
     "Prediction",
     "RequestTooLarge",
     "TensorSpec",

@@ -6,7 +6,8 @@ ModelError
 ├── InvalidInput         a request's tensors do not fit the model's metadata
 ├── RequestTooLarge      a request is over the configured size limit
 ├── LimitExceeded        a request would cause more work than a configured limit allows
-└── UnsupportedEncoding  a request body in a Content-Encoding other than gzip or identity
+├── UnsupportedEncoding  a request body in a Content-Encoding other than gzip or identity
+└── OutputNotFinite      the model answered NaN or infinity, which a v2 JSON body cannot hold
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ModelNotFound",
+    "OutputNotFinite",
     "RequestTooLarge",
     "UnsupportedEncoding",
 ]
@@ -95,3 +97,17 @@ class UnsupportedEncoding(ModelError):
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         super().__init__(f"Content-Encoding '{encoding}' is not supported; use gzip or none")
+
+
+class OutputNotFinite(ModelError):
+    """The model's answer to a request holds NaN or infinity: finite inputs far outside what it
+    was trained on (a pixel of 4e28) can overflow it. JSON has no such numbers, and a NaN
+    probability is no answer, so the request is refused rather than answered."""
+
+    def __init__(self, model: str, output: str) -> None:
+        self.model = model
+        self.output = output
+        super().__init__(
+            f"model '{model}' answered NaN or infinity in output '{output}' for these inputs; "
+            "check that their values are in the range the model expects"
+        )

@@ -363,14 +363,25 @@ def read_infer_request(body: object) -> RequestBody:
     """
     request = _object(body, "body")
     request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
+    if "id" in request and not isinstance(request_id, str):  # null too: absent is the way
         raise InvalidInput("id", f"must be a string, got {_json_type(request_id)}")
-    parameters = _parameters(request.get("parameters"), "parameters")
-    inputs = tuple(
-        _read_tensor(raw, f"inputs[{i}]")
-        for i, raw in enumerate(_list(request.get("inputs"), "inputs"))
-    )
-    return RequestBody(inputs, request_id, parameters, _output_names(request.get("outputs")))
+    parameters = _request_parameters(request, "parameters")
+    inputs = []
+    for i, raw in enumerate(_list(request.get("inputs"), "inputs")):
+        tensor = _read_tensor(raw, f"inputs[{i}]")
+        # A request's tensors' parameters are held to the rules of the request's own.
+        _request_parameters(raw, f"{tensor.name}.parameters")
+        inputs.append(tensor)
+    if "outputs" in request and request["outputs"] is None:
+        raise InvalidInput("outputs", "must be a JSON array, got null (leave it out for all)")
+    return RequestBody(tuple(inputs), request_id, parameters, _output_names(request.get("outputs")))
+
+
+def _request_parameters(container: Mapping[str, Any], where: str) -> Parameters:
+    """A request's `parameters` where it may have them: absent is none, null is refused."""
+    if "parameters" not in container:
+        return {}
+    return _parameters(_object(container["parameters"], where), where)
 
 
 def decode_infer_request(
@@ -407,10 +418,12 @@ def decode_infer_request(
 def _output_names(value: object) -> tuple[str, ...] | None:
     if value is None:
         return None
-    return tuple(
-        _string(_object(raw, f"outputs[{i}]").get("name"), f"outputs[{i}].name")
-        for i, raw in enumerate(_list(value, "outputs"))
-    )
+    names = []
+    for i, raw in enumerate(_list(value, "outputs")):
+        output = _object(raw, f"outputs[{i}]")
+        names.append(_string(output.get("name"), f"outputs[{i}].name"))
+        _request_parameters(output, f"outputs[{i}].parameters")
+    return tuple(names)
 
 
 def _check_outputs(names: tuple[str, ...] | None, model: ModelSignature | None) -> None:

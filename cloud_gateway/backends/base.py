@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model_runtime.v2_json import InferRequest, InferResponse, ModelSignature
+
+if TYPE_CHECKING:
+    from cloud_gateway.openapi import ServedModel
 
 __all__ = ["Backend"]
 
@@ -38,3 +41,7 @@ class Backend(Protocol):
 
     def model_label(self, name: str) -> str:
         """A bounded metrics label for a model name taken from a URL."""
+
+    def served_models(self) -> list[ServedModel] | None:
+        """The models served and their signatures, for the OpenAPI document; None when only
+        another server knows them (upstream mode)."""

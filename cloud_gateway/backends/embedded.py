@@ -19,6 +19,7 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
+from cloud_gateway.openapi import ServedModel
 from model_runtime import ModelRepository, OnnxModel
 from model_runtime.v2_json import InferRequest, InferResponse, ModelSignature, model_metadata
 
@@ -93,6 +94,14 @@ class EmbeddedBackend:
 
     def model_label(self, name: str) -> str:
         return name if name in self._names else OTHER_MODEL
+
+    def served_models(self) -> list[ServedModel]:
+        served = []
+        for name in sorted(self._names):
+            newest = self._repository.get(name)
+            versions = self._repository.versions(name)
+            served.append(ServedModel(name, versions, newest.inputs, newest.outputs))
+        return served
 
     def model(self, name: str, version: str = "") -> OnnxModel:
         return self._repository.get(name, version)

@@ -177,6 +177,9 @@ class UpstreamBackend:
             self._labels.add(name)
         return decoded
 
+    def served_models(self) -> None:
+        return None
+
     def model_label(self, name: str) -> str:
         return name if name in self._labels else OTHER_MODEL
 

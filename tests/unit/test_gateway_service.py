@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cloud_gateway.backends import EmbeddedBackend
-from cloud_gateway.errors import UpstreamTimeout
+from cloud_gateway.errors import UpstreamTimeout, http_error
 from cloud_gateway.idempotency import IdempotencyGuard, SqliteIdempotencyStore
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.service import GatewayService, check_idempotency_key
-from model_runtime import InvalidInput, ModelRepository
+from model_runtime import InvalidInput, ModelRepository, OutputNotFinite
 from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
 from model_runtime.v2_json import InferRequest, InferResponse, decode_infer_request
 
@@ -121,3 +121,33 @@ def test_usual_idempotency_keys_pass() -> None:
     assert check_idempotency_key(None) is None
     for key in ["0b1c5a8e-3f7d-4c1e-9a2b-6d5e4f3a2b1c", "site-7:queue:1234", "x" * 255]:
         assert check_idempotency_key(key) == key
+
+
+class _NanBackend(EmbeddedBackend):
+    """The real model's answer with one value made NaN, as finite inputs far outside its
+    training range make it (FP32 pixels of 3e38 overflow its softmax)."""
+
+    async def infer(self, name: str, version: str, request: InferRequest) -> InferResponse:
+        answer = await super().infer(name, version, request)
+        probabilities = answer.outputs["probabilities"].copy()
+        probabilities[0, 0] = np.nan
+        return InferResponse(
+            answer.model_name, {**answer.outputs, "probabilities": probabilities}, "1", answer.id
+        )
+
+
+async def test_an_answer_with_nan_is_refused_and_counted_not_stored(tmp_path: Path) -> None:
+    # Found by the gateway's schema fuzzing (issue 13): encoding the answer raised ValueError,
+    # a 500 whose traceback closed the connection.
+    parts = Parts(tmp_path, _NanBackend(REPOSITORY))
+    decoded, body = request()
+    for _ in range(2):  # nothing is stored: a repeat runs (and is refused) again
+        with pytest.raises(OutputNotFinite) as err:
+            await parts.service.infer(
+                "clinic-1", "digits-large", "", decoded, body=body, idempotency_key="nan"
+            )
+    assert "'probabilities'" in str(err.value)
+    assert http_error(err.value).status == 422
+    labels = {"model": "digits-large"}
+    assert parts.metric("cloud_gateway_model_runs_total", **labels, outcome="not_finite") == 2
+    assert parts.metric("cloud_gateway_model_runs_total", **labels, outcome="ok") == 0

@@ -160,6 +160,18 @@ def test_without_a_signature_only_the_form_is_checked() -> None:
         ({"parameters": {"p": {"a": 1}}, "inputs": [x_tensor()]}, "parameters.p", "string"),
         ({"inputs": [x_tensor()], "outputs": [{"name": "logits"}]}, "outputs[0]", "not an output"),
         ({"inputs": [x_tensor()], "outputs": [{}]}, "outputs[0].name", "string"),
+        # Found by the gateway's schema fuzzing (issue 13): these were accepted as if absent,
+        # or with their parameters unread.
+        ({"id": None, "inputs": [x_tensor()]}, "id", "null"),
+        ({"parameters": None, "inputs": [x_tensor()]}, "parameters", "null"),
+        ({"inputs": [x_tensor()], "outputs": None}, "outputs", "null"),
+        ({"inputs": [{**x_tensor(), "parameters": {"p": []}}]}, "X.parameters.p", "string"),
+        ({"inputs": [{**x_tensor(), "parameters": None}]}, "X.parameters", "null"),
+        (
+            {"inputs": [x_tensor()], "outputs": [{"name": "label", "parameters": {"q": None}}]},
+            "outputs[0].parameters.q",
+            "string",
+        ),
     ],
 )
 def test_malformed_requests_name_the_field(
