@@ -18,7 +18,9 @@ stored sealed (model_runtime.encryption), bound to their ticket; the cap counts 
 
 Disk cap: a waiting item is accounted as its payload + ROW_OVERHEAD_BYTES (columns, index
 entries, page slack), a finished one as its result (its payload is freed; the few dozen bytes of
-its row are left out, bounded by the retention that `purge` enforces). An enqueue that would take
+its row are left out, bounded by the retention that `purge` enforces). An answer larger than its
+request that would take the total over the cap deletes the oldest ended items first (early, as
+`purge` would later), or is not kept if even that cannot make room (the item says so). An enqueue that would take
 the total over `cap_bytes` is refused (QueueFull) under `refuse`; under `drop_oldest_lowest`
 pending items of the same or a less urgent level are dropped, least urgent first, oldest first
 within a level, until it fits (if they cannot make room, it is refused).
@@ -82,6 +84,7 @@ _INSERT = (
 )
 _TO_PENDING = "UPDATE items SET state = 'pending', attempts = attempts + 1, lease_until = NULL"
 _REFUSED = "admission_rejected"
+_EVICTED = "results_evicted"
 
 
 class FullPolicy(StrEnum):
@@ -402,9 +405,43 @@ class DurableQueue:
         if row[2] in END_STATES:
             return False
         changes = _Changes()
+        if result is not None and self.cap_bytes is not None:
+            result, error = self._make_room(conn, row, result, changes)
         self._finish(conn, [row], state, self.clock.wall(), changes, result, error)
         self._apply(conn, changes)
         return True
+
+    def _make_room(
+        self, conn: sqlite3.Connection, row: Any, result: bytes, changes: _Changes
+    ) -> tuple[bytes | None, str | None]:
+        """Room under the cap for an answer larger than its item's request: the oldest ended
+        items are deleted early (their tickets read as unknown, as after `purge`). An answer
+        that cannot fit even so is not kept, and the item says why."""
+        assert self.cap_bytes is not None
+        over = self._used + len(result) - row[_PAYLOAD_BYTES] - ROW_OVERHEAD_BYTES - self.cap_bytes
+        if over <= 0:
+            return result, None
+        freed, gone = 0, []
+        for seq, size in conn.execute(
+            "SELECT seq, result_bytes FROM items WHERE finished_at IS NOT NULL AND seq != ?"
+            " ORDER BY finished_at, seq",
+            (row[_SEQ],),
+        ):
+            if freed >= over:
+                break
+            gone.append(seq)
+            freed += size
+        if freed < over:
+            return (
+                None,
+                f"delivered, but the answer ({len(result)} bytes) was not kept: it does not fit under the queue's cap_bytes",
+            )
+        conn.execute(
+            "DELETE FROM items WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(gone),)
+        )
+        changes.used -= freed
+        changes.counts[_EVICTED] = changes.counts.get(_EVICTED, 0) + len(gone)
+        return result, None
 
     async def release(self, ticket: str, error: str) -> bool:
         """Put an in-flight item back to pending after a failed attempt; False if not in flight."""
@@ -600,6 +637,7 @@ class DurableQueue:
                 oldest_pending_age_s=None if oldest is None else self.clock.wall() - oldest,
                 ended={s.value: self._counts.get(s.value, 0) for s in ItemState if s in END_STATES},
                 admission_rejected=self._counts.get(_REFUSED, 0),
+                results_evicted=self._counts.get(_EVICTED, 0),
                 commits=self._worker.commits,
             )
 

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.breaker import BreakerState
@@ -82,6 +82,7 @@ class StateReadings:
     oldest_enqueued_at: float | None = None
     """Wall time of the oldest waiting item; its age is taken at scrape time."""
     budget: tuple[PeriodUsage, ...] = ()
+    results_evicted: int = 0
 
     @classmethod
     def of(
@@ -101,6 +102,7 @@ class StateReadings:
             queue_cap_bytes=stats.cap_bytes,
             oldest_enqueued_at=stats.oldest_enqueued_at,
             budget=tuple(budget),
+            results_evicted=stats.results_evicted,
         )
 
     def with_link(self, link: LinkSnapshot) -> StateReadings:
@@ -389,6 +391,11 @@ class _StateCollector(Collector):
             depth.add_metric([str(p)], float(n))
         yield depth
         yield _gauge("queue_used_bytes", "Disk the queue accounts for.", float(r.queue_used_bytes))
+        yield CounterMetricFamily(
+            f"{NS}_queue_results_evicted_items",
+            "Ended items deleted before their retention, to keep a larger answer under the cap.",
+            value=float(r.results_evicted),
+        )
         if r.queue_cap_bytes is not None:
             yield _gauge("queue_cap_bytes", "The queue's disk cap.", float(r.queue_cap_bytes))
         age = 0.0 if r.oldest_enqueued_at is None else max(0.0, self._wall() - r.oldest_enqueued_at)

@@ -130,3 +130,5 @@ class QueueStats:
     admission_rejected: int
     """Enqueues refused at the disk cap (QueueFull) since the queue file was created."""
     commits: int
+    results_evicted: int = 0
+    """Ended items deleted before their retention to keep a larger answer under the cap."""

@@ -718,3 +718,46 @@ async def test_stats_report_depth_bytes_and_age(queue: DurableQueue, clock: Fake
     assert stats.oldest_pending_age_s == 40
     assert stats.used_bytes == 600 + 3 * ROW_OVERHEAD_BYTES
     assert stats.file_bytes > 0
+
+
+async def test_a_large_answer_makes_room_under_the_cap_by_ending_old_results_early(
+    path: Path, clock: FakeClock
+) -> None:
+    # Found by tests/unit/test_durable_queue_model.py (issue 13): an answer larger than its
+    # request took the queue's accounted bytes over cap_bytes.
+    q = await DurableQueue.open(path, clock=clock, cap_bytes=2000, ageing_s=None)
+    try:
+        for ticket in ("old", "new", "big"):
+            await put(q, ticket, size=10)
+        for ticket, answer in (("old", 600), ("new", 600)):
+            await q.claim_batch(1, 100)
+            assert await q.mark_delivered(ticket, b"a" * answer)
+            clock.advance(1)
+        await q.claim_batch(1, 100)
+        assert await q.mark_delivered("big", b"b" * 1000)  # 600 + 600 + 1000 > 2000
+        assert q.used_bytes <= 2000
+        with pytest.raises(TicketNotFound):
+            await q.get("old")  # the oldest ended item went first, as a purge would take it
+        assert (await q.get("new")).result == b"a" * 600
+        assert (await q.get("big")).result == b"b" * 1000
+        assert (await q.stats()).results_evicted == 1
+    finally:
+        await q.close()
+
+
+async def test_an_answer_that_cannot_fit_under_the_cap_is_not_kept_and_says_so(
+    path: Path, clock: FakeClock
+) -> None:
+    q = await DurableQueue.open(path, clock=clock, cap_bytes=1500, ageing_s=None)
+    try:
+        await put(q, "t", size=0)
+        await q.claim_batch(1, 100)
+        assert await q.mark_delivered("t", b"r" * 1501)
+        status = await q.get("t")
+        assert status.state is ItemState.DELIVERED
+        assert status.result is None
+        assert status.last_error is not None
+        assert "was not kept" in status.last_error
+        assert q.used_bytes <= 1500
+    finally:
+        await q.close()
