@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.fault_proxy import FaultProxy
+from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase
 from tests.support.processes import wait_until
 
 
@@ -164,3 +164,106 @@ def test_refuse_stops_listening_and_restore_listens_on_the_same_port(proxy: Faul
     assert proxy.port == port
     with connect(proxy) as sock:
         assert round_trip(sock, b"back") == b"back"
+
+
+def http_request(key: str, body: bytes = b"x" * 100) -> bytes:
+    head = f"POST /infer HTTP/1.1\r\nHost: t\r\nIdempotency-Key: {key}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def read_all(sock: socket.socket) -> tuple[bytes, type[BaseException] | None]:
+    """Everything the socket gives until its end, and how it ended (None: a clean FIN)."""
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except OSError as exc:
+        return got, type(exc)
+    return got, None
+
+
+def test_requests_are_logged_with_their_keys_and_one_byte_slices_arrive_whole(
+    proxy: FaultProxy,
+) -> None:
+    proxy.slice(1)
+    with connect(proxy) as sock:
+        for key in ("a-1", "b-2"):
+            data = http_request(key)
+            assert round_trip(sock, data) == data
+    assert [(r.key, r.method, r.path, r.connection) for r in proxy.requests] == [
+        ("a-1", "POST", "/infer", 1),
+        ("b-2", "POST", "/infer", 1),
+    ]
+
+
+def test_a_reset_mid_request_delivers_half_of_it_then_resets(proxy: FaultProxy) -> None:
+    proxy.on(ConnectionFault.RESET, Phase.REQUEST)
+    data = http_request("k", b"y" * 1000)
+    with connect(proxy) as sock:
+        sock.sendall(data)
+        got, ended = read_all(sock)
+    assert ended is ConnectionResetError
+    assert got == b""  # reset before the echo could come back
+    assert 0 < proxy.bytes_to_target < len(data)  # about half went through
+    assert proxy.hits == [("reset", Phase.REQUEST, "k")]
+
+
+def test_cut_downstream_mid_response_resets_the_client_only_after_part_of_the_answer(
+    proxy: FaultProxy,
+) -> None:
+    proxy.on("cut_downstream", "response")
+    data = http_request("k")
+    with connect(proxy) as sock:
+        sock.sendall(data)
+        got, ended = read_all(sock)
+    assert ended is ConnectionResetError
+    assert 0 < len(got) < len(data)
+    proxy.restore()
+    with connect(proxy) as sock:
+        assert round_trip(sock, data) == data
+
+
+def test_slow_close_holds_then_closes_cleanly(proxy: FaultProxy) -> None:
+    proxy.close_delay_s = 0.3
+    proxy.on(ConnectionFault.SLOW_CLOSE, Phase.CONNECT)
+    with connect(proxy) as sock:
+        sock.sendall(http_request("k"))
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # a FIN, not a reset, and nothing before it
+        assert time.monotonic() - start >= 0.25
+
+
+def test_a_link_fault_armed_for_a_phase_starts_there(proxy: FaultProxy) -> None:
+    proxy.at(Phase.REQUEST, "black_hole")
+    data = http_request("k", b"z" * 1000)
+    with connect(proxy, timeout=0.5) as sock:
+        sock.sendall(data)
+        got, ended = read_all(sock)
+        assert ended is TimeoutError
+        assert got == b""  # the echo of the first half is held on its way back
+        assert 0 < proxy.bytes_to_target < len(data)  # half went through before the hole
+        proxy.restore()
+        sock.settimeout(5)
+        while len(got) < len(data):
+            got += sock.recv(65536)
+    assert got == data
+
+
+def test_flapping_cuts_and_restores_in_turn(proxy: FaultProxy) -> None:
+    proxy.flap(0.2)
+
+    def answers() -> bool:
+        try:
+            with connect(proxy, timeout=0.5) as sock:
+                return round_trip(sock, b"ping") == b"ping"
+        except OSError:
+            return False
+
+    seen = set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.add(answers())
+        time.sleep(0.05)
+    assert seen == {True, False}
+    proxy.restore()
+    wait_until(answers, 5)
