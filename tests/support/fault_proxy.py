@@ -276,6 +276,12 @@ class FaultProxy:
 
     async def _set_fault(self, fault: tuple[ConnectionFault, Phase] | None) -> None:
         self._fault = fault
+        if fault is not None and fault[1] is Phase.CONNECT:
+            # Kept-alive connections were opened before: close them cleanly (FIN), so the
+            # next exchange has to connect, and meets the fault.
+            for connection in list(self._connections):
+                _close(connection.client)
+                _close(connection.upstream)
 
     async def _arm(self, phase: Phase, change: str) -> None:
         if phase is Phase.CONNECT:
@@ -421,9 +427,8 @@ class FaultProxy:
         try:
             if self._cut:
                 return
-            await self._flowing.wait()  # black hole: accepted, never forwarded, until restored
-            if self._cut:
-                return
+            # In a black hole too: what the client sends is read (and logged) at once and held
+            # until the hole closes, as a dead route holds it in buffers and retransmissions.
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self.target)
             except OSError:

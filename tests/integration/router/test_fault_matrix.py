@@ -1,0 +1,253 @@
+"""The network fault matrix: every fault of the link between the router and a real gateway,
+starting as a connection opens, halfway through a request or halfway into its response, with
+seeded requests in each cell. What must hold whatever the machine's speed:
+
+- nothing is lost: every call is answered, every queued ticket is delivered once the link is
+  back, with the cloud model's answer, and the cloud model ran exactly once per item;
+- live attempts per item stay within the retry policy's bound, and none starts after the call's
+  deadline; deliveries tried per ticket are what its `attempts` says;
+- the breaker opens when every call fails, and closes once the link is back;
+- a request cut after the gateway ran it is answered from the gateway's store (a replay).
+
+FAULT_MATRIX_REQUESTS (default 20) requests per cell. With FAULT_MATRIX_REPORT=<file> each
+cell's figures (the local answers' p50 against the no-fault cell's, attempts, replays) are
+written there as JSON lines, for RELIABILITY.md (scripts/fault_matrix_table.py prints them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from router import CallerWishes, LinkState, RetryPolicy, Route, Router, TicketResult
+from tests.integration.gateway.helpers import Gateway
+from tests.integration.router.conftest import RouterFactory
+from tests.integration.router.helpers import (
+    CLOUD_MODEL,
+    cloud_model_answers,
+    link_is,
+    local_answer,
+    until,
+)
+from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+REQUESTS = int(os.environ.get("FAULT_MATRIX_REQUESTS", "20"))
+REPORT = os.environ.get("FAULT_MATRIX_REPORT")
+TIME_LEFT_S = 3.0  # each caller's deadline
+LIVE = RetryPolicy(max_attempts=3, attempt_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.2)
+LIVE_TIMEOUT_S = 0.8
+# How late, after a call's deadline, the proxy may read an attempt the router began in time.
+READ_LAG_S = 0.5
+
+# Link faults, as FaultProxy.at() takes them; connection faults, as FaultProxy.on() takes them.
+LINK_FAULTS = {
+    "down": "cut",
+    "latency 2 s": "delay:2",
+    "2 KB/s": "throttle:2048",
+    "1-byte slices": "slice:1",
+    "black hole": "black_hole",
+    "flapping 1 s/1 s": "flap:1",
+}
+CONNECTION_FAULTS = {
+    "reset": ConnectionFault.RESET,
+    "cut upstream": ConnectionFault.CUT_UPSTREAM,
+    "cut downstream": ConnectionFault.CUT_DOWNSTREAM,
+    "slow close": ConnectionFault.SLOW_CLOSE,
+}
+# Under these every cloud call fails, however fast the machine: the breaker must open.
+ALL_FAIL = {"down", "latency 2 s", "black hole", *CONNECTION_FAULTS}
+CELLS = [("none", Phase.CONNECT)] + [
+    (fault, phase) for fault in [*LINK_FAULTS, *CONNECTION_FAULTS] for phase in Phase
+]
+
+
+@dataclass
+class Sent:
+    unsure: bool
+    row: int
+    seconds: float = 0.0
+    route: Route | None = None
+    ticket: str | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def config() -> dict[str, Any]:
+    return {
+        "live_retry": LIVE,
+        "live_timeout_s": LIVE_TIMEOUT_S,
+        "drain_retry": RetryPolicy(max_attempts=1, attempt_timeout_s=2.0),
+        "breaker_failures": 3,
+        "link_backoff_s": 0.1,
+        "link_backoff_cap_s": 0.5,
+    }
+
+
+def arm(proxy: FaultProxy, fault: str, phase: Phase) -> None:
+    proxy.close_delay_s = 0.5
+    if fault in LINK_FAULTS:
+        proxy.at(phase, LINK_FAULTS[fault])
+    elif fault in CONNECTION_FAULTS:
+        proxy.on(CONNECTION_FAULTS[fault], phase)
+
+
+async def send(router: Router, pixels: np.ndarray, sent: Sent, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    start = time.monotonic()
+    answer = await router.route(
+        model="digits",
+        inputs={"X": pixels[sent.row : sent.row + 1]},
+        local=local_answer([0.1 if sent.unsure else 0.99]),
+        wishes=CallerWishes(),
+        time_left_s=TIME_LEFT_S,
+        request_id=f"row-{sent.row}",
+    )
+    sent.seconds = time.monotonic() - start
+    (item,) = answer.items
+    sent.route, sent.ticket = item.route, item.ticket
+    sent.outputs = {k: v[0] for k, v in answer.outputs.items()}
+
+
+@pytest.mark.parametrize(("fault", "phase"), CELLS, ids=[f"{f}@{p}" for f, p in CELLS])
+async def test_fault_cell(
+    fault: str,
+    phase: Phase,
+    make_router: RouterFactory,
+    gateway: Gateway,
+    proxy: FaultProxy,
+    pixels: np.ndarray,
+) -> None:
+    router = await make_router(**config())
+    await link_is(router, LinkState.UP, LinkState.DEGRADED)
+    states: list[LinkState] = []
+    assert router.monitor is not None
+    monitor = router.monitor
+    monitor.add_listener(states.append)
+    runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
+    rng = random.Random(zlib.crc32(f"{fault}@{phase}".encode()))
+    plan = [
+        Sent(unsure=rng.random() < 0.5, row=rng.randrange(len(pixels))) for _ in range(REQUESTS)
+    ]
+    spacing = 0.15 if fault.startswith("flapping") else 0.03
+    offsets = np.cumsum([rng.expovariate(1 / spacing) for _ in plan])
+
+    arm(proxy, fault, phase)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(send(router, pixels, s, float(d)) for s, d in zip(plan, offsets, strict=True))
+    )
+    # Let a flapping link go through a few flaps, and every failing fault open the breaker.
+    hold = max(3.0 if fault.startswith("flapping") else 0.5, 0.0) - (time.monotonic() - started)
+    if fault in ALL_FAIL:
+        await link_is(router, LinkState.DOWN, within_s=15)
+    await asyncio.sleep(max(0.0, hold))
+    proxy.restore()
+
+    # -- nothing lost: answered, delivered once the link is back, the cloud model's answer -----
+    tickets = {s.ticket for s in plan if s.ticket is not None}
+    results: dict[str, TicketResult] = {}
+
+    async def ended() -> bool:
+        for t in tickets - set(results):
+            r = await router.result(t)
+            if r.state != "pending":
+                results[t] = r
+        return len(results) == len(tickets)
+
+    deadline = time.monotonic() + 30
+    while not await ended():
+        assert time.monotonic() < deadline, f"not delivered: {tickets - set(results)}"
+        await asyncio.sleep(0.05)
+    await link_is(router, LinkState.UP, LinkState.DEGRADED, within_s=15)  # the breaker closed
+
+    unsure = [s for s in plan if s.unsure]
+    expected = cloud_model_answers(pixels[[s.row for s in unsure]])["probabilities"]
+    for s, want in zip(unsure, expected, strict=True):
+        assert s.route in (Route.CLOUD, Route.QUEUE)
+        if s.route is Route.CLOUD:
+            np.testing.assert_allclose(s.outputs["probabilities"], want, rtol=1e-6)
+        else:
+            assert s.ticket is not None
+            result = results[s.ticket]
+            assert result.state == "delivered", (result.state, result.error)
+            np.testing.assert_allclose(result.outputs["probabilities"][0], want, rtol=1e-6)
+    for s in plan:
+        assert s.seconds < TIME_LEFT_S  # every caller answered within its deadline
+        if not s.unsure:
+            assert s.route is Route.EDGE
+    await until(
+        lambda: (
+            gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL) - runs
+            >= len(unsure)
+        ),
+        10,
+        "the gateway's metrics",
+    )
+    assert gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL) - runs == len(unsure)
+
+    # -- attempts within their bounds, none past a deadline ------------------------------------
+    arrivals: dict[str, list[float]] = {}
+    walls: dict[str, list[float]] = {}
+    for seen in proxy.requests:
+        if seen.key is not None:
+            arrivals.setdefault(seen.key, []).append(seen.monotonic)
+            walls.setdefault(seen.key, []).append(seen.wall)
+    assert len(arrivals) <= len(unsure)
+    live_attempts, drain_attempts = [], []
+    for key, times in arrivals.items():
+        result = results.get(key)
+        live = [
+            t
+            for t, w in zip(times, walls[key], strict=True)
+            if result is None or w < result.enqueued_at
+        ]
+        live_attempts.append(len(live))
+        assert len(live) <= LIVE.max_attempts, (key, len(live))
+        if live:
+            assert live[-1] - live[0] <= LIVE_TIMEOUT_S + READ_LAG_S, (key, live)
+        if result is not None:  # deliveries tried: its failed ones (`attempts`) and the last
+            drain_attempts.append(len(times) - len(live))
+            assert len(times) <= LIVE.max_attempts + result.attempts + 1, (key, result.attempts)
+
+    # -- a request cut after the gateway ran it is answered from its store ---------------------
+    replayed = [r for r in results.values() if r.parameters.get("idempotent_replay") is True]
+    if fault in ("cut upstream", "cut downstream") and phase is Phase.RESPONSE:
+        cut_after_run = {key for _, p, key in proxy.hits if p is Phase.RESPONSE and key in results}
+        assert cut_after_run <= {r.ticket for r in replayed}
+    if fault in ALL_FAIL:
+        assert LinkState.DOWN in states  # the breaker opened ...
+    # ... and closed: link_is(UP) above
+
+    confident = [s.seconds for s in plan if not s.unsure]
+    record = {
+        "fault": fault,
+        "phase": phase.value,
+        "requests": len(plan),
+        "unsure": len(unsure),
+        "queued": len(tickets),
+        "local_p50_ms": statistics.median(confident) * 1000 if confident else None,
+        "max_live_attempts": max(live_attempts, default=0),
+        "max_drain_attempts": max(drain_attempts, default=0),
+        "replays": len(replayed),
+        "breaker_opened": LinkState.DOWN in states,
+        "model_runs": len(unsure),
+    }
+    if REPORT:
+        await asyncio.to_thread(_append, Path(REPORT), json.dumps(record))
+
+
+def _append(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line + "\n")
