@@ -229,3 +229,44 @@ async def test_a_worker_opens_the_store_while_another_holds_its_lock(tmp_path: P
         released.cancel()
         holder.close()
     await store.aclose()
+
+
+RETENTION_S = 7 * 86_400.0
+
+
+@pytest.mark.parametrize(
+    ("after_s", "replayed"),
+    [(RETENTION_S - 0.001, True), (RETENTION_S, False), (RETENTION_S + 0.001, False)],
+)
+async def test_retention_edges_on_an_injected_clock(
+    db: Path, after_s: float, replayed: bool
+) -> None:
+    """An answer is replayed until the instant its retention ends and never from then on; a
+    key whose answer is gone may come with another request (no 422), one still kept may not."""
+    clock = WallClock()
+    store = SqliteIdempotencyStore(db, now=clock)
+    g = IdempotencyGuard(store, IdempotencyPolicy(retention_s=RETENTION_S))
+    work = Work()
+    await g.run(SCOPE, "fp", work)
+    clock.now += after_s
+    if replayed:
+        with pytest.raises(IdempotencyKeyReused):
+            await g.run(SCOPE, "another request", work)
+        assert (await g.run(SCOPE, "fp", work)).replayed
+        assert await store.purge_expired() == 0
+    else:
+        assert store.record(SCOPE) is not None  # still on disk until the purge ...
+        assert not (await g.run(SCOPE, "another request", work)).replayed  # ... but expired
+        assert work.calls == 2
+
+
+@pytest.mark.parametrize(("after_s", "lapsed"), [(0.999, False), (1.0, True)])
+async def test_a_pending_mark_lapses_at_its_ttl_exactly(
+    db: Path, after_s: float, lapsed: bool
+) -> None:
+    clock = WallClock()
+    store = SqliteIdempotencyStore(db, now=clock)
+    assert await store.claim(SCOPE, "fp", "dead-worker", 1.0) is None
+    clock.now += after_s
+    existing = await store.claim(SCOPE, "fp", "live-worker", 1.0)
+    assert (existing is None) is lapsed
