@@ -13,13 +13,14 @@ import hmac
 import re
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
+from cloud_gateway.sqlite_pool import ConnectionPool
 from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["DeviceKey", "KeyStore", "NewKey"]
@@ -64,29 +65,29 @@ def _digest(secret: str) -> bytes:
 
 
 class KeyStore:
-    """Device keys in one SQLite file; thread-safe (one connection per thread)."""
+    """Device keys in one SQLite file; thread-safe (a pool of connections, ConnectionPool)."""
 
     def __init__(self, path: Path, *, now: Callable[[], float] = time.time) -> None:
         self.path = path
         self._now = now
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._pool = ConnectionPool(self._open)
         private_file(private_dir(path.parent) / path.name)
-        self._connect().executescript(_SCHEMA)
+        with self._pool.connection() as db:
+            db.executescript(_SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=10000")
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=10000")
         return db
+
+    def _execute(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        with self._pool.connection() as db:
+            return db.execute(sql, args).fetchall()
+
+    def _update(self, sql: str, args: tuple[object, ...]) -> int:
+        with self._pool.connection() as db:
+            return db.execute(sql, args).rowcount
 
     def add(self, device: str) -> NewKey:
         if not _DEVICE.fullmatch(device):
@@ -96,7 +97,7 @@ class KeyStore:
             )
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
-        self._connect().execute(
+        self._update(
             "INSERT INTO device_keys (key_id, device, secret_sha256, created_at) "
             "VALUES (?, ?, ?, ?)",
             (key_id, device, _digest(secret), self._now()),
@@ -110,10 +111,10 @@ class KeyStore:
         if key_id is not None:
             sql += " AND key_id = ?"
             args += (key_id,)
-        return self._connect().execute(sql, args).rowcount
+        return self._update(sql, args)
 
     def list(self) -> list[DeviceKey]:
-        rows = self._connect().execute(
+        rows = self._execute(
             "SELECT key_id, device, created_at, revoked_at FROM device_keys "
             "ORDER BY device, created_at"
         )
@@ -121,16 +122,12 @@ class KeyStore:
 
     def lookup(self, key_id: str) -> tuple[str, bytes, bool] | None:
         """(device, secret hash, revoked) of a key id, or None."""
-        row = (
-            self._connect()
-            .execute(
-                "SELECT device, secret_sha256, revoked_at IS NOT NULL FROM device_keys "
-                "WHERE key_id = ?",
-                (key_id,),
-            )
-            .fetchone()
+        rows = self._execute(
+            "SELECT device, secret_sha256, revoked_at IS NOT NULL FROM device_keys "
+            "WHERE key_id = ?",
+            (key_id,),
         )
-        return None if row is None else (row[0], row[1], bool(row[2]))
+        return None if not rows else (rows[0][0], rows[0][1], bool(rows[0][2]))
 
     def authenticate(self, token: str) -> str:
         """The device a bearer token belongs to; AuthenticationFailed otherwise."""
@@ -139,10 +136,7 @@ class KeyStore:
         return check_secret(found, secret)
 
     def close(self) -> None:
-        with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
+        self._pool.close()
 
 
 def split_token(token: str) -> tuple[str, str]:

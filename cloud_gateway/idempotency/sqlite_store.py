@@ -45,6 +45,7 @@ import anyio.to_thread
 
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
+from cloud_gateway.sqlite_pool import ConnectionPool
 from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["SqliteIdempotencyStore"]
@@ -134,9 +135,11 @@ class SqliteIdempotencyStore:
         self._on_evicted = on_evicted or (lambda reason, n: None)
         self._retry_after_s = retry_after_s
         self._now = now
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._pool = ConnectionPool(
+            lambda: _connect(path, self.bounds, busy_timeout_ms=10_000, autocheckpoint=True)
+        )
         self._lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []  # the checkpoint's own connection
         private_file(private_dir(path.parent) / path.name)
         with contextlib.closing(
             _connect(
@@ -164,14 +167,10 @@ class SqliteIdempotencyStore:
         """Write transactions this store has committed; each may carry many requests' writes."""
         return self._commits
 
-    def _thread_db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = _connect(self.path, self.bounds, busy_timeout_ms=10_000, autocheckpoint=True)
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
-        return db
+    def _in_pool(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `job` on a pooled connection (in a worker thread)."""
+        with self._pool.connection() as db:
+            return job(db)
 
     async def _write(self, op: _Op) -> Any:
         """Run `op` in the transaction of this turn of the event loop; its result."""
@@ -206,7 +205,9 @@ class SqliteIdempotencyStore:
     async def _flush_in_thread(self, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         ops = [op for op, _ in batch]
         try:
-            results = await anyio.to_thread.run_sync(lambda: _apply(self._thread_db(), ops))
+            results = await anyio.to_thread.run_sync(
+                lambda: self._in_pool(lambda db: _apply(db, ops))
+            )
         except sqlite3.Error as exc:
             self._fail(batch, exc)
             return
@@ -329,9 +330,9 @@ class SqliteIdempotencyStore:
         # Possibly many rows: always in a thread.
         try:
             now = self._now()
-            purged = await anyio.to_thread.run_sync(
-                lambda: _execute(
-                    self._thread_db(), "DELETE FROM idempotency WHERE expires_at <= ?", (now,)
+            purged: int = await anyio.to_thread.run_sync(
+                lambda: self._in_pool(
+                    lambda db: _execute(db, "DELETE FROM idempotency WHERE expires_at <= ?", (now,))
                 )
             )
         except sqlite3.Error as exc:
@@ -355,17 +356,16 @@ class SqliteIdempotencyStore:
             for db in self._all:
                 db.close()
             self._all.clear()
+        self._pool.close()
         self._loop_db.close()
 
     def record(self, scope: str) -> tuple[str, str | None, bytes | None, float] | None:
         """(fingerprint, owner, body, expires_at) of a record: for operators and tests."""
-        row = (
-            self._thread_db()
-            .execute(
+        row = self._in_pool(
+            lambda db: db.execute(
                 "SELECT fingerprint, owner, body, expires_at FROM idempotency WHERE scope = ?",
                 (scope,),
-            )
-            .fetchone()
+            ).fetchone()
         )
         return None if row is None else (row[0], row[1], row[2], row[3])
 

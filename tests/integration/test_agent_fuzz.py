@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tests.integration.conftest import start_agent
 from tests.support.processes import Daemon
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 EXAMPLES = int(os.environ.get("AGENT_FUZZ_EXAMPLES", "300"))
 CLEAR = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pytest
 from cloud_gateway import keys
 from cloud_gateway.auth import Authenticator
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
+from cloud_gateway.idempotency import SqliteIdempotencyStore
 from cloud_gateway.keys import KeyStore
 
 
@@ -145,3 +149,24 @@ def test_an_unknown_key_id_costs_a_hash_and_a_comparison_as_a_wrong_secret_does(
             store.authenticate(bad)
         assert err.value.reason == "unknown"  # the caller cannot tell them apart either
     assert compared == [(32, 32), (32, 32)]
+
+
+def test_threads_that_come_and_go_share_connections_instead_of_leaking_one_each(
+    tmp_path: Path,
+) -> None:
+    # Found by the soak (issue 13): a worker thread pool replaces idle threads, and each new
+    # thread opened a connection of its own that stayed open: 113 in one gateway worker
+    # after 40 minutes, and as many for the idempotency store.
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    idempotency = SqliteIdempotencyStore(tmp_path / "idempotency.sqlite3")
+    token = store.add("clinic-1").token
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        thread = threading.Thread(
+            target=lambda: (store.authenticate(token), idempotency.record("scope"))
+        )
+        thread.start()
+        thread.join()
+    assert len(os.listdir("/proc/self/fd")) <= fds + 4  # a connection and its WAL, each
+    store.close()
+    asyncio.run(idempotency.aclose())
