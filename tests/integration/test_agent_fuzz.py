@@ -45,6 +45,7 @@ def fuzzed_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         closed.bind(("127.0.0.1", 0))
         key = work / "device.key"
         key.write_text("cgk_fuzz.not-a-real-key")
+        key.chmod(0o600)  # private, as the agent wants its key
         daemon = start_agent(
             work,
             "--cloud-url",

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 )
 
 from router.clock import FakeClock
-from router.decision import MAX_PRIORITY, MIN_PRIORITY
+from router.decision import PRIORITY_LEVELS
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState
 from router.errors import QueueFull, TicketNotFound
 
@@ -44,20 +44,24 @@ TICKETS = [f"t{i}" for i in range(12)]  # few names, so repeats and reuse after 
 # -- what `priority` means: the one place the model knows it ----------------------------------
 
 
+# Triton's convention: level 1 is the most urgent, LEVELS the least.
+
+
 def urgency(priority: int, waited_s: float) -> int:
-    """Sort key of a waiting item, smaller first: the priority (higher drains first) raised one
-    level for every AGEING_S waited."""
-    return -(priority + int(max(0.0, waited_s) // AGEING_S))
+    """Sort key of a waiting item, smaller first: its level, one more urgent for every AGEING_S
+    waited."""
+    return priority - int(max(0.0, waited_s) // AGEING_S)
 
 
 def may_drop(victim: int, newcomer: int) -> bool:
-    """Under drop_oldest_lowest a newcomer may push out waiting items of its priority or lower."""
-    return victim <= newcomer
+    """Under drop_oldest_lowest a newcomer may push out waiting items of its level or less
+    urgent ones."""
+    return victim >= newcomer
 
 
 def drop_order(priority: int) -> int:
-    """Victims go lowest priority first (then oldest)."""
-    return priority
+    """Victims go least urgent first (then oldest)."""
+    return -priority
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(
         ticket=st.sampled_from(TICKETS),
         # close priorities, so that ageing reorders them often; the ends of the range too
-        priority=st.sampled_from([MIN_PRIORITY, MIN_PRIORITY + 1, MIN_PRIORITY + 2, MAX_PRIORITY]),
+        priority=st.sampled_from([1, 2, 3, PRIORITY_LEVELS]),
         ttl=st.sampled_from([1.0, 16.0, 100.0, 3600.0]),
         size=st.one_of(st.integers(0, 300), st.integers(0, 2500)),
     )
@@ -333,7 +337,7 @@ class QueueMachine(RuleBasedStateMachine):
             return
         assert self.queue.used_bytes == self.used()
         stats = self.run(self.queue.stats())
-        depth = dict.fromkeys(range(MIN_PRIORITY, MAX_PRIORITY + 1), 0)
+        depth = dict.fromkeys(range(1, PRIORITY_LEVELS + 1), 0)
         for item in self.items.values():
             if not item.ended:
                 depth[item.priority] += 1

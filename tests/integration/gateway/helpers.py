@@ -25,6 +25,11 @@ from model_runtime.v2_json import encode_infer_request
 from tests.support.processes import Daemon, start_daemon, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
+UNLIMITED_RATE = {
+    "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "100000",
+    "CLOUD_GATEWAY_RATE_LIMIT_BURST": "100000",
+}
+"""Environment for a gateway one test client loads hard: its rate limit is not what is tested."""
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
 DEVICE = "clinic-1"
 

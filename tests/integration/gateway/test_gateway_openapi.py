@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.openapi.checks import RejectedPositiveData
 
-from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.gateway.helpers import UNLIMITED_RATE, Gateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +32,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = start_gateway(
         tmp_path_factory.mktemp("openapi"),
-        # One client sends everything: its rate and in-flight limits are not what is tested.
-        env={
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "100000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "100000",
-        },
+        env=UNLIMITED_RATE,
     )
     yield gw
     gw.daemon.stop()

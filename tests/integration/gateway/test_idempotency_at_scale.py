@@ -12,9 +12,11 @@ IDEMPOTENCY_TRIALS (default 10) trials per store; RELIABILITY.md has a run of 10
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 
 from tests.integration.gateway.helpers import (
+    UNLIMITED_RATE,
     Gateway,
     Redis,
     StallingUpstream,
@@ -46,8 +49,7 @@ def _env(**settings: str) -> dict[str, str]:
     return {
         # One client sends 50 at once: the per-device limits are not what is tested.
         "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64",
-        "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "100000",
-        "CLOUD_GATEWAY_RATE_LIMIT_BURST": "100000",
+        **UNLIMITED_RATE,
         "CLOUD_GATEWAY_IDEMPOTENCY_PENDING_TTL_S": str(PENDING_TTL_S),
         **{f"CLOUD_GATEWAY_{k.upper()}": v for k, v in settings.items()},
     }
@@ -203,9 +205,23 @@ def test_killed_workers_hold_a_key_only_until_its_mark_lapses(
         # renewals every third of the TTL: the mark outlives its last renewal by at most the TTL
         print(f"recovered {recovered:.2f} s after the kill (pending TTL {PENDING_TTL_S} s)")
     finally:
-        # Its supervisor replaces the killed workers; stopped while they start, it was once
-        # seen to wait 20 s for them, so they are let finish starting.
-        wait_until(lambda: len(doomed.worker_pids()) == 2, 30.0, what="replacement workers")
-        wait_until(lambda: httpx.get(f"{doomed.url}/v2/health/live").status_code == 200, 30.0)
-        doomed.daemon.stop()
-        two_workers.daemon.stop()
+        try:
+            # Its supervisor replaces the killed workers; stopped while they start, it was once
+            # seen to wait 20 s for them, so they are let finish starting.
+            wait_until(lambda: len(doomed.worker_pids()) == 2, 30.0, what="new workers")
+            wait_until(lambda: httpx.get(f"{doomed.url}/v2/health/live").status_code == 200, 30)
+        finally:
+            _stop(doomed)
+            _stop(two_workers)
+
+
+def _stop(gateway: Gateway) -> None:
+    """Stop a gateway, and its workers with it should the supervisor not answer."""
+    workers = gateway.worker_pids()
+    try:
+        gateway.daemon.stop()
+    except subprocess.TimeoutExpired:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
