@@ -316,7 +316,7 @@ def main() -> int:
                     float(np.percentile(ms, 50)),
                     float(np.percentile(ms, 99)),
                     st.link_state,
-                )  # fmt: skip
+                )
             )
             s = samples[-1]
             print(
