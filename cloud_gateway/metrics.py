@@ -133,6 +133,14 @@ class GatewayMetrics:
             registry=registry,
         )
 
+        self.group_items = Counter(
+            "group_items",
+            "Items of infer_group requests answered, by the status each item got "
+            "(200 for an answer run or replayed).",
+            ["code"],
+            namespace=ns,
+            registry=registry,
+        )
         self.limit_refusals = Counter(
             "limit_refusals",
             "Requests refused before the work they asked for: limit is items_per_request, "

@@ -6,9 +6,11 @@ a v2 error body through the single table in errors.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -33,12 +35,26 @@ from cloud_gateway.rate_limit import DeviceRateLimiter
 from cloud_gateway.service import GatewayService, InferOutcome, check_idempotency_key
 from model_runtime import InvalidInput, LimitExceeded, ModelError, RequestTooLarge
 from model_runtime.http_body import parse_json_body
+from model_runtime.infer_group import (
+    GROUP_EXTENSION,
+    HEADER_LENGTH,
+    GroupItem,
+    encode_group_answer_item,
+    join_group_answer,
+    split_group_request,
+)
 from model_runtime.repository import parse_version
-from model_runtime.v2_json import InferRequest, TensorLimits, decode_infer_request, error_body
+from model_runtime.v2_json import (
+    InferRequest,
+    ModelSignature,
+    TensorLimits,
+    decode_infer_request,
+    error_body,
+)
 
 log = logging.getLogger("cloud_gateway.requests")
 
-__all__ = ["REPLAYED_HEADER", "V2Routes", "exception_handlers"]
+__all__ = ["REPLAYED_HEADER", "V2Routes", "check_group_limits", "exception_handlers"]
 
 REPLAYED_HEADER = "Idempotency-Replayed"
 
@@ -79,6 +95,15 @@ class V2Routes:
         return [
             Route(f"{model}/infer", self.infer, methods=["POST"], name="infer"),
             Route(f"{versioned}/infer", self.infer, methods=["POST"], name="infer"),
+            Route(
+                f"{model}/{GROUP_EXTENSION}", self.infer_group, methods=["POST"], name="infer_group"
+            ),
+            Route(
+                f"{versioned}/{GROUP_EXTENSION}",
+                self.infer_group,
+                methods=["POST"],
+                name="infer_group",
+            ),
             Route("/v2/health/live", self.live, name="health_live"),
             Route("/v2/health/ready", self.ready, name="health_ready"),
             Route("/v2", self.server_metadata, name="server_metadata"),
@@ -120,7 +145,20 @@ class V2Routes:
 
     async def server_metadata(self, request: Request) -> Response:
         await self._device(request)
-        return JSONResponse({"name": "cloud-gateway", "version": _VERSION, "extensions": []})
+        return JSONResponse(
+            {
+                "name": "cloud-gateway",
+                "version": _VERSION,
+                "extensions": [GROUP_EXTENSION],
+                # How large a group may be: what clients size their groups by.
+                GROUP_EXTENSION: {
+                    "max_items": self._max_items,
+                    "max_body_bytes": min(
+                        self._limits.max_body_bytes, self._limits.max_decompressed_bytes
+                    ),
+                },
+            }
+        )
 
     async def model_metadata(self, request: Request) -> Response:
         await self._device(request)
@@ -137,10 +175,75 @@ class V2Routes:
         device = await self._device(request)
         name, version = _model(request)
         key = check_idempotency_key(request.headers.get("idempotency-key"))
+        # Counted from before the body is read: a body held in memory is work too.
+        with self._counted_refusals(), self._in_flight.hold(device):
+            outcome = await self._infer(request, device, name, version, key)
+        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
+        if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
+            _log_request(request, 200, model=name, replayed=outcome.replayed)
+        return Response(outcome.body, media_type="application/json", headers=headers)
+
+    async def infer_group(self, request: Request) -> Response:
+        """The infer_group extension (model_runtime.infer_group): each item as its own infer
+        call would be, one answer entry per item. The group is limited as the batch request of
+        its items would be: items, values per input and answer bytes over all of them."""
+        device = await self._device(request)
+        name, version = _model(request)
+        with self._counted_refusals(), self._in_flight.hold(device):
+            signature = await self._service.signature(name, version)
+            body = await self._read_body(request)
+            max_items = self._max_items
+            parts = split_group_request(body, request.headers.get(HEADER_LENGTH.lower()), max_items)
+
+            def decode() -> list[InferRequest | Exception]:
+                return [self._decode_item(part, signature) for part in parts]
+
+            decoded = await self._offload.run(len(body), decode)
+            check_group_limits(decoded, self._tensor_limits)
+            outcomes = await self._service.infer_group(
+                device, name, version, parts, decoded, signature=signature
+            )
+        entries = []
+        for part, outcome in zip(parts, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                error = http_error(outcome)
+                self._count_item_refusal(outcome)
+                retry = error.headers.get("Retry-After")
+                entries.append(
+                    encode_group_answer_item(
+                        part.key, error.status, error=error.message,
+                        retry_after=float(retry) if retry is not None else None,
+                    )
+                )  # fmt: skip
+                self._metrics.child(self._metrics.group_items, str(error.status)).inc()
+            else:
+                entries.append(encode_group_answer_item(part.key, 200, outcome.body))
+                self._metrics.child(self._metrics.group_items, "200").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            _log_request(request, 200, model=name, items=len(parts))
+        return Response(join_group_answer(entries), media_type="application/json")
+
+    def _decode_item(
+        self, part: GroupItem, signature: ModelSignature | None
+    ) -> InferRequest | Exception:
         try:
-            # Counted from before the body is read: a body held in memory is work too.
-            with self._in_flight.hold(device):
-                outcome = await self._infer(request, device, name, version, key)
+            check_idempotency_key(part.key)
+            return decode_infer_request(parse_json_body(part.body), signature, self._tensor_limits)
+        except (InvalidInput, LimitExceeded) as exc:
+            return exc
+
+    def _count_item_refusal(self, exc: Exception) -> None:
+        if isinstance(exc, LimitExceeded):
+            self._metrics.child(self._metrics.limit_refusals, exc.limit).inc()
+
+    @property
+    def _max_items(self) -> int:
+        return self._tensor_limits.max_items if self._tensor_limits is not None else 2**31
+
+    @contextlib.contextmanager
+    def _counted_refusals(self) -> Iterator[None]:
+        try:
+            yield
         except LimitExceeded as exc:
             self._metrics.child(self._metrics.limit_refusals, exc.limit).inc()
             raise
@@ -150,16 +253,8 @@ class V2Routes:
         except Overloaded:
             self._metrics.child(self._metrics.limit_refusals, "in_flight").inc()
             raise
-        headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
-        if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
-            _log_request(request, 200, model=name, replayed=outcome.replayed)
-        return Response(outcome.body, media_type="application/json", headers=headers)
 
-    async def _infer(
-        self, request: Request, device: str, name: str, version: str, key: str | None
-    ) -> InferOutcome:
-        # Unknown model: 404 before reading a byte of the body.
-        signature = await self._service.signature(name, version)
+    async def _read_body(self, request: Request) -> bytes:
         try:
             body, _ = await read_body(
                 request.stream(),
@@ -172,6 +267,14 @@ class V2Routes:
             raise
         except ClientDisconnect:
             raise InvalidInput("body", "the client went away before sending all of it") from None
+        return body
+
+    async def _infer(
+        self, request: Request, device: str, name: str, version: str, key: str | None
+    ) -> InferOutcome:
+        # Unknown model: 404 before reading a byte of the body.
+        signature = await self._service.signature(name, version)
+        body = await self._read_body(request)
 
         def decode() -> InferRequest:
             return decode_infer_request(parse_json_body(body), signature, self._tensor_limits)
@@ -180,6 +283,34 @@ class V2Routes:
         return await self._service.infer(
             device, name, version, decoded, body=body, idempotency_key=key, signature=signature
         )
+
+
+def check_group_limits(
+    requests: Sequence[InferRequest | Exception], limits: TensorLimits | None
+) -> None:
+    """A group is limited as the batch of its items would be: LimitExceeded when its items'
+    rows, or the values of one input over all items, pass the request limits."""
+    if limits is None:
+        return
+    rows = 0
+    values: dict[str, int] = {}
+    for request in requests:
+        if isinstance(request, Exception):
+            continue
+        rows += max((a.shape[0] for a in request.inputs.values() if a.ndim), default=1)
+        for name, array in request.inputs.items():
+            values[name] = values.get(name, 0) + array.size
+    if rows > limits.max_items:
+        raise LimitExceeded(
+            "items", f"{rows} items, over the limit of {limits.max_items} per request",
+            "items_per_request",
+        )  # fmt: skip
+    for name, n in values.items():
+        if n > limits.max_elements:
+            raise LimitExceeded(
+                name, f"{n} values over the group's items, over the limit of "
+                f"{limits.max_elements} per tensor", "elements_per_tensor",
+            )  # fmt: skip
 
 
 def _model(request: Request) -> tuple[str, str]:

@@ -4,10 +4,11 @@ per device and Idempotency-Key. Knows nothing of HTTP; routes.py wraps it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from cloud_gateway.idempotency import IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.offload import JSON_BYTES_PER_VALUE, Offloader
 from model_runtime import InvalidInput, LimitExceeded, OutputNotFinite, json_codec
+from model_runtime.infer_group import GroupItem
 from model_runtime.v2_json import (
     InferRequest,
     ModelSignature,
@@ -161,12 +163,62 @@ class GatewayService:
             await self._offload.run(len(replay), lambda: _mark_replay(replay)), True
         )
 
-    def _check_answer_bound(self, signature: ModelSignature | None, request: InferRequest) -> None:
+    async def infer_group(
+        self,
+        device: str,
+        name: str,
+        version: str,
+        items: Sequence[GroupItem],
+        requests: Sequence[InferRequest | Exception],
+        *,
+        signature: ModelSignature | None = None,
+    ) -> list[InferOutcome | Exception]:
+        """Each item as `infer` would answer it alone (run once per key, or replayed), all at
+        once so their idempotency writes share commits; an item's failure is its own outcome.
+
+        Raises LimitExceeded, before any model runs, when the items' answers together could be
+        larger than `max_answer_bytes` (the answer to a group is one HTTP answer)."""
+        valid = [r for r in requests if not isinstance(r, Exception)]
+        bounds = [self._answer_bound(signature, r) for r in valid]
+        if (
+            all(b is not None for b in bounds)
+            and sum(b or 0 for b in bounds) > self._max_answer_bytes
+        ):
+            raise LimitExceeded(
+                "items",
+                f"the answers of {len(valid)} items could take {sum(b or 0 for b in bounds)} "
+                f"bytes, over the limit of {self._max_answer_bytes} (max_answer_bytes); "
+                "send fewer items per group",
+                "answer_bytes",
+            )
+
+        async def one(
+            item: GroupItem, request: InferRequest | Exception
+        ) -> InferOutcome | Exception:
+            if isinstance(request, Exception):
+                return request
+            try:
+                return await self.infer(
+                    device, name, version, request, body=item.body, idempotency_key=item.key,
+                    signature=signature,
+                )  # fmt: skip
+            except Exception as exc:  # the item's own failure; the others go on
+                return exc
+
+        return list(
+            await asyncio.gather(*(one(i, r) for i, r in zip(items, requests, strict=True)))
+        )
+
+    def _answer_bound(self, signature: ModelSignature | None, request: InferRequest) -> int | None:
         if signature is None:
-            return
+            return None
         rows = max((a.shape[0] for a in request.inputs.values() if a.ndim), default=1)
-        bound = answer_bytes_bound(signature.outputs, rows, request.outputs)
+        return answer_bytes_bound(signature.outputs, rows, request.outputs)
+
+    def _check_answer_bound(self, signature: ModelSignature | None, request: InferRequest) -> None:
+        bound = self._answer_bound(signature, request)
         if bound is not None and bound > self._max_answer_bytes:
+            rows = max((a.shape[0] for a in request.inputs.values() if a.ndim), default=1)
             raise LimitExceeded(
                 "outputs",
                 f"the answer for {rows} items could take {bound} bytes, over the limit of "
