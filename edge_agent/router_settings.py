@@ -42,6 +42,8 @@ def router_config(
         live_timeout_s=s.live_timeout_seconds,
         drain_batch=s.drain_batch_items,
         drain_batch_bytes=s.drain_batch_bytes,
+        drain_group_items=s.drain_group_items,
+        drain_group_bytes=s.drain_group_bytes,
         drain_concurrency=s.drain_concurrency,
         live_retry=RetryPolicy(max_attempts=s.live_retry_attempts),
         drain_retry=RetryPolicy(

@@ -197,6 +197,11 @@ class AgentSettings(LayeredSettings):
     """Items the forwarder claims from the queue at once."""
     drain_batch_bytes: int = Field(default=1 << 20, ge=1)
     """Payload bytes the forwarder claims at once (at least one item)."""
+    drain_group_items: int = Field(default=64, ge=1, le=10_000)
+    """Queued items sent together in one request when the cloud takes groups (its infer_group
+    extension: one set of headers, one gzip); 1: one request per item, as to any v2 server."""
+    drain_group_bytes: int = Field(default=64 * 1024, ge=1)
+    """A group's items' bytes at most, before gzip; a larger item goes alone."""
     drain_concurrency: int = Field(default=4, ge=1, le=256)
     """Deliveries in flight at once. To fill a bandwidth cap they must cover cap x a call's
     duration: e.g. 20 kB/s x 0.4 s / 600-byte requests = 14."""

@@ -51,6 +51,8 @@ ROUTER_FLAGS = (
     "degraded_rtt_seconds",
     "drain_batch_items",
     "drain_batch_bytes",
+    "drain_group_items",
+    "drain_group_bytes",
     "drain_concurrency",
     "drain_timeout_seconds",
     "failure_backoff_seconds",

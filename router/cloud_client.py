@@ -19,7 +19,7 @@ import gzip
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +28,13 @@ from urllib.parse import quote
 import httpx
 
 from model_runtime import json_codec
+from model_runtime.infer_group import (
+    GROUP_CONTENT_TYPE,
+    GROUP_EXTENSION,
+    HEADER_LENGTH,
+    GroupItem,
+    encode_group_request,
+)
 from model_runtime.v2_json import InferResponse, decode_infer_response
 from router.budget import Reservation
 from router.clock import Clock, SystemClock
@@ -65,6 +72,7 @@ ATTEMPT_OUTCOMES = (
 REPLAY_PARAMETER = "idempotent_replay"
 REPLAY_HEADER = "Idempotent-Replayed"
 PROBE_PATH = "/v2/health/ready"
+SERVER_PATH = "/v2"
 _ANSWER_GUESS = 1024
 """An answer's bytes (status line, headers, body) until one from that endpoint was measured."""
 
@@ -166,6 +174,7 @@ class _Call:
     path: str
     payload: bytes
     headers: dict[str, str]
+    method: str = "POST"
     sent: int = 0
     received: int = 0
     attempts: int = 0
@@ -385,22 +394,50 @@ class CloudClient:
         Raises CloudRejected for a 4xx other than 429, CloudUnavailable when the cloud cannot
         answer in time (CircuitOpen when the breaker holds the call back).
         """
-        if not model:
-            raise ValueError("model must be a non-empty model name")
-        if not (
-            0 < len(idempotency_key) <= 255 and all(33 <= ord(c) <= 126 for c in idempotency_key)
-        ):
-            raise ValueError("idempotency_key must be 1-255 visible ASCII characters")
+        _check_key(idempotency_key)
         payload = body if isinstance(body, bytes) else encode_body(body)
         headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        if self._compress:
+        return await self._call(
+            "POST", _model_path(model, version, "infer"), payload, headers, deadline
+        )
+
+    async def infer_group(
+        self,
+        model: str,
+        items: Sequence[GroupItem],
+        *,
+        deadline: float | None = None,
+        version: str | None = None,
+    ) -> CloudAnswer:
+        """POST `items` (v2 JSON bodies, each under its Idempotency-Key) as one request of the
+        infer_group extension (model_runtime.infer_group). The answer's `body` is the group's
+        answer: read it with `decode_group_answer`. Raises as `infer` does for the group."""
+        if not items:
+            raise ValueError("items: a group needs at least one item")
+        for item in items:
+            _check_key(item.key)
+        payload, header_length = encode_group_request(items)
+        headers = {"Content-Type": GROUP_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
+        path = _model_path(model, version, GROUP_EXTENSION)
+        return await self._call("POST", path, payload, headers, deadline)
+
+    async def server_metadata(self, *, deadline: float | None = None) -> dict[str, Any]:
+        """GET /v2: the server's name, version and `extensions` (what it can do beyond v2)."""
+        answer = await self._call("GET", SERVER_PATH, b"", {}, deadline)
+        return answer.body
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        payload: bytes,
+        headers: dict[str, str],
+        deadline: float | None,
+    ) -> CloudAnswer:
+        if payload and self._compress:
             payload = gzip.compress(payload, mtime=0)  # mtime=0: equal bodies, equal bytes
             headers["Content-Encoding"] = "gzip"
-        path = f"/v2/models/{quote(model, safe='')}"
-        if version is not None:
-            path += f"/versions/{quote(version, safe='')}"
-        path += "/infer"
-        call = _Call(path, payload, headers)
+        call = _Call(path, payload, headers, method)
         started = self._clock.monotonic()
 
         async def attempt(limit_s: float) -> _Reply:
@@ -423,8 +460,9 @@ class CloudClient:
             now = self._clock.monotonic()
             limit_s -= await self.pacer.acquire(latest=now + limit_s - self.retry.min_attempt_s)
         request = self._http.build_request(
-            "POST", call.path, content=call.payload, headers=call.headers, timeout=limit_s
-        )
+            call.method, call.path, content=call.payload or None, headers=call.headers,
+            timeout=limit_s,
+        )  # fmt: skip
         exchange = self._open_exchange(call.path, request, len(call.payload))
         start = self._clock.monotonic()
         observer = self.observer
@@ -511,6 +549,20 @@ class CloudClient:
     def _emit(self, record: AttemptRecord) -> None:
         if self.on_attempt is not None:
             self.on_attempt(record)
+
+
+def _check_key(key: str) -> None:
+    if not (0 < len(key) <= 255 and all(33 <= ord(c) <= 126 for c in key)):
+        raise ValueError("idempotency_key must be 1-255 visible ASCII characters")
+
+
+def _model_path(model: str, version: str | None, action: str) -> str:
+    if not model:
+        raise ValueError("model must be a non-empty model name")
+    path = f"/v2/models/{quote(model, safe='')}"
+    if version is not None:
+        path += f"/versions/{quote(version, safe='')}"
+    return f"{path}/{action}"
 
 
 def _request_bytes(request: httpx.Request, body_bytes: int) -> int:

@@ -75,6 +75,12 @@ class RouterConfig:
     """Items the forwarder claims at once."""
     drain_batch_bytes: int = 1 << 20
     """Payload bytes the forwarder claims at once (at least one item)."""
+    drain_group_items: int = 64
+    """Queued items sent together in one request of the cloud's infer_group extension, when
+    the cloud takes groups (its server metadata says, with its own limits); 1: one request per
+    item. Live escalations are always one request per item."""
+    drain_group_bytes: int = 64 * 1024
+    """A group's items' bytes at most (before gzip); a larger item goes alone."""
     drain_concurrency: int = 4
     """Cloud calls the forwarder keeps in flight at once. To fill the bandwidth cap they must
     cover cap x a call's duration: e.g. 20 kB/s x 0.4 s / 600-byte requests = 14 calls."""
@@ -187,6 +193,8 @@ class RouterConfig:
         for name in (
             "drain_batch",
             "drain_batch_bytes",
+            "drain_group_items",
+            "drain_group_bytes",
             "drain_concurrency",
             "max_connections",
             "audit_max_waiting",

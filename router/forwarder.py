@@ -10,12 +10,20 @@ refused the request itself). A housekeeping loop expires items past their TTL an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from model_runtime.errors import InvalidInput
+from model_runtime.infer_group import (
+    GroupItem,
+    GroupItemAnswer,
+    decode_group_answer,
+    encode_group_request,
+)
+from model_runtime.v2_json import decode_infer_response
 from router.breaker import CircuitBreaker
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, sleep_or_wake
@@ -24,7 +32,14 @@ from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
 from router.durable_queue import DurableQueue, QueuedItem
-from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
+from router.errors import (
+    BudgetExhausted,
+    CircuitOpen,
+    CloudError,
+    CloudRejected,
+    CloudUnavailable,
+)
+from router.grouping import GroupPlanner
 from router.metrics import CloudMeter, RouterMetrics
 from router.pacing import RequestPacer
 from router.retrying import LinkBackoff
@@ -191,6 +206,7 @@ class Forwarder:
             cap_s=max(config.failure_backoff_cap_s, config.failure_backoff_s),
         )
         self._overhead = _HEADER_GUESS
+        self.groups = GroupPlanner(config.drain_group_items, config.drain_group_bytes, clock)
 
     def wake(self) -> None:
         """New items were queued: look at once instead of at the next poll."""
@@ -203,7 +219,8 @@ class Forwarder:
             while True:
                 await self._wait_ready()
                 self._wake.clear()  # before the claim: an enqueue committed after it wakes us
-                items = await self._queue.claim_batch(self._config.drain_batch, self._claim_bytes())
+                claim = max(self._config.drain_batch, self.groups.items_per_group)
+                items = await self._queue.claim_batch(claim, self._claim_bytes())
                 if not items:
                     await self._nap(self._config.idle_poll_s)
                     continue
@@ -238,10 +255,13 @@ class Forwarder:
                 return
 
     async def _dispatch(self, items: list[QueuedItem]) -> None:
-        for i, item in enumerate(items):
+        if len(items) > 1 and self.groups.needs_check():  # nothing to group, nothing to ask
+            await self._ask_about_groups()
+        groups = self.groups.plan(items)
+        for i, group in enumerate(groups):
             await self._slots.acquire()
             try:
-                body_bytes = self._body_bytes(item)
+                body_bytes = self._body_bytes(group)
                 estimate = body_bytes + self._overhead
                 if self.bucket is not None:
                     await self.bucket.take(estimate)
@@ -253,13 +273,40 @@ class Forwarder:
                 self._slots.release()
                 if self.bucket is not None:
                     self.bucket.settle(estimate, 0)
-                await asyncio.gather(
-                    *(self._queue.release(r.ticket, f"not sent: {why}") for r in items[i:])
-                )
+                rest = [item for later in groups[i:] for item in later]
+                await self._release(rest, f"not sent: {why}")
                 return
-            task = asyncio.create_task(self._send(item, body_bytes, estimate))
+            task = asyncio.create_task(self._send(group, body_bytes, estimate))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+
+    async def _ask_about_groups(self) -> None:
+        """Whether, and how large, the cloud takes groups (GET /v2, counted as drain bytes)."""
+        estimate = self._overhead  # a GET: its request line and headers
+        if self.bucket is not None:
+            await self.bucket.take(estimate)
+        try:
+            with self._meter.call("drain") as tally:
+                try:
+                    metadata = await self._client.server_metadata()
+                finally:
+                    if self.bucket is not None:
+                        self.bucket.settle(estimate, tally.sent)
+        except CloudRejected:  # a v2 server without server metadata: one request per item
+            self.groups.learn({})
+        except (CloudError, BudgetExhausted):
+            self.groups.learn(None)
+        else:
+            self.groups.learn(metadata)
+            log.info(
+                "the cloud takes %s",
+                f"groups of up to {self.groups.items_per_group} items per request"
+                if self.groups.limits is not None
+                else "one item per request",
+            )
+
+    async def _release(self, items: Sequence[QueuedItem], error: str) -> None:
+        await asyncio.gather(*(self._queue.release(item.ticket, error) for item in items))
 
     def _blocked(self, estimate: int) -> str | None:
         if self._monitor.state is LinkState.DOWN:
@@ -271,33 +318,44 @@ class Forwarder:
             return "data budget spent"
         return None
 
-    def _body_bytes(self, item: QueuedItem) -> int:
+    def _body_bytes(self, group: Sequence[QueuedItem]) -> int:
         """The body's size as the client will send it (the same gzip, so the same bytes)."""
-        if not self._config.compress:
-            return len(item.payload)
-        return len(gzip.compress(item.payload, mtime=0))
+        if len(group) == 1:
+            body = group[0].payload
+        else:
+            body = encode_group_request([GroupItem(i.ticket, i.payload) for i in group])[0]
+        return len(gzip.compress(body, mtime=0)) if self._config.compress else len(body)
 
-    async def _send(self, item: QueuedItem, body_bytes: int, estimate: int) -> None:
+    async def _send(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
         try:
-            await self._deliver(item, body_bytes, estimate)
+            if len(group) == 1:
+                await self._deliver(group[0], body_bytes, estimate)
+            else:
+                await self._deliver_group(group, body_bytes, estimate)
         except Exception:  # a failed SQLite write must not kill the forwarder; the lease saves it
-            log.exception("could not record the outcome of ticket %s", item.ticket)
+            log.exception("could not record the outcome of tickets %s", [i.ticket for i in group])
         finally:
             self._slots.release()
 
+    @contextlib.contextmanager
+    def _drain_call(self, body_bytes: int, estimate: int) -> Iterator[None]:
+        """Around one delivery call: counted as a drain call, its bytes settled in the bucket,
+        and the request line and headers it really took learnt for the next estimate."""
+        with self._meter.call("drain") as tally:
+            try:
+                yield
+            finally:
+                if self.bucket is not None:
+                    self.bucket.settle(estimate, tally.sent)
+                if tally.attempts == 1 and tally.sent:
+                    self._overhead = max(0, tally.sent - body_bytes)
+
     async def _deliver(self, item: QueuedItem, body_bytes: int, estimate: int) -> None:
         try:
-            with self._meter.call("drain") as tally:
-                try:
-                    answer = await self._client.infer(
-                        item.model, item.payload, idempotency_key=item.ticket
-                    )
-                finally:
-                    if self.bucket is not None:
-                        self.bucket.settle(estimate, tally.sent)
-                    if tally.attempts == 1 and tally.sent:
-                        # what the request line and headers really took, for the next estimate
-                        self._overhead = max(0, tally.sent - body_bytes)
+            with self._drain_call(body_bytes, estimate):
+                answer = await self._client.infer(
+                    item.model, item.payload, idempotency_key=item.ticket
+                )
             answer.response()  # only an answer that decodes is stored
         except BudgetExhausted as error:
             await self._queue.release(item.ticket, f"not sent: {error}")
@@ -316,6 +374,80 @@ class Forwarder:
         else:
             await self._queue.mark_delivered(item.ticket, encode_result(answer.body))
             self._failures = 0
+
+    async def _deliver_group(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
+        """One infer_group call for `group`; then each item as its own answer says. A group
+        that fails as a whole leaves every item as a single call failing so would."""
+        keys = [item.ticket for item in group]
+        try:
+            with self._drain_call(body_bytes, estimate):
+                answer = await self._client.infer_group(
+                    group[0].model, [GroupItem(item.ticket, item.payload) for item in group]
+                )
+            answers = decode_group_answer(answer.body, keys)
+        except BudgetExhausted as error:
+            await self._release(group, f"not sent: {error}")
+            self._hold(self._config.idle_poll_s, "budget")
+            return
+        except CloudRejected as error:
+            await self._group_refused(group, error)
+            return
+        except CloudUnavailable as error:
+            await self._release(group, str(error))
+            if error.retry_after is not None:
+                self._hold(error.retry_after, "retry_after")
+            elif not isinstance(error, CircuitOpen):
+                self._failed()
+            return
+        except InvalidInput as error:
+            await self._release(group, f"cloud answer is not a group answer: {error}")
+            self._failed()
+            return
+        failed = False
+        for item, result in zip(group, answers, strict=True):
+            failed |= not await self._settle_item(item, result)
+        if not failed:
+            self._failures = 0
+
+    async def _settle_item(self, item: QueuedItem, result: GroupItemAnswer) -> bool:
+        """Store or refuse one item of a group as its own answer says; False if it failed."""
+        if result.status == 200 and result.response is not None:
+            try:
+                decode_infer_response(result.response)
+            except InvalidInput as error:
+                await self._queue.release(
+                    item.ticket, f"cloud answer is not a v2 response: {error}"
+                )
+                self._failed()
+                return False
+            await self._queue.mark_delivered(item.ticket, encode_result(result.response))
+            return True
+        message = f"cloud answered {result.status} for this item: {result.error[:200]}"
+        if 400 <= result.status < 500 and result.status != 429:
+            await self._refused(item, CloudRejected(message, result.status, result.retry_after))
+            return False
+        await self._queue.release(item.ticket, message)
+        if result.retry_after is not None:
+            self._hold(result.retry_after, "retry_after")
+        else:
+            self._failed()
+        return False
+
+    async def _group_refused(self, group: list[QueuedItem], error: CloudRejected) -> None:
+        """A 4xx for the group as a whole is not the items' fault, unless it would be theirs
+        alone too (a setup problem: device key, model name)."""
+        if error.status == 413:  # too large as a group: smaller groups, the items stay
+            self.groups.shrink(len(group))
+            await self._release(group, f"group of {len(group)} too large: {error}")
+        elif error.status in (400, 405):  # the cloud does not read groups (any more)
+            self.groups.forget()
+            await self._release(group, f"group refused: {error}")
+            self._failed()
+        else:
+            if error.status == 404:  # no such model, or no such endpoint: ask again first
+                self.groups.forget()
+            for item in group:
+                await self._refused(item, error)
 
     async def _refused(self, item: QueuedItem, error: CloudRejected) -> None:
         status = error.status

@@ -56,6 +56,8 @@ SAMPLES: dict[str, tuple[Any, Callable[[RouterConfig], Any], Any]] = {
     "degraded_rtt_seconds": (4.0, lambda c: c.monitor.degraded_rtt_s, 4.0),
     "drain_batch_items": (8, lambda c: c.drain_batch, 8),
     "drain_batch_bytes": (4096, lambda c: c.drain_batch_bytes, 4096),
+    "drain_group_items": (16, lambda c: c.drain_group_items, 16),
+    "drain_group_bytes": (8192, lambda c: c.drain_group_bytes, 8192),
     "drain_concurrency": (12, lambda c: c.drain_concurrency, 12),
     "drain_timeout_seconds": (90.0, lambda c: c.drain_retry.attempt_timeout_s, 90.0),
     "failure_backoff_seconds": (1.0, lambda c: c.failure_backoff_s, 1.0),
@@ -90,7 +92,7 @@ COVERED = {  # RouterConfig fields carried by the settings in SAMPLES (names dif
     "bandwidth_burst_s", "live_timeout_s", "live_retry", "drain_retry", "cloud_requests_per_s",
     "cloud_burst", "cloud_rate_recovery_s", "max_connections", "compress", "monitor",
     "link_backoff_s", "link_backoff_cap_s", "breaker_failures", "drain_batch",
-    "drain_batch_bytes", "drain_concurrency", "failure_backoff_s", "failure_backoff_cap_s",
+    "drain_batch_bytes", "drain_group_items", "drain_group_bytes", "drain_concurrency", "failure_backoff_s", "failure_backoff_cap_s",
     "setup_backoff_s", "audit_share", "audit_max_waiting",
 }  # fmt: skip
 

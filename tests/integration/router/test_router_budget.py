@@ -63,6 +63,9 @@ async def day_router(
         device_key=gateway.key,
         state_dir=tmp_path / "state",
         budget_day_bytes=LIMIT,
+        # LIMIT is sized for today's framing, one request per item; groups are
+        # test_router_groups.py's.
+        drain_group_items=1,
     )
     router = await Router.open(config, CollectorRegistry(), clock=clock)
     try:

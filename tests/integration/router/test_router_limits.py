@@ -226,7 +226,10 @@ def limited_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
 async def test_the_forwarder_honours_retry_after_of_a_429(
     limited_gateway: Gateway, tmp_path: Path, pixels: np.ndarray
 ) -> None:
-    config = fast_config(limited_gateway.url, limited_gateway.key, tmp_path, drain_concurrency=4)
+    # One request per item, so each meets the gateway's rate (a group would be one request).
+    config = fast_config(
+        limited_gateway.url, limited_gateway.key, tmp_path, drain_concurrency=4, drain_group_items=1
+    )
     router = await Router.open(config, CollectorRegistry())
     try:
         await link_is(router, *UP)
@@ -262,7 +265,8 @@ async def test_the_forwarder_keeps_within_its_bandwidth_cap_and_uses_it(
 ) -> None:
     proxy.cut()
     cap = 15_000
-    router = await make_router(bandwidth_cap_bytes_per_s=cap)
+    # One request per item: groups are paced in test_router_groups.py.
+    router = await make_router(bandwidth_cap_bytes_per_s=cap, drain_group_items=1)
     items = await route(router, pixels[:40])
     tickets = {i.ticket for i in items if i.ticket}
     assert len(tickets) == 40
