@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,10 +30,11 @@ def start_agent(
     workdir: Path,
     *args: str,
     env: dict[str, str] | None = None,
-    ready: Callable[[Daemon], bool] = agent_ready,
+    ready: Callable[[Daemon], bool] | None = agent_ready,
+    prefix: Sequence[str] = (),
 ) -> Daemon:
     """`edge-agent serve` on ports 0; `ready` says when it serves (an agent that asks callers
-    for a token needs a client that has one)."""
+    for a token needs a client that has one); `prefix`: see start_daemon."""
     return start_daemon(
         "edge-agent",
         [
@@ -51,6 +52,7 @@ def start_agent(
         workdir,
         ready=ready,
         env=env,
+        prefix=prefix,
     )
 
 

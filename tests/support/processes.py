@@ -103,15 +103,17 @@ def start_daemon(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
     preexec_fn: Callable[[], None] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Daemon:
     """Run `<venv>/bin/<command> serve ... --port-file`, wait for its ports, then for `ready`.
 
-    `preexec_fn` runs in the child before the daemon starts (to lower its resource limits).
+    `preexec_fn` runs in the child before the daemon starts (to lower its resource limits);
+    `prefix` comes before the command (`ip netns exec NS`, which execs it in the same process).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"{command}.{os.getpid()}.{time.monotonic_ns()}.ports.json"
     log_path = port_file.with_suffix(".log")
-    full = [str(BIN / command), *args, "--port-file", str(port_file)]
+    full = [*prefix, str(BIN / command), *args, "--port-file", str(port_file)]
     log = log_path.open("w", encoding="utf-8")
     process = subprocess.Popen(
         full,

@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,8 +90,11 @@ def start_gateway(
     key_db: Path | None = None,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    prefix: Sequence[str] = (),
+    ready: Callable[[Daemon], bool] | None = None,
 ) -> Gateway:
-    """`cloud-gateway serve` on ports 0 with its own state dir (and a shared key db if given)."""
+    """`cloud-gateway serve` on ports 0 with its own state dir (and a shared key db if given);
+    `prefix` and `ready` (how to tell it serves) for one started in a network namespace."""
     state = workdir / "state"
     key_db = key_db or state / "keys.sqlite3"
     key = add_key(key_db)
@@ -114,7 +117,8 @@ def start_gateway(
             *args,
         ],
         workdir,
-        ready=live,
+        ready=ready or live,
+        prefix=prefix,
         # Unbuffered, so a test reading the log sees every line written so far.
         env={"PYTHONUNBUFFERED": "1", **(env or {})},
         preexec_fn=preexec_fn,
