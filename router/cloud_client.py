@@ -276,6 +276,11 @@ class CloudClient:
             follow_redirects=False,
             verify=tls if tls is not None else True,
         )
+        # Every byte is paid for on a metered link: httpx's Accept: */* and Connection:
+        # keep-alive say what HTTP/1.1 means anyway, and no server reads its User-Agent (70
+        # bytes of every request's ~500).
+        for name in ("Accept", "Connection", "User-Agent"):
+            self._http.headers.pop(name, None)
 
     async def __aenter__(self) -> CloudClient:
         return self

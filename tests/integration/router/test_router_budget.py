@@ -25,7 +25,7 @@ from tests.support.fault_proxy import FaultProxy
 pytestmark = pytest.mark.integration
 
 DAY_1 = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
-LIMIT = 10_000
+LIMIT = 8_500
 """Room for the day's probes and about seven of the items below, not for all twelve."""
 STEP_S = 300.0
 
