@@ -14,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_runtime.demo import HELDOUT
-from model_runtime.v2_json import encode_infer_request
-from router import DurableQueue
-from router.cloud_client import encode_body
 from router.config import QUEUE_FILE
 from tests.integration.conftest import start_agent, write_device_key
 from tests.integration.gateway.helpers import Gateway, start_gateway
+from tests.integration.router.helpers import queue_backlog
 from tests.support.processes import Daemon, wait_until
 from tests.support.slow_link import (
     CLOUD_ADDRESS,
@@ -129,20 +126,6 @@ def total(values: dict[tuple[str, str], float], name: str, **labels: str) -> flo
         for (n, found), value in values.items()
         if n == name and labels.items() <= json.loads(found).items()
     )
-
-
-async def queue_backlog(state: Path, rows: np.ndarray) -> list[str]:
-    queue = await DurableQueue.open(state / QUEUE_FILE)
-    tickets = []
-    try:
-        for row in rows:
-            ticket = str(uuid.uuid4())
-            body = encode_body(encode_infer_request({"X": row[None, :]}, request_id=ticket))
-            await queue.enqueue(ticket, "digits-large", body, ttl_s=3600)
-            tickets.append(ticket)
-    finally:
-        await queue.close()
-    return tickets
 
 
 def delivered(state: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,19 @@ import numpy as np
 import onnxruntime as ort
 
 from model_runtime.demo import CLOUD_REPOSITORY
-from router import LinkState, LocalAnswer, MonitorConfig, RetryPolicy, Router, RouterConfig
+from model_runtime.v2_json import encode_infer_request
+from router import (
+    DurableQueue,
+    LinkState,
+    LocalAnswer,
+    MonitorConfig,
+    RetryPolicy,
+    Router,
+    RouterConfig,
+)
+from router.clock import Clock, SystemClock
+from router.cloud_client import encode_body
+from router.config import QUEUE_FILE
 
 CLOUD_MODEL = "digits-large"
 THRESHOLD = 0.5
@@ -38,6 +51,32 @@ def fast_config(url: str, key: str, state_dir: Path, **changes: Any) -> RouterCo
         expire_interval_s=0.05,
     )
     return replace(base, **changes)
+
+
+def body(x: np.ndarray, ticket: str) -> bytes:
+    return encode_body(encode_infer_request({"X": x[None, :]}, request_id=ticket))
+
+
+async def queue_backlog(
+    state_dir: Path,
+    rows: np.ndarray,
+    bad: frozenset[int] = frozenset(),
+    clock: Clock | None = None,
+) -> list[str]:
+    """Items queued while the link was down, as the router queues them; a row in `bad` is
+    queued with 60 of its 64 values (a request the cloud model refuses)."""
+    queue = await DurableQueue.open(state_dir / QUEUE_FILE, clock=clock or SystemClock())
+    tickets = []
+    try:
+        for i, row in enumerate(rows):
+            ticket = str(uuid.uuid4())
+            await queue.enqueue(
+                ticket, CLOUD_MODEL, body(row[:60] if i in bad else row, ticket), ttl_s=7 * 86400
+            )
+            tickets.append(ticket)
+    finally:
+        await queue.close()
+    return tickets
 
 
 def local_answer(confidence: list[float], *, cloud_model: str | None = CLOUD_MODEL) -> LocalAnswer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,49 +24,21 @@ from model_runtime.infer_group import (
     decode_group_answer,
     encode_group_request,
 )
-from model_runtime.v2_json import encode_infer_request
-from router import DurableQueue, LinkState, Router
-from router.clock import Clock, SystemClock
-from router.cloud_client import encode_body
-from router.config import QUEUE_FILE
+from router import LinkState, Router
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.integration.router.helpers import (
     CLOUD_MODEL,
+    body,
     cloud_model_answers,
     fast_config,
     metric,
+    queue_backlog,
     until,
 )
 from tests.support.clock import JumpClock
 from tests.support.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.integration
-
-
-def body(x: np.ndarray, ticket: str) -> bytes:
-    return encode_body(encode_infer_request({"X": x[None, :]}, request_id=ticket))
-
-
-async def queue_backlog(
-    state_dir: Path,
-    rows: np.ndarray,
-    bad: frozenset[int] = frozenset(),
-    clock: Clock | None = None,
-) -> list[str]:
-    """Items queued while the link was down, as the router queues them; a row in `bad` is
-    queued with 60 of its 64 values (a request the cloud model refuses)."""
-    queue = await DurableQueue.open(state_dir / QUEUE_FILE, clock=clock or SystemClock())
-    tickets = []
-    try:
-        for i, row in enumerate(rows):
-            ticket = str(uuid.uuid4())
-            await queue.enqueue(
-                ticket, CLOUD_MODEL, body(row[:60] if i in bad else row, ticket), ttl_s=7 * 86400
-            )
-            tickets.append(ticket)
-    finally:
-        await queue.close()
-    return tickets
 
 
 def gateway_count(gateway: Gateway, endpoint: str) -> float:
