@@ -7,12 +7,14 @@ needs root). In the same run:
 1. Drain: `--items` held-out digits queued while the link was down are drained by a Router
    (the forwarder, as in the agent) with today's framing (one request per item, with the
    headers main's client sent: Accept, Connection, User-Agent) and with groups
-   (infer_group, `drain_group_items` 64). Bytes per delivered item are the router's own byte
+   (infer_group, `drain_group_items` 64; tensors as bytes, which the gateway lists). Bytes
+   per delivered item are the router's own byte
    metrics (the data budget's bytes: request and status lines, headers, gzip bodies); time
    runs from the first attempt to the last delivery. The budget used must equal them.
 2. Image-sized escalations: one live call each for a 3x96x96 input as UINT8 and as FP32 (a
    photo of scikit-learn's sample images, averaged down to 96x96) to models of that input
-   generated here with fixed weights: bytes each way and seconds, JSON as sent today.
+   generated here with fixed weights: bytes each way and seconds, tensors as decimal JSON (as
+   sent before issue 15) and as bytes (the v2 binary tensor extension).
 3. Framings measured without the link, on the same items: gzip vs zstd of the bodies (bytes,
    CPU ms), decimal JSON vs the tensor's own bytes (the v2 binary tensor extension), and
    HTTP/2's header compression (HPACK, from the `hpack` library, as httpx's `http2` extra
@@ -30,6 +32,7 @@ import asyncio
 import ctypes
 import gzip
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -196,34 +199,33 @@ async def drain(
 async def escalations(
     gateway: Gateway, url: str, image: np.ndarray
 ) -> list[tuple[str, dict[str, float]]]:
+    """One live call each, tensors as decimal JSON and as bytes, after a warm-up call."""
     rows = []
     async with CloudClient(url, gateway.key) as client:
         for name, tensor in (
             ("image-uint8", image),
             ("image-fp32", image.astype(np.float32) / 255),
         ):
-            body = encode_body(encode_infer_request({"x": tensor}, request_id=str(uuid.uuid4())))
-            await client.infer(
-                name, body, idempotency_key=str(uuid.uuid4())
-            )  # warm: connection, model
-            key = str(uuid.uuid4())
-            body = encode_body(encode_infer_request({"x": tensor}, request_id=key))
-            start = time.perf_counter()
-            answer = await client.infer(name, body, idempotency_key=key)
-            seconds = time.perf_counter() - start
-            binary = len(gzip.compress(tensor.tobytes(), mtime=0))
-            rows.append(
-                (
-                    f"{name.split('-')[1].upper()} 3x96x96, JSON (as sent)",
-                    {
-                        "sent B": float(answer.bytes_sent),
-                        "received B": float(answer.bytes_received),
-                        "seconds": seconds,
-                        "gzip body B": float(len(gzip.compress(body, mtime=0))),
-                        "binary body B (computed)": float(binary),
-                    },
+            for binary in (False, True):
+                warm = str(uuid.uuid4())
+                body = encode_body(encode_infer_request({"x": tensor}, request_id=warm))
+                await client.infer(name, body, idempotency_key=warm, binary=binary)
+                key = str(uuid.uuid4())
+                body = encode_body(encode_infer_request({"x": tensor}, request_id=key))
+                start = time.perf_counter()
+                answer = await client.infer(name, body, idempotency_key=key, binary=binary)
+                seconds = time.perf_counter() - start
+                framing = "bytes (binary extension)" if binary else "decimal JSON (today)"
+                rows.append(
+                    (
+                        f"{name.split('-')[1].upper()} 3x96x96, {framing}",
+                        {
+                            "sent B": float(answer.bytes_sent),
+                            "received B": float(answer.bytes_received),
+                            "seconds": seconds,
+                        },
+                    )
                 )
-            )
     return rows
 
 
@@ -358,6 +360,8 @@ async def on_the_link(
 
 
 def main() -> None:
+    # A stop (SIGTERM, Ctrl-C) still stops the gateway and removes the namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--rate", type=int, default=64_000, help="the link's bits per second each way"

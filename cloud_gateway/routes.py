@@ -44,6 +44,7 @@ from model_runtime.infer_group import (
     split_group_request,
 )
 from model_runtime.repository import parse_version
+from model_runtime.v2_binary import BINARY_EXTENSION, binary_to_json
 from model_runtime.v2_json import (
     InferRequest,
     ModelSignature,
@@ -149,7 +150,7 @@ class V2Routes:
             {
                 "name": "cloud-gateway",
                 "version": _VERSION,
-                "extensions": [GROUP_EXTENSION],
+                "extensions": [GROUP_EXTENSION, BINARY_EXTENSION],
                 # How large a group may be: what clients size their groups by.
                 GROUP_EXTENSION: {
                     "max_items": self._max_items,
@@ -195,13 +196,19 @@ class V2Routes:
             max_items = self._max_items
             parts = split_group_request(body, request.headers.get(HEADER_LENGTH.lower()), max_items)
 
-            def decode() -> list[InferRequest | Exception]:
+            def decode() -> list[tuple[InferRequest, bytes] | Exception]:
                 return [self._decode_item(part, signature) for part in parts]
 
             decoded = await self._offload.run(len(body), decode)
-            check_group_limits(decoded, self._tensor_limits)
+            # Items read from binary tensors are fingerprinted as the JSON they stand for.
+            parts = [
+                p if isinstance(d, Exception) else GroupItem(p.key, d[1])
+                for p, d in zip(parts, decoded, strict=True)
+            ]
+            requests = [d if isinstance(d, Exception) else d[0] for d in decoded]
+            check_group_limits(requests, self._tensor_limits)
             outcomes = await self._service.infer_group(
-                device, name, version, parts, decoded, signature=signature
+                device, name, version, parts, requests, signature=signature
             )
         entries = []
         for part, outcome in zip(parts, outcomes, strict=True):
@@ -225,10 +232,10 @@ class V2Routes:
 
     def _decode_item(
         self, part: GroupItem, signature: ModelSignature | None
-    ) -> InferRequest | Exception:
+    ) -> tuple[InferRequest, bytes] | Exception:
         try:
             check_idempotency_key(part.key)
-            return decode_infer_request(parse_json_body(part.body), signature, self._tensor_limits)
+            return self._decode(part.body, part.header_bytes, signature)
         except (InvalidInput, LimitExceeded) as exc:
             return exc
 
@@ -275,14 +282,24 @@ class V2Routes:
         # Unknown model: 404 before reading a byte of the body.
         signature = await self._service.signature(name, version)
         body = await self._read_body(request)
+        header_length = request.headers.get(HEADER_LENGTH.lower())
 
-        def decode() -> InferRequest:
-            return decode_infer_request(parse_json_body(body), signature, self._tensor_limits)
+        def decode() -> tuple[InferRequest, bytes]:
+            return self._decode(body, header_length, signature)
 
-        decoded = await self._offload.run(len(body), decode)
+        decoded, as_json = await self._offload.run(len(body), decode)
         return await self._service.infer(
-            device, name, version, decoded, body=body, idempotency_key=key, signature=signature
+            device, name, version, decoded, body=as_json, idempotency_key=key, signature=signature
         )
+
+    def _decode(
+        self, body: bytes, header_length: str | int | None, signature: ModelSignature | None
+    ) -> tuple[InferRequest, bytes]:
+        """The request, and the JSON body it is (a binary request read as the JSON it stands
+        for: the same request, whichever framing, has the same idempotency fingerprint)."""
+        if header_length is not None:
+            body = binary_to_json(body, header_length)
+        return decode_infer_request(parse_json_body(body), signature, self._tensor_limits), body
 
 
 def check_group_limits(

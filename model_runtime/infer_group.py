@@ -11,8 +11,9 @@ header of `Inference-Header-Content-Length` bytes, then each item's body back to
     {"items":[{"key":"<Idempotency-Key>","bytes":<n>}, ...]}<item 1: n bytes><item 2>...
 
 Each item body is byte for byte the body its single request would carry (a v2 JSON inference
-request), so the server fingerprints and runs it exactly as if it had come alone: once per key,
-whichever group, or none, brings it again.
+request, or one in the binary tensor extension, whose JSON header's length the entry gives as
+`header_bytes`), so the server fingerprints and runs it exactly as if it had come alone: once
+per key, whichever group, or none, brings it again.
 
 Answer (200 whenever the group itself could be read; a group-wide problem gets the usual v2
 error body and status), one entry per item, in order:
@@ -58,6 +59,8 @@ class GroupItem:
 
     key: str
     body: bytes
+    header_bytes: int | None = None
+    """For a body in the binary tensor extension: its JSON header's length."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,13 @@ class GroupItemAnswer:
 
 def encode_group_request(items: Sequence[GroupItem]) -> tuple[bytes, int]:
     """The group's body and its JSON header's length (`Inference-Header-Content-Length`)."""
-    header = json_codec.dumps({"items": [{"key": i.key, "bytes": len(i.body)} for i in items]})
+    entries = [
+        {"key": i.key, "bytes": len(i.body)}
+        if i.header_bytes is None
+        else {"key": i.key, "bytes": len(i.body), "header_bytes": i.header_bytes}
+        for i in items
+    ]
+    header = json_codec.dumps({"items": entries})
     return header + b"".join(i.body for i in items), len(header)
 
 
@@ -113,8 +122,17 @@ def split_group_request(body: bytes, header_length: str | None, max_items: int) 
             raise InvalidInput(
                 f"items[{i}].bytes", f"must be a length >= 1 within the body's {len(body)} bytes"
             )
+        header_bytes = entry.get("header_bytes")
+        if header_bytes is not None and (
+            not isinstance(header_bytes, int)
+            or isinstance(header_bytes, bool)
+            or not 0 < header_bytes <= n
+        ):
+            raise InvalidInput(
+                f"items[{i}].header_bytes", f"must be a length within the item's {n} bytes"
+            )
         keys.add(key)
-        items.append(GroupItem(key, body[offset : offset + n]))
+        items.append(GroupItem(key, body[offset : offset + n], header_bytes))
         offset += n
     if offset != len(body):
         raise InvalidInput("body", f"holds {len(body) - offset} bytes after the last item")

@@ -36,6 +36,7 @@ __all__ = [
     "error_body",
     "model_metadata",
     "read_infer_request",
+    "tensor_data",
 ]
 
 Array = npt.NDArray[np.generic]
@@ -92,7 +93,7 @@ class InferResponse:
 # encoding
 
 
-def _data(array: Array) -> list[Any]:
+def tensor_data(array: Array) -> list[Any]:
     """Row-major flat values, floats in their shortest round-tripping form.
 
     float32 values converted to Python floats print as float64 ("0.10000000149011612");
@@ -119,7 +120,7 @@ def _tensor(name: str, array: Array) -> dict[str, Any]:
         "name": name,
         "datatype": datatype_of(array),
         "shape": list(array.shape),
-        "data": _data(array),
+        "data": tensor_data(array),
     }
 
 

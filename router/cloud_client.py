@@ -35,6 +35,7 @@ from model_runtime.infer_group import (
     GroupItem,
     encode_group_request,
 )
+from model_runtime.v2_binary import json_to_binary
 from model_runtime.v2_json import InferResponse, decode_infer_response
 from router.budget import Reservation
 from router.clock import Clock, SystemClock
@@ -393,8 +394,11 @@ class CloudClient:
         idempotency_key: str,
         deadline: float | None = None,
         version: str | None = None,
+        binary: bool = False,
     ) -> CloudAnswer:
-        """POST the v2 request `body` (a JSON object, or its encoded bytes) to the model.
+        """POST the v2 request `body` (a JSON object, or its encoded bytes) to the model;
+        `binary`: its tensors as their own bytes (the v2 binary tensor extension), for a cloud
+        that lists it.
 
         Raises CloudRejected for a 4xx other than 429, CloudUnavailable when the cloud cannot
         answer in time (CircuitOpen when the breaker holds the call back).
@@ -402,6 +406,10 @@ class CloudClient:
         _check_key(idempotency_key)
         payload = body if isinstance(body, bytes) else encode_body(body)
         headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+        if binary:
+            payload, header_length = json_to_binary(payload)
+            headers["Content-Type"] = GROUP_CONTENT_TYPE
+            headers[HEADER_LENGTH] = str(header_length)
         return await self._call(
             "POST", _model_path(model, version, "infer"), payload, headers, deadline
         )
@@ -413,14 +421,18 @@ class CloudClient:
         *,
         deadline: float | None = None,
         version: str | None = None,
+        binary: bool = False,
     ) -> CloudAnswer:
         """POST `items` (v2 JSON bodies, each under its Idempotency-Key) as one request of the
-        infer_group extension (model_runtime.infer_group). The answer's `body` is the group's
-        answer: read it with `decode_group_answer`. Raises as `infer` does for the group."""
+        infer_group extension (model_runtime.infer_group), their tensors as bytes if `binary`.
+        The answer's `body` is the group's answer: read it with `decode_group_answer`. Raises
+        as `infer` does for the group."""
         if not items:
             raise ValueError("items: a group needs at least one item")
         for item in items:
             _check_key(item.key)
+        if binary:
+            items = [GroupItem(i.key, *json_to_binary(i.body)) for i in items]
         payload, header_length = encode_group_request(items)
         headers = {"Content-Type": GROUP_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
         path = _model_path(model, version, GROUP_EXTENSION)

@@ -319,7 +319,8 @@ class Forwarder:
         return None
 
     def _body_bytes(self, group: Sequence[QueuedItem]) -> int:
-        """The body's size as the client will send it (the same gzip, so the same bytes)."""
+        """The body's size as the client will send it (the same gzip, so the same bytes); for
+        binary tensors, an estimate from the JSON (no smaller), settled once sent."""
         if len(group) == 1:
             body = group[0].payload
         else:
@@ -354,8 +355,9 @@ class Forwarder:
         try:
             with self._drain_call(body_bytes, estimate):
                 answer = await self._client.infer(
-                    item.model, item.payload, idempotency_key=item.ticket
-                )
+                    item.model, item.payload, idempotency_key=item.ticket,
+                    binary=self.groups.binary,
+                )  # fmt: skip
             answer.response()  # only an answer that decodes is stored
         except BudgetExhausted as error:
             await self._queue.release(item.ticket, f"not sent: {error}")
@@ -382,8 +384,9 @@ class Forwarder:
         try:
             with self._drain_call(body_bytes, estimate):
                 answer = await self._client.infer_group(
-                    group[0].model, [GroupItem(item.ticket, item.payload) for item in group]
-                )
+                    group[0].model, [GroupItem(item.ticket, item.payload) for item in group],
+                    binary=self.groups.binary,
+                )  # fmt: skip
             answers = decode_group_answer(answer.body, keys)
         except BudgetExhausted as error:
             await self._release(group, f"not sent: {error}")

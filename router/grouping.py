@@ -1,6 +1,7 @@
 """GroupPlanner: which queued items the forwarder sends together in one infer_group request.
 
-Groups are sized within the agent's own bounds (`drain_group_items`, `drain_group_bytes`) and
+It also learns whether the cloud reads tensors as bytes (the v2 binary tensor extension), which
+the drain and live escalations then use. Groups are sized within the agent's own bounds (`drain_group_items`, `drain_group_bytes`) and
 the cloud's, which it states in its server metadata (`GET /v2`); a cloud that does not list the
 extension gets one request per item, as any v2 server takes them. A group the cloud finds too
 large (413: its answers would pass the cloud's answer limit) halves the groups that follow.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_runtime.infer_group import GROUP_EXTENSION
+from model_runtime.v2_binary import BINARY_EXTENSION
 from router.clock import Clock
 from router.queue_schema import QueuedItem
 
@@ -40,6 +42,8 @@ class GroupPlanner:
         self._clock = clock
         self.limits: GroupLimits | None = None
         """The cloud's limits on groups; None: it takes none, or it is not known yet."""
+        self.binary = False
+        """The cloud reads tensors as bytes (the v2 binary tensor extension)."""
         self._check_at = -math.inf
         self._shrunk = max_items
 
@@ -58,6 +62,7 @@ class GroupPlanner:
             return
         self._check_at = now + _RECHECK_S
         extensions = metadata.get("extensions")
+        self.binary = isinstance(extensions, list) and BINARY_EXTENSION in extensions
         limits = metadata.get(GROUP_EXTENSION)
         if not isinstance(extensions, list) or GROUP_EXTENSION not in extensions:
             self.limits = None
@@ -71,6 +76,7 @@ class GroupPlanner:
     def forget(self) -> None:
         """The cloud refused a group as if it knew no such thing: ask it again first."""
         self.limits = None
+        self.binary = False
         self._check_at = -math.inf
 
     def shrink(self, refused_size: int) -> None:

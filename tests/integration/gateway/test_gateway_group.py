@@ -1,6 +1,7 @@
 """The infer_group extension on a real gateway: each item run once per key whichever group (or
 single request) brings it, answers per item, a bad item failing alone, the request limits
-holding for the group as a whole."""
+holding for the group as a whole; and a request's tensors as bytes (the v2 binary tensor
+extension), which is the same request as its JSON."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from model_runtime.infer_group import (
     decode_group_answer,
     encode_group_request,
 )
+from model_runtime.v2_binary import BINARY_EXTENSION, json_to_binary
+from model_runtime.v2_json import encode_infer_request
 from tests.integration.gateway.helpers import Gateway, infer_body, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -47,8 +50,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def item(x: np.ndarray, key: str | None = None) -> GroupItem:
+    """One digit's request as the agent queues it (compact JSON: the JSON the binary
+    extension's bytes read back as)."""
     key = key or str(uuid.uuid4())
-    return GroupItem(key, infer_body(x[None, :], request_id=key))
+    return GroupItem(key, json_codec.dumps(encode_infer_request({"X": x[None, :]}, request_id=key)))
 
 
 def post_group(gw: Gateway, items: list[GroupItem], **headers: str) -> httpx.Response:
@@ -219,3 +224,44 @@ def test_a_group_answer_is_json_with_one_entry_per_item(
     response = post_group(gateway, items)
     document = json_codec.loads(response.content)
     assert [e["key"] for e in document["items"]] == [i.key for i in items]
+
+
+# -- the binary tensor extension ---------------------------------------------------------------
+
+
+def test_a_request_as_bytes_or_as_json_is_one_request(
+    gateway: Gateway, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = heldout[0]
+    with gateway.client() as c:
+        assert BINARY_EXTENSION in c.get("/v2").json()["extensions"]
+    a, b = item(x[100]), item(x[101])
+    binary, header_length = json_to_binary(a.body)
+    before = runs(gateway)
+    with gateway.client() as c:
+        as_json = c.post(INFER, content=a.body, headers={"Idempotency-Key": a.key})
+        as_bytes = c.post(
+            INFER,
+            content=binary,
+            headers={"Idempotency-Key": a.key, HEADER_LENGTH: str(header_length)},
+        )
+    assert as_bytes.status_code == 200, as_bytes.text
+    assert as_bytes.headers["Idempotency-Replayed"] == "true"  # not 422: the same request
+    assert as_bytes.json()["outputs"] == as_json.json()["outputs"]
+    # In a group, as bytes first; then alone as JSON: replayed.
+    got = answers(post_group(gateway, [GroupItem(b.key, *json_to_binary(b.body))]), [b])
+    with gateway.client() as c:
+        again = c.post(INFER, content=b.body, headers={"Idempotency-Key": b.key})
+    assert again.headers["Idempotency-Replayed"] == "true"
+    assert again.json()["outputs"] == got[0].response["outputs"]  # type: ignore[index]
+    assert runs(gateway) - before == 2
+
+
+def test_bytes_that_do_not_add_up_get_400_naming_the_field(
+    gateway: Gateway, heldout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    binary, header_length = json_to_binary(item(heldout[0][102]).body)
+    with gateway.client() as c:
+        short = c.post(INFER, content=binary[:-4], headers={HEADER_LENGTH: str(header_length)})
+    assert short.status_code == 400
+    assert short.json()["error"].startswith("X.parameters.binary_data_size:")
