@@ -10,7 +10,6 @@ from typing import TypeVar
 
 import grpc
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,38 +78,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 @pytest.fixture(scope="module")
 def client(agent: Daemon) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(agent.address("grpc"))
-
-
-@pytest.fixture(scope="module")
-def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A classifier that takes a few hundred milliseconds per call, to hold calls in flight."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    size, layers = 256, 60
-    nodes, inits = [], []
-    previous = "X"
-    for i in range(layers):
-        w = numpy_helper.from_array(
-            (rng.normal(size=(size, size)) / size).astype(np.float32), f"W{i}"
-        )
-        inits.append(w)
-        nodes.append(helper.make_node("MatMul", [previous, f"W{i}"], [f"H{i}"]))
-        previous = f"H{i}"
-    nodes.append(helper.make_node("Softmax", [previous], ["probabilities"], axis=1))
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", size])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", size])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    root = tmp_path_factory.mktemp("slow-repo")
-    (root / "slow" / "1").mkdir(parents=True)
-    onnx.save(model, root / "slow" / "1" / "model.onnx")
-    return root
 
 
 @pytest.fixture(scope="module")

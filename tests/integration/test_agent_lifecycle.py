@@ -9,16 +9,21 @@ import tempfile
 import threading
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from edge_agent.grpc._generated import router_service_pb2 as rpb
+from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
-from tests.integration.conftest import start_agent
-from tests.support.processes import BIN, wait_until
+from tests.integration.conftest import start_agent, start_agent_with_cloud
+from tests.integration.gateway.helpers import Gateway
+from tests.support.fault_proxy import FaultProxy
+from tests.support.processes import BIN, Daemon, wait_until
 
 X = np.load(HELDOUT)["X"][:4]
 
@@ -45,47 +50,70 @@ def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_sigterm_lets_calls_in_flight_finish_then_exits_zero(
-    tmp_path: Path, slow_repository: Path
+    tmp_path: Path, gateway: Gateway, proxy: FaultProxy
 ) -> None:
-    agent = start_agent(
-        tmp_path, "--model-repository", str(slow_repository), "--grace-seconds", "20"
+    # Three live escalations are held in the black-holed link for as long as the test wants:
+    # their time in flight depends on nothing this machine computes.
+    agent = start_agent_with_cloud(
+        tmp_path,
+        gateway,
+        proxy,
+        "--grace-seconds",
+        "60",
+        env={"EDGE_AGENT_LIVE_TIMEOUT_SECONDS": "120"},
     )
-    client = triton.InferenceServerClient(agent.address("grpc"))
-    x = np.random.default_rng(1).normal(size=(256, 256)).astype(np.float32)
-    inp = triton.InferInput("X", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    results: list[object] = []
+    try:
+        wait_until(lambda: _link_state(agent) == "up", what="the link to come up")
+        client = triton.InferenceServerClient(agent.address("grpc"))
+        proxy.black_hole()
+        results: list[object] = []
 
-    def call() -> None:
-        try:
-            results.append(
-                client.infer("slow", [inp], client_timeout=60).as_numpy("probabilities").shape
-            )
-        except InferenceServerException as exc:
-            results.append(exc.status())
+        def call(i: int) -> None:
+            inp = triton.InferInput("X", [1, 64], "FP32")
+            inp.set_data_from_numpy(X[i : i + 1])
+            try:
+                answer = client.infer(
+                    "digits", [inp], parameters={"escalation": "always"}, client_timeout=120
+                )
+                results.append(answer.get_response().parameters["route"].string_param)
+            except InferenceServerException as exc:
+                results.append(exc.status())
 
-    callers = [threading.Thread(target=call) for _ in range(3)]
-    for t in callers:
-        t.start()
-    metrics_url = f"http://{agent.address('metrics')}/metrics"
-    wait_until(
-        lambda: "edge_agent_requests_in_flight 3.0" in httpx.get(metrics_url).text,
-        what="3 calls in flight",
-    )
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in callers:
+            t.start()
+        metrics_url = f"http://{agent.address('metrics')}/metrics"
+        wait_until(
+            lambda: "edge_agent_requests_in_flight 3.0" in httpx.get(metrics_url).text,
+            what="3 calls in flight",
+        )
 
-    agent.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: '"msg": "stopping"' in agent.log(), what="the agent to begin its drain")
-    with pytest.raises(InferenceServerException) as refused:
-        triton.InferenceServerClient(agent.address("grpc")).infer("slow", [inp], client_timeout=10)
-    for t in callers:
-        t.join()
+        agent.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: '"msg": "stopping"' in agent.log(), what="the agent to begin its drain")
+        inp = triton.InferInput("X", [1, 64], "FP32")
+        inp.set_data_from_numpy(X[:1])
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("digits", [inp], client_timeout=30)
+        assert agent.process.poll() is None  # still draining: the calls are held in the link
+        proxy.restore()
+        for t in callers:
+            t.join(120)
 
-    assert agent.process.wait(30) == 0
-    assert results == [(256, 256)] * 3  # every call that was in flight got its answer
-    # New calls are turned away, retryably, by the agent itself while it drains.
-    assert refused.value.status() == "StatusCode.UNAVAILABLE"
-    assert "the agent is stopping" in str(refused.value.message())
-    assert '"msg": "stopped"' in agent.log()
+        assert agent.process.wait(60) == 0
+        assert results == ["cloud"] * 3  # every call that was in flight got the cloud's answer
+        # New calls are turned away, retryably, by the agent itself while it drains.
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
+        assert "the agent is stopping" in str(refused.value.message())
+        assert '"msg": "stopped"' in agent.log()
+    finally:
+        proxy.restore()
+        agent.stop()
+
+
+def _link_state(agent: Daemon) -> str:
+    with grpc.insecure_channel(agent.address("grpc")) as channel:
+        stub = rpb_grpc.RouterServiceStub(channel)
+        return str(stub.Status(rpb.StatusRequest(), timeout=5).link_state)
 
 
 def test_taken_port_is_one_clear_line(tmp_path: Path) -> None:

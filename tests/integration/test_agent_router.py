@@ -47,13 +47,15 @@ def status(agent: Daemon) -> rpb.StatusResponse:
         return rpb_grpc.RouterServiceStub(channel).Status(rpb.StatusRequest(), timeout=5)
 
 
-def ask(agent: Daemon, i: int, priority: int = 0, **parameters: object) -> triton.InferResult:
+def ask(
+    agent: Daemon, i: int, priority: int = 0, timeout_s: float = 30, **parameters: object
+) -> triton.InferResult:
     inp = triton.InferInput("X", [1, 64], "FP32")
     inp.set_data_from_numpy(X[i : i + 1])
     client = triton.InferenceServerClient(agent.address("grpc"))
     # tritonclient sends `priority` as the request parameter of that name, as Triton does.
     return client.infer(
-        "digits", [inp], parameters=parameters or None, priority=priority, client_timeout=30
+        "digits", [inp], parameters=parameters or None, priority=priority, client_timeout=timeout_s
     )
 
 
@@ -118,20 +120,28 @@ def test_link_down_gives_a_provisional_answer_and_a_ticket_that_resolves(
 
 
 def test_a_black_holed_cloud_never_holds_up_a_local_answer(
-    agent: Daemon, proxy: FaultProxy
+    tmp_path: Path, gateway: Gateway, proxy: FaultProxy
 ) -> None:
-    proxy.black_hole()
-    wait_until(
-        lambda: status(agent).link_state == "down",
-        timeout=30,
-        what="the monitor to see the link down",
+    # A live escalation may wait 60 s here: an answer held up by the cloud could not come back
+    # within 20 s, while a local one comes in milliseconds however busy the machine is.
+    agent = start_agent_with_cloud(
+        tmp_path, gateway, proxy, env={"EDGE_AGENT_LIVE_TIMEOUT_SECONDS": "60"}
     )
-    for i in [*UNSURE[:10], *CONFIDENT[:10]]:
-        started = time.perf_counter()
-        p = params(ask(agent, int(i)))
-        elapsed = time.perf_counter() - started
-        assert p["route"] in ("edge", "queue")
-        assert elapsed < 0.5, f"item {i} took {elapsed:.3f}s with the cloud black-holed"
+    try:
+        proxy.black_hole()
+        wait_until(
+            lambda: status(agent).link_state == "down",
+            timeout=30,
+            what="the monitor to see the link down",
+        )
+        for i in [*UNSURE[:10], *CONFIDENT[:10]]:
+            started = time.monotonic()
+            p = params(ask(agent, int(i), timeout_s=120))
+            elapsed = time.monotonic() - started
+            assert p["route"] in ("edge", "queue")
+            assert elapsed < 20, f"item {i} took {elapsed:.3f}s with the cloud black-holed"
+    finally:
+        agent.stop()
 
 
 def test_status_reports_link_queue_and_budget(agent: Daemon, proxy: FaultProxy) -> None:

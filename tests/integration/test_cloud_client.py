@@ -256,8 +256,8 @@ async def test_retry_after_beyond_the_deadline_gives_up_at_once(
     async with client_for(f"http://127.0.0.1:{cloud.port}", attempts) as client:
         start = time.monotonic()
         with pytest.raises(CloudUnavailable) as raised:
-            await client.infer("m", BODY, idempotency_key="t-ra", deadline=deadline_in(3))
-    assert time.monotonic() - start < 0.5
+            await client.infer("m", BODY, idempotency_key="t-ra", deadline=deadline_in(20))
+    assert time.monotonic() - start < 10  # neither the Retry-After (30 s) nor the deadline
     assert raised.value.retry_after == 30.0
     assert len(cloud.seen) == 1
 
@@ -265,12 +265,13 @@ async def test_retry_after_beyond_the_deadline_gives_up_at_once(
 async def test_slow_cloud_times_out_at_the_deadline(
     cloud: ScriptedCloud, attempts: Attempts
 ) -> None:
-    cloud.script = [Action(delay=5.0)] * 5
+    cloud.script = [Action(delay=30.0)] * 5
     async with client_for(f"http://127.0.0.1:{cloud.port}", attempts) as client:
         start = time.monotonic()
         with pytest.raises(CloudUnavailable):
             await client.infer("m", BODY, idempotency_key="t-slow", deadline=deadline_in(0.5))
-    assert 0.4 <= time.monotonic() - start < 1.5  # the deadline, plus slack for a busy machine
+    # the deadline, far from the cloud's 30 s, however busy the machine
+    assert 0.4 <= time.monotonic() - start < 10
     assert attempts.outcomes == ["timeout"]
 
 
@@ -281,9 +282,9 @@ async def test_cut_link_fails_fast_within_the_deadline(
     async with client_for(proxy.url, attempts) as client:
         start = time.monotonic()
         with pytest.raises(CloudUnavailable) as raised:
-            await client.infer("m", BODY, idempotency_key="t-cut", deadline=deadline_in(10))
+            await client.infer("m", BODY, idempotency_key="t-cut", deadline=deadline_in(60))
         assert not await client.ready()
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 20  # four attempts and their backoff, not the deadline
     assert isinstance(raised.value.__cause__, CloudUnavailable)
     assert attempts.outcomes == ["network_error"] * 4
     assert attempts.probes == ["network_error"]
@@ -299,7 +300,7 @@ async def test_black_hole_gives_up_at_the_deadline_and_never_hangs(
             await client.infer("m", BODY, idempotency_key="t-hole", deadline=deadline_in(1.0))
         elapsed = time.monotonic() - start
         assert not await client.ready()  # the probe has its own short timeout
-    assert 0.9 <= elapsed < 2.0  # the deadline, plus slack for a busy machine
+    assert 0.9 <= elapsed < 10  # the deadline; a hang would last until the test's timeout
     assert set(attempts.outcomes) == {"timeout"}
     assert attempts.probes == ["timeout"]
     assert proxy.bytes_to_target == 0

@@ -127,7 +127,7 @@ def test_upstream_down_gets_503_and_the_retry_runs_once_it_is_back(
         with gw.client() as c:
             started = time.monotonic()
             down = c.post(INFER, content=body, headers={"Idempotency-Key": "q-9"})
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 15  # not the 30 s upstream timeout
             assert down.status_code == 503
             assert down.headers["Retry-After"] == "5"
             assert "unavailable" in down.json()["error"]
@@ -173,7 +173,7 @@ def test_a_stalled_upstream_gets_504_within_the_timeout(
         elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert "did not answer within 1 s" in response.json()["error"]
-    assert 1.0 <= elapsed < 4.0
+    assert 1.0 <= elapsed < 9.0  # the upstream timeout, not the client's 10 s
     assert stalling_gateway.metric("cloud_gateway_upstream_errors_total", kind="timeout") == 1
 
 
@@ -197,4 +197,4 @@ def test_an_upstream_that_accepts_and_never_answers_gets_504(
         finally:
             gw.daemon.stop()
     assert response.status_code == 504
-    assert 1.0 <= elapsed < 4.0
+    assert 1.0 <= elapsed < 9.0  # the upstream timeout, not the client's 10 s

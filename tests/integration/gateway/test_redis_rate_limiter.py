@@ -52,15 +52,17 @@ async def test_a_burst_then_refusals_with_the_wait_for_the_next_token(
 
 
 async def test_the_bucket_refills_at_the_rate_up_to_the_burst(client: aioredis.Redis) -> None:
-    limit = limiter(client, rate=50.0, burst=3)
+    # A token every 0.25 s: each check below is a few Redis round trips, far shorter than that
+    # even on a busy machine, so no token can slip in between them.
+    limit = limiter(client, rate=4.0, burst=3)
     for _ in range(3):
         await limit.acquire("clinic-1")
     wait = await refused(limit)
-    assert 0 < wait <= 0.02
+    assert 0 < wait <= 0.25
     await asyncio.sleep(wait)  # the wait it gave is enough, and no more than one token comes
     await limit.acquire("clinic-1")
     await refused(limit)
-    await asyncio.sleep(0.2)  # ten tokens' worth: the bucket holds only the burst
+    await asyncio.sleep(2.5)  # ten tokens' worth: the bucket holds only the burst
     for _ in range(3):
         await limit.acquire("clinic-1")
     await refused(limit)

