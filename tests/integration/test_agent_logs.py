@@ -16,12 +16,12 @@ from tests.support.processes import wait_until
 
 
 def test_each_request_is_one_json_event_with_its_id_and_no_payload(tmp_path: Path) -> None:
-    agent = start_agent(tmp_path, "--log-level", "DEBUG")
-    client = triton.InferenceServerClient(agent.address("grpc"))
     x = np.load(HELDOUT)["X"][:1]
     inp = triton.InferInput("X", [1, 64], "FP32")
     inp.set_data_from_numpy(x)
+    agent = start_agent(tmp_path, "--log-level", "DEBUG")
     try:
+        client = triton.InferenceServerClient(agent.address("grpc"))
         client.infer("digits", [inp], request_id="kiosk-7/42")
         bad = triton.InferInput("X", [1, 64], "FP32")
         bad.set_data_from_numpy(np.full((1, 64), np.nan, dtype=np.float32))

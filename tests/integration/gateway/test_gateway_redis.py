@@ -26,7 +26,13 @@ def replicas(
     # by default (an agent keeps at most 4 connections).
     env = {"CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "32"}
     a = start_gateway(root / "a", "--idempotency-store", redis_server.url, key_db=key_db, env=env)
-    b = start_gateway(root / "b", "--idempotency-store", redis_server.url, key_db=key_db, env=env)
+    try:
+        b = start_gateway(
+            root / "b", "--idempotency-store", redis_server.url, key_db=key_db, env=env
+        )
+    except BaseException:
+        a.daemon.stop()
+        raise
     yield a, b
     for gw in (a, b):
         gw.daemon.stop()
