@@ -8,6 +8,7 @@ and is then killed so that nothing is left behind. Read from /proc: Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Generator
@@ -109,8 +110,6 @@ class LeakCheck:
             else:
                 print(f"LEAKED {line}")
         for info, _ in leaked:
-            try:
+            with contextlib.suppress(OSError):  # it may have ended meanwhile
                 os.kill(info.pid, signal.SIGKILL)
-            except OSError:
-                pass
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
