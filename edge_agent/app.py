@@ -184,6 +184,7 @@ async def _serve_with(
     # once (a browser's EventSource reconnects and resumes by itself).
     await asyncio.gather(server.stop(left), *([rest.stop(left)] if rest is not None else []))
     metrics_server.shutdown()
+    metrics_server.server_close()
     return 0
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from edge_agent.grpc._generated import router_service_pb2 as edge__agent_dot_grpc_dot___generated_dot_router__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RouterServiceStub:
+class RouterServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -51,7 +51,7 @@ class RouterServiceStub:
                 _registered_method=True)
 
 
-class RouterServiceServicer:
+class RouterServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetResult(self, request, context):
@@ -102,7 +102,7 @@ def add_RouterServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RouterService:
+class RouterService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
