@@ -2,35 +2,61 @@
 
 Every command builds GatewaySettings once (defaults < --config TOML < CLOUD_GATEWAY_* env <
 flags) and hands them down; a bad setting stops it with exit code 2, naming the key.
+Exit codes, for every command: 0 done; 1 failed while running; 2 usage or configuration error.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import tomli_w
 import typer
+import typer.core
+import typer.main
 
 from cloud_gateway.errors import InvalidDeviceName
 from cloud_gateway.keys import KeyStore
 from cloud_gateway.server import run
 from cloud_gateway.settings import GatewaySettings, SettingsError, load_settings
-from model_runtime import ModelLoadError
+from model_runtime.command_line import (
+    EXIT_CODES_HELP,
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    StartupError,
+    format_settings,
+    run_command_line,
+    setting_rows,
+)
 from model_runtime.private_files import restrict_umask
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-keys_app = typer.Typer(no_args_is_help=True, help="Device keys: add, list, revoke.")
-config_app = typer.Typer(no_args_is_help=True, help="Settings: show what a serve would use.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="The cloud gateway: the Open Inference Protocol v2 over REST for edge devices, "
+    "one model run per request.",
+    epilog=EXIT_CODES_HELP,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help, and click's one-line usage errors
+)
+keys_app = typer.Typer(
+    no_args_is_help=True, help="Device keys: add, list, revoke.", rich_markup_mode=None
+)
+config_app = typer.Typer(
+    no_args_is_help=True,
+    help="Settings: check them before a restart, list every setting.",
+    rich_markup_mode=None,
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML file of settings (keys as in GatewaySettings)."),
+    typer.Option("--config", help="TOML file of settings (`config show --all` lists the keys)."),
 ]
 StateDirOpt = Annotated[
     Path | None, typer.Option(help="Directory of the SQLite files [default: var/cloud-gateway].")
@@ -45,14 +71,26 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _settings(config: Path | None, **flags: Any) -> GatewaySettings:
+def _settings(
+    config: Path | None, flags_of: dict[str, str] | None = None, **flags: Any
+) -> GatewaySettings:
     try:
-        return load_settings(config, flags)
+        return load_settings(config, flags, flags_of=flags_of)
     except SettingsError as exc:
-        _fail(str(exc), 2)
+        for problem in exc.problems[:-1]:
+            typer.echo(f"cloud-gateway: {problem}", err=True)
+        _fail(exc.problems[-1], EXIT_USAGE)
 
 
-@app.command()
+def _key_store(settings: GatewaySettings) -> KeyStore:
+    try:
+        return KeyStore(settings.key_db_path)
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"cannot open the key database {settings.key_db_path}: {reason}", EXIT_USAGE)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
 def serve(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="API address [default: 127.0.0.1].")] = None,
@@ -70,15 +108,18 @@ def serve(
     upstream: Annotated[
         str | None, typer.Option(help="Forward inference to this v2 REST server instead.")
     ] = None,
-    upstream_timeout: Annotated[
-        float | None, typer.Option(help="Seconds an upstream call may take [default: 30].")
+    upstream_timeout_s: Annotated[
+        float | None,
+        typer.Option("--upstream-timeout", help="Seconds an upstream call may take [default: 30]."),
     ] = None,
     idempotency_store: Annotated[
         str | None, typer.Option(help="'sqlite' or a redis:// URL shared by replicas.")
     ] = None,
     state_dir: StateDirOpt = None,
     key_db: KeyDbOpt = None,
-    log_level: Annotated[str | None, typer.Option(help="critical|error|warning|info|debug")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error or critical, in any case.")
+    ] = None,
     access_log: Annotated[
         bool | None, typer.Option("--access-log/--no-access-log", help="One line per request.")
     ] = None,
@@ -87,9 +128,15 @@ def serve(
         typer.Option(help='Once bound, write {"http": port, "metrics": port} here (atomically).'),
     ] = None,
 ) -> None:
-    """Serve the Open Inference Protocol v2 REST API (the bundled large model by default)."""
+    """Serve the Open Inference Protocol v2 REST API (the bundled large model by default).
+
+    The flags below are the common settings. Every setting (rate limits, body sizes,
+    idempotency retention...) can be given in the --config file or as CLOUD_GATEWAY_<KEY>:
+    `cloud-gateway config show --all` lists them all, with defaults and meanings.
+    """
     settings = _settings(
         config,
+        serve_flags(),
         host=host,
         port=port,
         metrics_host=metrics_host,
@@ -97,23 +144,23 @@ def serve(
         workers=workers,
         model_repository=model_repository,
         upstream=upstream,
-        upstream_timeout_s=upstream_timeout,
+        upstream_timeout_s=upstream_timeout_s,
         idempotency_store=idempotency_store,
         state_dir=state_dir,
         key_db=key_db,
         log_level=log_level,
         access_log=access_log,
     )
+    if port_file is not None and not port_file.parent.is_dir():
+        _fail(f"port_file: its directory {port_file.parent} does not exist", EXIT_USAGE)
     try:
         code = run(settings, port_file=port_file)
-    except ModelLoadError as exc:
-        _fail(str(exc), 1)
-    except OSError as exc:  # the port is taken, the state directory is not writable...
-        _fail(str(exc), 1)
+    except StartupError as exc:
+        _fail(str(exc), EXIT_USAGE)
     raise typer.Exit(code)
 
 
-@keys_app.command("add")
+@keys_app.command("add", epilog=EXIT_CODES_HELP)
 def keys_add(
     device: Annotated[str, typer.Argument(help="Name of the device (site, box or app).")],
     config: ConfigOpt = None,
@@ -122,11 +169,11 @@ def keys_add(
 ) -> None:
     """Create a key for DEVICE and print it. It is shown this once and stored only as a hash."""
     settings = _settings(config, state_dir=state_dir, key_db=key_db)
-    store = KeyStore(settings.key_db_path)
+    store = _key_store(settings)
     try:
         new = store.add(device)
     except InvalidDeviceName as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), EXIT_USAGE)
     finally:
         store.close()
     typer.echo(new.token)
@@ -137,13 +184,13 @@ def keys_add(
     )
 
 
-@keys_app.command("list")
+@keys_app.command("list", epilog=EXIT_CODES_HELP)
 def keys_list(
     config: ConfigOpt = None, state_dir: StateDirOpt = None, key_db: KeyDbOpt = None
 ) -> None:
     """List device keys (ids and dates, never the keys)."""
     settings = _settings(config, state_dir=state_dir, key_db=key_db)
-    store = KeyStore(settings.key_db_path)
+    store = _key_store(settings)
     try:
         rows = store.list()
     finally:
@@ -154,7 +201,7 @@ def keys_list(
         typer.echo(f"{row.device:<32} {row.key_id:<16} {_when(row.created_at):<20} {status}")
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", epilog=EXIT_CODES_HELP)
 def keys_revoke(
     device: Annotated[str, typer.Argument(help="Device whose keys to revoke.")],
     key_id: Annotated[str | None, typer.Option(help="Revoke only this key.")] = None,
@@ -165,28 +212,60 @@ def keys_revoke(
     """Revoke DEVICE's active keys (or one of them); running gateways refuse them within
     `key_cache_s` seconds."""
     settings = _settings(config, state_dir=state_dir, key_db=key_db)
-    store = KeyStore(settings.key_db_path)
+    store = _key_store(settings)
     try:
         count = store.revoke(device, key_id)
     finally:
         store.close()
     if count == 0:
-        _fail(f"device '{device}' has no active key{' ' + key_id if key_id else ''}", 1)
+        _fail(f"device '{device}' has no active key{' ' + key_id if key_id else ''}", EXIT_FAILURE)
     typer.echo(f"revoked {count} key(s) of device '{device}'")
 
 
-@config_app.command("check")
+@config_app.command("check", epilog=EXIT_CODES_HELP)
 def config_check(config: ConfigOpt = None) -> None:
-    """Validate the settings from --config and the environment; print them as TOML."""
+    """Validate the settings as serve would (--config file < CLOUD_GATEWAY_* environment);
+    print the settings in force as TOML."""
     settings = _settings(config)
-    values = settings.model_dump(mode="json", exclude_none=True)
-    typer.echo(tomli_w.dumps(values), nl=False)
+    source = f"{config} and the environment" if config is not None else "the environment"
+    typer.echo(f"# cloud-gateway settings in force with {source}")
+    typer.echo(tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True)), nl=False)
+
+
+@config_app.command("show", epilog=EXIT_CODES_HELP)
+def config_show(
+    config: ConfigOpt = None,
+    all_settings: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every setting with its default, environment variable and meaning."
+        ),
+    ] = False,
+) -> None:
+    """Print the settings in force as TOML, or with --all every setting there is."""
+    if all_settings:
+        rows = setting_rows(GatewaySettings, serve_flags())
+        typer.echo(format_settings("cloud-gateway", rows), nl=False)
+        return
+    settings = _settings(config)
+    typer.echo(tomli_w.dumps(settings.model_dump(mode="json", exclude_none=True)), nl=False)
 
 
 def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def serve_flags() -> dict[str, str]:
+    """Setting -> the flag of `serve` that sets it (the others: --config file or environment)."""
+    command = typer.main.get_command(app)
+    assert isinstance(command, typer.core.TyperGroup)
+    return {
+        p.name: p.opts[0]
+        for p in command.commands["serve"].params
+        if p.name in GatewaySettings.model_fields
+    }
+
+
 def main() -> None:
     restrict_umask()  # every file and directory the gateway makes is its own (0600 / 0700)
-    app(prog_name="cloud-gateway")
+    raise SystemExit(run_command_line(app, "cloud-gateway"))

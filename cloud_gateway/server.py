@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,8 @@ from uvicorn.supervisors import Multiprocess
 from cloud_gateway.app import WorkerAppFactory, create_app
 from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
+from model_runtime import ModelLoadError
+from model_runtime.command_line import EXIT_USAGE, StartupError
 from model_runtime.private_files import private_dir
 from model_runtime.sockets import bind_socket
 
@@ -96,6 +99,17 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
     )
 
 
+def _single_app(settings: GatewaySettings, registry: CollectorRegistry) -> Any:
+    try:
+        return create_app(settings, registry=registry)
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:  # the key or idempotency database
+        raise StartupError(
+            f"cannot open the gateway's databases in {settings.state_dir}: {exc}"
+        ) from None
+
+
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -116,11 +130,20 @@ def raise_open_files_limit() -> int:
 
 
 def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    """Serve until SIGTERM or SIGINT; returns the process exit code. Raises StartupError, with
+    the one line the operator sees, when start-up cannot go on."""
     logging.config.dictConfig(_log_config(settings.log_level))
     raise_open_files_limit()
-    private_dir(settings.state_dir)
-    sock = bind_socket(settings.host, settings.port)
+    try:
+        private_dir(settings.state_dir)
+    except OSError as exc:
+        raise StartupError(f"cannot use state dir {settings.state_dir}: {exc.strerror}") from None
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError:
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port}: address in use or not available"
+        ) from None
     multiproc_dir: Path | None = None
     registry = CollectorRegistry()
     try:
@@ -130,16 +153,25 @@ def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
             MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
             config = _uvicorn_config(settings, WorkerAppFactory(settings), factory=True)
         else:
-            config = _uvicorn_config(
-                settings, create_app(settings, registry=registry), factory=False
+            config = _uvicorn_config(settings, _single_app(settings, registry), factory=False)
+        try:
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.metrics_host, registry=registry
             )
-        metrics_server, _ = start_http_server(
-            settings.metrics_port, settings.metrics_host, registry=registry
-        )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
+                f"{exc.strerror}"
+            ) from None
         try:
             ports = {"http": sock.getsockname()[1], "metrics": metrics_server.server_port}
             if port_file is not None:
-                write_port_file(port_file, ports)
+                try:
+                    write_port_file(port_file, ports)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot write port file {port_file}: {exc.strerror}"
+                    ) from None
             log.info(
                 "v2 API on %s:%d, metrics on %s:%d, %d worker(s)",
                 settings.host,
@@ -152,7 +184,7 @@ def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
                 supervisor = Multiprocess(config, sockets=[sock])
                 supervisor.run()
                 failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
-                return 1 if failed else 0
+                return EXIT_USAGE if failed else 0  # a worker's own line says why
             # uvicorn re-raises SIGTERM after its graceful shutdown; exiting through SystemExit
             # (rather than the default handler's abrupt end) lets the cleanup below run.
             signal.signal(signal.SIGTERM, _exit_cleanly)

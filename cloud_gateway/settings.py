@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import (
     SettingsConfigDict,
 )
 
 from model_runtime.demo import CLOUD_REPOSITORY
-from model_runtime.layered_settings import LayeredSettings
+from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
 
 __all__ = ["ENV_PREFIX", "GatewaySettings", "SettingsError", "load_settings"]
 
@@ -25,18 +25,13 @@ ENV_PREFIX = "CLOUD_GATEWAY_"
 MiB = 1024 * 1024
 DAY_S = 86_400.0
 
-# The TOML file of the settings being built; a context variable because pydantic-settings
-# builds its sources in a classmethod with no per-call argument for it.
-
-
-class SettingsError(Exception):
-    """Invalid settings; the message names each offending key and where to set it."""
-
 
 class GatewaySettings(LayeredSettings):
     """Settings of `cloud-gateway serve` and `cloud-gateway keys`."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Address the v2 REST API listens on."""
@@ -48,7 +43,8 @@ class GatewaySettings(LayeredSettings):
     """Port of `/metrics`; 0 picks a free one."""
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes sharing the API socket."""
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: LogLevel = "info"
+    """debug, info, warning, error or critical, in any case."""
     access_log: bool = False
     """Log one line per request (method, path, status; never headers or bodies)."""
 
@@ -155,27 +151,12 @@ class GatewaySettings(LayeredSettings):
 
 
 def load_settings(
-    config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    flags_of: Mapping[str, str] | None = None,
 ) -> GatewaySettings:
-    """Defaults < `config_file` (TOML) < CLOUD_GATEWAY_* env < `overrides` (flags; None = unset)."""
-    flags = overrides or {}
-    if config_file is not None and not config_file.is_file():
-        raise SettingsError(f"config file {config_file} does not exist")
-    try:
-        return GatewaySettings.from_layers(config_file, flags)
-    except ValidationError as exc:
-        raise SettingsError(_describe(exc, config_file)) from None
-    except ValueError as exc:  # the TOML parser's errors
-        raise SettingsError(f"config file {config_file}: {exc}") from None
-
-
-def _describe(exc: ValidationError, config_file: Path | None) -> str:
-    lines = ["invalid settings:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "settings"
-        where = f"--{key.replace('_', '-')}, {ENV_PREFIX}{key.upper()}"
-        if config_file is not None:
-            where += f" or '{key}' in {config_file}"
-        message = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {key}: {message} (set by {where})")
-    return "\n".join(lines)
+    """Defaults < `config_file` (TOML) < CLOUD_GATEWAY_* env < `overrides` (flags; None = unset).
+    SettingsError names each problem on a line of its own; `flags_of` maps a setting to the
+    flag that sets it, for those lines."""
+    return load_layers(GatewaySettings, config_file, overrides or {}, flags_of=flags_of)

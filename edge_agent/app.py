@@ -42,7 +42,7 @@ class StartupError(Exception):
 
 def run(settings: AgentSettings) -> int:
     """Serve until SIGTERM or SIGINT; the process exit code."""
-    configure_logging(settings.log_level, site=settings.site, device=settings.device)
+    configure_logging(settings.log_level.upper(), site=settings.site, device=settings.device)
     try:
         return asyncio.run(_serve(settings))
     except StartupError as exc:

@@ -1,4 +1,7 @@
-"""The `edge-agent` command and its subcommands. Builds the settings once and hands them down."""
+"""The `edge-agent` command and its subcommands. Builds the settings once and hands them down.
+
+Exit codes, for every command: 0 done; 1 failed while running; 2 usage or configuration error.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
+import typer.main
 
 from edge_agent.calibrate import calibrate_command
 from edge_agent.config_cli import config_app
@@ -14,12 +19,21 @@ from edge_agent.export_cli import export_hard_examples_command
 from edge_agent.queue_cli import queue_app
 from edge_agent.settings import SettingsError, load_settings
 from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
+from model_runtime.command_line import EXIT_CODES_HELP, EXIT_USAGE, run_command_line
 from model_runtime.private_files import restrict_umask
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="The edge agent: serve a model repository over the Open Inference Protocol (gRPC), "
+    "escalate unsure requests to the cloud.",
+    epilog=EXIT_CODES_HELP,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help, and click's one-line usage errors
+)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 @with_setting_flags(ROUTER_FLAGS)
 def serve(
     config: Annotated[
@@ -63,7 +77,9 @@ def serve(
     grace_seconds: Annotated[
         float | None, typer.Option(help="On SIGTERM, time for calls in flight (default: 10).")
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error or critical, in any case.")
+    ] = None,
     port_file: Annotated[
         Path | None, typer.Option(help="Write the bound ports here as JSON once serving.")
     ] = None,
@@ -112,7 +128,12 @@ def serve(
     ] = None,
     **router: Any,  # a flag per router setting (edge_agent.settings_flags)
 ) -> None:
-    """Serve the model repository over the Open Inference Protocol (gRPC and REST)."""
+    """Serve the model repository over the Open Inference Protocol (gRPC and REST).
+
+    The flags below are the common settings. Every setting (queue cap and full policy, TTLs,
+    data budgets, probes...) can be given in the --config file or as EDGE_AGENT_<KEY>:
+    `edge-agent config show --all` lists them all, with defaults and meanings.
+    """
     # grpc-core reads this once, at import: its own log lines would repeat, in another format,
     # what the agent reports itself. GRPC_VERBOSITY=ERROR in the environment brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
@@ -150,12 +171,13 @@ def serve(
             **router,
         )
     except SettingsError as exc:
-        typer.echo(f"edge-agent: invalid settings: {exc}", err=True)
-        raise typer.Exit(2) from None
+        for problem in exc.problems:
+            typer.echo(f"edge-agent: {problem}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     raise typer.Exit(run(settings))
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def demo(
     web: Annotated[
         bool,
@@ -178,12 +200,23 @@ def demo(
 
 
 # Each command lives beside what it drives; this module only gathers them.
-app.command("calibrate")(calibrate_command)
-app.command("export-hard-examples")(export_hard_examples_command)
+app.command("calibrate", epilog=EXIT_CODES_HELP)(calibrate_command)
+app.command("export-hard-examples", epilog=EXIT_CODES_HELP)(export_hard_examples_command)
 app.add_typer(queue_app, name="queue")
 app.add_typer(config_app, name="config")
 
 
+def serve_flags() -> dict[str, str]:
+    """Setting -> the flag of `serve` that sets it (the others: --config file or environment)."""
+    command = typer.main.get_command(app)
+    assert isinstance(command, typer.core.TyperGroup)
+    return {
+        p.name: p.opts[0]
+        for p in command.commands["serve"].params
+        if p.name is not None and p.name != "config"
+    }
+
+
 def main() -> None:
     restrict_umask()  # every file and directory the agent makes is its own (0600 / 0700)
-    app()
+    raise SystemExit(run_command_line(app, "edge-agent"))

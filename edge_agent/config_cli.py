@@ -1,11 +1,13 @@
-"""`edge-agent config check FILE`: validate a settings file as `serve` would, before a restart.
+"""`edge-agent config check` and `config show`: validate the settings as `serve` would, before a
+restart, and list every setting there is.
 
-Prints the settings in force (FILE < EDGE_AGENT_* environment) as TOML, never a key's content,
-or one line per problem naming its key, with exit code 2.
+`check` prints the settings in force (the --config file < EDGE_AGENT_* environment) as TOML,
+never a key's content, or one line per problem naming its key, with exit code 2.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -13,38 +15,88 @@ from typing import Annotated, Any, NoReturn
 import tomli_w
 import typer
 
-from edge_agent.settings import AgentSettings, SettingsError, load_settings
+from edge_agent.settings import AgentSettings, SettingsError, load_settings, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
+from model_runtime.command_line import (
+    EXIT_CODES_HELP,
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    format_settings,
+    setting_rows,
+)
 from model_runtime.logs import redact
 from model_runtime.private_files import SecretFileError, read_secret_text
 
-__all__ = ["config_app"]
+__all__ = ["config_app", "printable"]
 
 config_app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Settings: check a config file."
+    no_args_is_help=True,
+    add_completion=False,
+    help="Settings: check them before a restart, list every setting.",
+    rich_markup_mode=None,
 )
 
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML file of settings, as given to serve --config."),
+]
 
-@config_app.command("check")
+
+@config_app.command("check", epilog=EXIT_CODES_HELP)
 def check(
-    file: Annotated[
-        Path, typer.Argument(help="TOML file of settings, as given to serve --config.")
-    ],
+    config: ConfigOpt = None,
     models: Annotated[
         bool, typer.Option(help="Also load the model repository and its model configs.")
     ] = True,
+    probe_cloud: Annotated[
+        bool,
+        typer.Option(
+            help="Also test the link to cloud_url: resolve, connect, authenticate; "
+            "one line per step (exit code 1 when a step fails)."
+        ),
+    ] = False,
 ) -> None:
-    """Validate FILE (with EDGE_AGENT_* from the environment); print the settings in force."""
+    """Validate the settings as serve would (--config file < EDGE_AGENT_* environment) and
+    what start-up would trip on; print the settings in force as TOML."""
     try:
-        settings = load_settings(config_file=file)
+        settings = load_settings(config)
     except SettingsError as exc:
-        _fail(file, [_where(line, file) for line in exc.problems])
+        _fail(exc.problems)
     problems = _check_paths(settings)
     if models and not problems:
         problems += _check_models(settings)
     if problems:
-        _fail(file, problems)
-    typer.echo(f"# edge-agent settings in force with {file} and the environment")
+        _fail(problems)
+    for warning in settings_warnings(settings):
+        typer.echo(f"edge-agent: warning: {warning}", err=True)
+    source = f"{config} and the environment" if config is not None else "the environment"
+    typer.echo(f"# edge-agent settings in force with {source}")
+    typer.echo(tomli_w.dumps(printable(settings)), nl=False)
+    if probe_cloud and not _probe_cloud(settings):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@config_app.command("show", epilog=EXIT_CODES_HELP)
+def show(
+    config: ConfigOpt = None,
+    all_settings: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every setting with its default, environment variable and meaning."
+        ),
+    ] = False,
+) -> None:
+    """Print the settings in force as TOML, or with --all every setting there is."""
+    if all_settings:
+        from edge_agent.cli import serve_flags
+
+        rows = setting_rows(AgentSettings, serve_flags())
+        typer.echo(format_settings("edge-agent", rows), nl=False)
+        return
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        _fail(exc.problems)
     typer.echo(tomli_w.dumps(printable(settings)), nl=False)
 
 
@@ -54,15 +106,6 @@ def printable(settings: AgentSettings) -> dict[str, Any]:
     if "cloud_url" in values:
         values["cloud_url"] = redact(values["cloud_url"])
     return values
-
-
-def _where(problem: str, file: Path) -> str:
-    key, sep, what = problem.partition(": ")
-    if not sep or not key.isidentifier():  # a problem of the file itself (missing, not TOML)
-        return problem
-    if what == "unknown setting":
-        return f"{key}: unknown setting in {file} (`edge-agent serve --help` lists them)"
-    return f"{problem} (set as '{key}' in {file} or EDGE_AGENT_{key.upper()})"
 
 
 def _check_paths(settings: AgentSettings) -> list[str]:
@@ -95,7 +138,25 @@ def _check_models(settings: AgentSettings) -> list[str]:
     return []
 
 
-def _fail(file: Path, problems: list[str]) -> NoReturn:
+def _probe_cloud(settings: AgentSettings) -> bool:
+    """One line per step of reaching the cloud; True when every step passed."""
+    from router.link_check import check_link
+
+    if settings.cloud_url is None:
+        typer.echo("edge-agent: --probe-cloud: no cloud_url is set; nothing to probe", err=True)
+        return False
+    key = None
+    if settings.device_key_file is not None:
+        key = read_secret_text(settings.device_key_file, "device key file")[0]
+    steps = asyncio.run(
+        check_link(settings.cloud_url, key, timeout_s=settings.probe_timeout_seconds)
+    )
+    for step in steps:
+        typer.echo(f"cloud: {step.line()}", err=True)
+    return all(step.ok for step in steps)
+
+
+def _fail(problems: list[str]) -> NoReturn:
     for problem in problems:
-        typer.echo(f"edge-agent: {file}: {problem}", err=True)
-    raise typer.Exit(2)
+        typer.echo(f"edge-agent: {problem}", err=True)
+    raise typer.Exit(EXIT_USAGE)

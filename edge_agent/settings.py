@@ -9,20 +9,17 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_core import ErrorDetails
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import (
     SettingsConfigDict,
 )
 
 from model_runtime.demo import EDGE_REPOSITORY
-from model_runtime.layered_settings import LayeredSettings
-from model_runtime.model_config import describe_validation_error
+from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
 from router.decision import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY_LEVELS,
@@ -30,7 +27,14 @@ from router.decision import (
     PRIORITY_LEVELS,
 )
 
-__all__ = ["DEFAULT_DEVICE", "AgentSettings", "SettingsError", "is_loopback", "load_settings"]
+__all__ = [
+    "DEFAULT_DEVICE",
+    "AgentSettings",
+    "SettingsError",
+    "is_loopback",
+    "load_settings",
+    "settings_warnings",
+]
 
 DEFAULT_DEVICE = "edge-agent"
 # Site and device ids become Prometheus label values and log fields: short, printable, no spaces.
@@ -45,15 +49,6 @@ def _host_name() -> str:
     """The host name, made a valid site id, so the default never stops a start-up."""
     name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname()).lstrip("._:-")[:63]
     return name or "unknown"
-
-
-class SettingsError(Exception):
-    """The settings are invalid; the message names each key and its problem."""
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems or [message]
-        """One line per problem, each naming its key (`port: Input should be ...`)."""
 
 
 class AgentSettings(LayeredSettings):
@@ -89,6 +84,7 @@ class AgentSettings(LayeredSettings):
     port: int = Field(default=8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (see port_file)."""
     metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus /metrics endpoint."""
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 picks a free one."""
     onnx_threads: int = Field(default=1, ge=1, le=64)
@@ -101,7 +97,8 @@ class AgentSettings(LayeredSettings):
     """Largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
     grace_seconds: float = Field(default=10.0, ge=0.0)
     """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
-    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: LogLevel = "info"
+    """debug, info, warning, error or critical, in any case. At debug each call is one line."""
     port_file: Path | None = None
     """If set, {"grpc": port, "rest": port, "metrics": port} is written here once all are bound
     ("rest" only while the REST API is on)."""
@@ -338,6 +335,14 @@ class AgentSettings(LayeredSettings):
             raise ValueError(f"must be at least link_backoff_seconds ({first:g}), got {value:g}")
         return value
 
+    @field_validator("port_file")
+    @classmethod
+    def _writable_place(cls, value: Path | None) -> Path | None:
+        # Found now, not after the server started listening (the port file is written then).
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"its directory {value.parent} does not exist")
+        return value
+
     @field_validator("device_key_file")
     @classmethod
     def _key_with_cloud(cls, value: Path | None, info: ValidationInfo) -> Path | None:
@@ -369,25 +374,18 @@ def _authenticated_beyond_loopback_or_insecure(host: str, data: dict[str, Any]) 
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:
-    """Merge flags (None means not given), environment and the config file into AgentSettings."""
-    if config_file is not None:
-        try:
-            tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SettingsError(f"config file {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
-
-    try:
-        return AgentSettings.from_layers(config_file, flags)
-    except ValidationError as exc:
-        problems = [_problem(err) for err in exc.errors()]
-        raise SettingsError(describe_validation_error(exc, "settings"), problems) from None
+    """Merge flags (None means not given), environment and the config file into AgentSettings;
+    SettingsError names each problem on a line of its own."""
+    return load_layers(AgentSettings, config_file, flags)
 
 
-def _problem(err: ErrorDetails) -> str:
-    """`key: what is wrong`, for one error of a validation."""
-    key = ".".join(str(p) for p in err["loc"]) or "settings"
-    if err["type"] == "extra_forbidden":
-        return f"{key}: unknown setting"
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+def settings_warnings(settings: AgentSettings) -> list[str]:
+    """Settings that are valid but probably not what was meant; logged at start-up and printed
+    by `config check`."""
+    warnings = []
+    if settings.device_key_file is not None and settings.cloud_url is None:
+        warnings.append(
+            "device_key_file is set but cloud_url is not: the key is not used, and every "
+            "request is answered here (set cloud_url to escalate)"
+        )
+    return warnings

@@ -158,8 +158,9 @@ def test_broken_repository_is_one_clear_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--port", "70000"], "port: Input should be less than or equal to 65535"),
-        (["--onnx-threads", "0"], "onnx_threads: Input should be greater than or equal to 1"),
+        (["--port", "70000"], "port: must be at most 65535, got 70000 (set as --port or"),
+        (["--onnx-threads", "0"], "onnx_threads: must be at least 1, got 0"),
+        (["--log-level", "loud"], "log_level: must be one of 'debug', 'info', 'warning'"),
     ],
 )
 def test_invalid_settings_are_one_clear_line(args: list[str], words: str) -> None:

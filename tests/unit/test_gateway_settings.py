@@ -47,10 +47,10 @@ def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        ({"port": 70000}, "port: Input should be less than or equal to 65535"),
-        ({"upstream": "ftp://x"}, "upstream: Value error, must be an http:// or https:// URL"),
-        ({"idempotency_store": "memcached://x"}, "idempotency_store: Value error"),
-        ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
+        ({"port": 70000}, "port: must be at most 65535, got 70000"),
+        ({"upstream": "ftp://x"}, "upstream: must be an http:// or https:// URL"),
+        ({"idempotency_store": "memcached://x"}, "idempotency_store: must be 'sqlite' or a"),
+        ({"workers": 0}, "workers: must be at least 1, got 0"),
     ],
 )
 def test_bad_flags_name_the_key_and_where_to_set_it(flags: dict[str, object], words: str) -> None:
@@ -70,14 +70,14 @@ def test_bad_env_and_unknown_file_keys_are_named(
     with pytest.raises(SettingsError) as err:
         load_settings(config)
     message = str(err.value)
-    assert "max_body_bytes: Input should be a valid integer" in message
-    assert f"prot: unknown setting (set by --prot, CLOUD_GATEWAY_PROT or 'prot' in {config})" in (
+    assert "max_body_bytes: must be a whole number, got 'lots'" in message
+    assert f"prot: unknown setting in {config} (`config show --all` lists every setting)" in (
         message
     )
 
 
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="does not exist"):
+    with pytest.raises(SettingsError, match="No such file or directory"):
         load_settings(tmp_path / "nope.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("port = = 1\n")
