@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.settings import SettingsError, load_settings
+from model_runtime.command_line import EXIT_CODES_HELP
 from router.config import QUEUE_FILE
 from router.durable_queue import ROW_OVERHEAD_BYTES
 from router.queue_schema import QUEUE_MIGRATIONS, ItemState
@@ -110,7 +111,7 @@ def _keep_owner(path: Path) -> None:
                 os.chown(side, owner.st_uid, owner.st_gid)
 
 
-@queue_app.command()
+@queue_app.command(epilog=EXIT_CODES_HELP)
 def status(state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
     """Items by state and priority, the oldest waiting item, disk use, totals since creation."""
     path = _queue_path(state_dir, config)
@@ -164,7 +165,7 @@ def status(state_dir: StateDirOpt = None, config: ConfigOpt = None) -> None:
     console.print(facts)
 
 
-@queue_app.command("list")
+@queue_app.command("list", epilog=EXIT_CODES_HELP)
 def list_items(
     state: Annotated[
         list[ItemState] | None,
@@ -201,7 +202,7 @@ def list_items(
     Console().print(table)
 
 
-@queue_app.command()
+@queue_app.command(epilog=EXIT_CODES_HELP)
 def show(
     ticket: Annotated[str, typer.Argument(help="The ticket (the request's id) to show.")],
     state_dir: StateDirOpt = None,
@@ -239,7 +240,7 @@ def show(
     Console().print(table)
 
 
-@queue_app.command()
+@queue_app.command(epilog=EXIT_CODES_HELP)
 def purge(
     expired: Annotated[
         bool, typer.Option("--expired", help="Delete items that ended because their TTL passed.")

@@ -131,7 +131,8 @@ def _line(
     key = ".".join(str(p) for p in err["loc"]) or "settings"
     if err["type"] == "extra_forbidden":
         where = f" in {config_file}" if config_file is not None else ""
-        return f"{key}: unknown setting{where} (`config show --all` lists every setting)"
+        program = prefix.rstrip("_").lower().replace("_", "-")  # EDGE_AGENT_: edge-agent
+        return f"{key}: unknown setting{where} (`{program} config show --all` lists them all)"
     places = [flags_of[key]] if key in flags_of else []
     places.append(f"{prefix}{key.upper()}")
     if config_file is not None:

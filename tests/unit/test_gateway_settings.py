@@ -71,8 +71,9 @@ def test_bad_env_and_unknown_file_keys_are_named(
         load_settings(config)
     message = str(err.value)
     assert "max_body_bytes: must be a whole number, got 'lots'" in message
-    assert f"prot: unknown setting in {config} (`config show --all` lists every setting)" in (
-        message
+    assert (
+        f"prot: unknown setting in {config} (`cloud-gateway config show --all` lists them all)"
+        in (message)
     )
 
 
