@@ -38,3 +38,18 @@ def test_calling_the_agent_snippet_runs_as_written(tmp_path: Path) -> None:
         agent.stop()
     assert ran.returncode == 0, ran.stderr
     assert re.fullmatch(r"\[\d\]\n", ran.stdout), ran.stdout  # the predicted digit
+
+
+def test_the_calibrate_example_runs_as_written_and_rewrites_the_copy(tmp_path: Path) -> None:
+    (script,) = re.findall(r"```sh\n(.*?)```", section("Calibrating the escalation threshold"), re.S)
+    # The repository's files and venv, seen from a directory of the test's own (the example's
+    # `cp` writes into the current directory).
+    (tmp_path / "model_runtime").symlink_to(ROOT / "model_runtime")
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    ran = subprocess.run(
+        ["bash", "-euc", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert ran.returncode == 0, ran.stderr
+    config = tmp_path / "models" / "digits" / "config.toml"
+    assert (tmp_path / "models" / "digits" / "config.toml.bak").is_file()
+    assert config.read_text() != (ROOT / "model_runtime/demo/edge/digits/config.toml").read_text()
