@@ -24,7 +24,7 @@ from edge_agent.inference import InferenceService, ServerInfo
 from edge_agent.metrics import AgentMetrics, serve_metrics
 from edge_agent.rest import RestServer, ServerTls, create_rest_app
 from edge_agent.router_settings import router_config
-from edge_agent.settings import AgentSettings, is_loopback
+from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.encryption import DataKeyError
 from model_runtime.logs import configure_logging, redact
@@ -43,6 +43,8 @@ class StartupError(Exception):
 def run(settings: AgentSettings) -> int:
     """Serve until SIGTERM or SIGINT; the process exit code."""
     configure_logging(settings.log_level.upper(), site=settings.site, device=settings.device)
+    for warning in settings_warnings(settings):
+        log.warning(warning)
     try:
         return asyncio.run(_serve(settings))
     except StartupError as exc:

@@ -115,3 +115,7 @@ def configure_logging(level: str, **identity: str) -> None:
         handler.setFormatter(JsonFormatter(identity))
     handler.addFilter(RedactSecrets())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # httpx logs every request at INFO; per-call lines belong to DEBUG here.
+    per_call = logging.NOTSET if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(per_call)

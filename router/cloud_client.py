@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import ssl
 import zlib
 from collections import deque
@@ -40,6 +41,7 @@ from model_runtime.v2_json import InferResponse, decode_infer_response
 from router.budget import Reservation
 from router.clock import Clock, SystemClock
 from router.errors import BudgetExhausted, CircuitOpen, CloudError, CloudRejected, CloudUnavailable
+from router.link_check import failure_cause
 from router.pacing import RequestPacer
 from router.retrying import RetryPolicy, parse_retry_after, retry_call
 
@@ -53,6 +55,8 @@ __all__ = [
     "CloudTls",
     "encode_body",
 ]
+
+log = logging.getLogger(__name__)
 
 # The `outcome` of an AttemptRecord is one of these; a bounded set for a metric label.
 ATTEMPT_OUTCOMES = (
@@ -107,7 +111,7 @@ class CallObserver(Protocol):
 
     def record_success(self, rtt_s: float, bytes_transferred: int, seconds: float) -> None: ...
 
-    def record_failure(self, kind: str) -> None: ...
+    def record_failure(self, kind: str, cause: str | None = None) -> None: ...
 
     def record_neutral(self, rtt_s: float | None) -> None: ...
 
@@ -265,6 +269,7 @@ class CloudClient:
         # The largest recent answers per endpoint: what the next answer there is reserved at.
         self._answers: dict[str, deque[int]] = {}
         self._probe_timeout_s = probe_timeout_s
+        self._key_refused = False
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {device_key}", "Accept-Encoding": "gzip"},
@@ -297,6 +302,14 @@ class CloudClient:
 
         Raises BudgetExhausted, without sending, when the probe's bytes do not fit the budget:
         that says nothing of the link."""
+        try:
+            return await self.check_ready()
+        except CloudUnavailable:
+            return False
+
+    async def check_ready(self) -> bool:
+        """Like `ready`, but a failure raises CloudUnavailable, caused by what went wrong
+        (router.link_check.failure_cause reads it), so the monitor can say why."""
         request = self._http.build_request("GET", PROBE_PATH, timeout=self._probe_timeout_s)
         exchange = self._open_exchange(PROBE_PATH, request, 0, probe=True)
         start = self._clock.monotonic()
@@ -307,10 +320,11 @@ class CloudClient:
                 response, _, _ = await self._exchange(request, exchange)
             status = response.status_code
             outcome = "ok" if status == 200 else "unavailable"
-        except (httpx.TimeoutException, TimeoutError):
+        except (httpx.TimeoutException, TimeoutError) as error:
             outcome = "timeout"
-        except httpx.HTTPError:
-            pass
+            raise CloudUnavailable("probe timed out") from error
+        except httpx.HTTPError as error:
+            raise CloudUnavailable(f"probe failed: {type(error).__name__}") from error
         except BudgetExhausted:  # the answer was larger than the budget could take
             outcome = "budget"
         except asyncio.CancelledError:
@@ -318,7 +332,10 @@ class CloudClient:
             raise
         finally:
             self._close_exchange(PROBE_PATH, exchange, outcome, status, start, probe=True)
-        return status == 200
+        if status != 200:
+            why = "not ready" if status is not None else "its answer did not fit the data budget"
+            raise CloudUnavailable(why, status=status)
+        return True
 
     def _open_exchange(
         self, endpoint: str, request: httpx.Request, body_bytes: int, *, probe: bool = False
@@ -497,7 +514,8 @@ class CloudClient:
             self._finish(call, exchange, "timeout", None, start, None)
             raise CloudUnavailable(f"cloud call timed out after {limit_s:.2f} s") from error
         except httpx.RequestError as error:
-            self._finish(call, exchange, "network_error", None, start, None)
+            cause = failure_cause(error)
+            self._finish(call, exchange, "network_error", None, start, None, cause)
             raise CloudUnavailable(f"cloud unreachable: {type(error).__name__}: {error}") from error
         except asyncio.CancelledError:
             self._finish(call, exchange, "cancelled", None, start, None)
@@ -546,12 +564,14 @@ class CloudClient:
         status: int | None,
         start: float,
         rtt: float | None,
+        cause: str | None = None,
     ) -> None:
         """Settle and report the attempt, add it to the call's totals, and give the observer
         its verdict."""
         record = self._close_exchange(call.path, exchange, kind, status, start)
         call.sent += record.bytes_sent
         call.received += record.bytes_received
+        self._watch_key(status)
         if self.observer is None:
             return
         if kind == "ok":
@@ -561,7 +581,21 @@ class CloudClient:
         elif kind in ("budget", "cancelled"):  # no verdict: free a half-open probe slot
             self.observer.record_neutral(None)
         else:
-            self.observer.record_failure(kind)
+            self.observer.record_failure(kind, cause or (f"http {status}" if status else kind))
+
+    def _watch_key(self, status: int | None) -> None:
+        """One line when the cloud starts refusing the device key (401, 403), one when it
+        takes it again: not one per call."""
+        if status in (401, 403) and not self._key_refused:
+            self._key_refused = True
+            log.warning(
+                "the cloud refuses this device's key (http %d): escalations fail and wait in "
+                "the queue; check device_key_file or issue a new key",
+                status,
+            )
+        elif status is not None and 200 <= status < 300 and self._key_refused:
+            self._key_refused = False
+            log.info("the cloud accepts this device's key again")
 
     def _emit(self, record: AttemptRecord) -> None:
         if self.on_attempt is not None:

@@ -26,6 +26,7 @@ from router.breaker import BreakerState, CircuitBreaker
 from router.clock import Clock, SystemClock, sleep_or_wake
 from router.decision import LinkState, LinkView
 from router.errors import BudgetExhausted
+from router.link_check import failure_cause
 from router.retrying import LinkBackoff
 
 __all__ = ["ConnectivityMonitor", "LinkSnapshot", "MonitorConfig"]
@@ -130,6 +131,8 @@ class ConnectivityMonitor:
         self._waiting = False
         self._listeners: list[Callable[[LinkState], None]] = []
         self._last_state = LinkState.DOWN
+        self._announced = False  # the first verdict is logged even when it is "down"
+        self._last_cause = "no answer yet"
         self._up = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -191,9 +194,11 @@ class ConnectivityMonitor:
         self._transfers.append((now, bytes_transferred, seconds))
         self._observe(True, rtt_s)
 
-    def record_failure(self, kind: str = "error") -> None:
-        """A call or probe failed in a way that says the cloud or the link is unwell."""
-        log.debug("cloud call failed: %s", kind)
+    def record_failure(self, kind: str = "error", cause: str | None = None) -> None:
+        """A call or probe failed in a way that says the cloud or the link is unwell; `cause`
+        says why in a word (router.link_check: dns, refused, timeout, tls, http 503...)."""
+        log.debug("cloud call failed: %s (%s)", kind, cause or "no cause given")
+        self._last_cause = cause or kind
         self._observe(False, None)
 
     def record_neutral(self, rtt_s: float | None = None) -> None:
@@ -232,11 +237,12 @@ class ConnectivityMonitor:
             return False
         except Exception as error:  # whatever the probe raised, the cloud did not say "ready"
             log.debug("cloud probe failed: %r", error)
-            ok = False
+            self.record_failure("probe", failure_cause(error))
+            return False
         if ok:
             self._observe(True, self._clock.monotonic() - start)
         else:
-            self.record_failure("probe")
+            self.record_failure("probe", "not ready")
         return ok
 
     async def run(self) -> None:
@@ -285,10 +291,14 @@ class ConnectivityMonitor:
             self._up.clear()
         else:
             self._up.set()
-        if state is self._last_state:
+        changed = state is not self._last_state
+        if not changed and self._announced:
             return
         self._last_state = state
-        log.info("cloud link is %s", state.value)
+        self._announced = True
+        self._log_state(state)
+        if not changed:  # the first verdict, "down" as at start: said, but not news
+            return
         for listener in list(self._listeners):
             try:
                 listener(state)
@@ -300,6 +310,21 @@ class ConnectivityMonitor:
         if self._probe_wait is not None:
             wait = max(wait, self._probe_wait(self._waiting and self.state is LinkState.DOWN))
         return wait
+
+    def _log_state(self, state: LinkState) -> None:
+        """One line per change of link state: down with its cause, up with the round trip."""
+        rtt = "unknown" if self._rtt is None else f"{self._rtt * 1000:.0f} ms"
+        if state is LinkState.DOWN:
+            log.warning("cloud link is down: %s", self._last_cause)
+        elif state is LinkState.DEGRADED:
+            now = self._clock.monotonic()
+            recent = any(
+                not ok and now - t <= self.config.recent_window_s for t, ok in self._observations
+            )
+            why = f"a recent failure ({self._last_cause})" if recent else "slow"
+            log.warning("cloud link is degraded: %s, round trip %s", why, rtt)
+        else:
+            log.info("cloud link is up, round trip %s", rtt)
 
     def _next_probe_in(self) -> float:
         state = self.breaker.state

@@ -100,7 +100,7 @@ def open_cloud(
     breaker = CircuitBreaker(clock, failure_threshold=config.breaker_failures, cooldown=backoff)
     # Probes go through the live pool, keeping its connection warm for escalations.
     monitor = ConnectivityMonitor(
-        live.ready,
+        live.check_ready,
         clock=clock,
         config=config.monitor,
         breaker=breaker,

@@ -416,7 +416,7 @@ class Router:
             except BudgetExhausted:
                 return u.index, Reason.BUDGET_EXHAUSTED
             except (CloudError, InvalidInput) as error:
-                log.info(
+                log.debug(  # per call: DEBUG, as every per-call line
                     "live escalation failed; queued",
                     extra={
                         "fields": {

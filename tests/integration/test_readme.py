@@ -41,7 +41,9 @@ def test_calling_the_agent_snippet_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_the_calibrate_example_runs_as_written_and_rewrites_the_copy(tmp_path: Path) -> None:
-    (script,) = re.findall(r"```sh\n(.*?)```", section("Calibrating the escalation threshold"), re.S)
+    (script,) = re.findall(
+        r"```sh\n(.*?)```", section("Calibrating the escalation threshold"), re.S
+    )
     # The repository's files and venv, seen from a directory of the test's own (the example's
     # `cp` writes into the current directory).
     (tmp_path / "model_runtime").symlink_to(ROOT / "model_runtime")
