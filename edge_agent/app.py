@@ -175,6 +175,8 @@ async def _serve_with(
             }
         },
     )
+    if sys.stderr.isatty():
+        print(_human_line(settings, server.port, metrics_server.server_port), file=sys.stderr)
     await stop.wait()
     service.stop_accepting()  # before the log line: from then on, every new call is refused
     log.info("stopping", extra={"fields": {"grace_seconds": settings.grace_seconds}})
@@ -225,6 +227,16 @@ def _rest_server(
 
 
 def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
+def _human_line(settings: AgentSettings, grpc_port: int, metrics_port: int) -> str:
+    """What a person at a terminal wants to know once the agent serves."""
+    cloud = redact(settings.cloud_url) if settings.cloud_url else "none, all answered here"
+    return (
+        f"edge-agent {__version__} serving gRPC on {settings.host}:{grpc_port}, metrics on "
+        f"http://{settings.metrics_host}:{metrics_port}/metrics, state in "
+        f"{settings.state_dir.resolve()}, cloud: {cloud} (Ctrl-C stops)"
+    )
+
+
     try:
         return router_config(
             settings,

@@ -15,7 +15,12 @@ from typing import Annotated, Any, NoReturn
 import tomli_w
 import typer
 
-from edge_agent.settings import AgentSettings, SettingsError, load_settings, settings_warnings
+from edge_agent.settings import (
+    AgentSettings,
+    SettingsError,
+    load_settings,
+    settings_warnings,
+)
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.command_line import (
     EXIT_CODES_HELP,

@@ -7,6 +7,7 @@ The outage is real: the gateway process is stopped, then started again on the sa
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -141,6 +142,22 @@ def start_pair() -> DemoPair:
     return DemoPair(work, gateway_args, gateway, agent)
 
 
+class _Ticker:
+    """Progress as plain lines on stderr, one every few seconds, for a log or a pipe: rich's
+    bar shows only on a terminal."""
+
+    def __init__(self, *, enabled: bool, every_s: float = 3.0) -> None:
+        self.enabled = enabled
+        self.every_s = every_s
+        self._last = -math.inf
+
+    def __call__(self, what: str, done: int, total: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self._last >= self.every_s):
+            print(f"demo: {what}: {done} of {total}", file=sys.stderr, flush=True)
+            self._last = now
+
+
 def run_demo(console: Console) -> int:
     data = np.load(HELDOUT)
     X, y = data["X"], data["y"]
@@ -151,14 +168,18 @@ def run_demo(console: Console) -> int:
     tally = Tally()
     cut_at, back_at = int(OUTAGE[0] * len(X)), int(OUTAGE[1] * len(X))
     try:
+        ticker = _Ticker(enabled=not console.is_terminal)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("replaying the held-out set", total=len(X))
+            ticker("replaying the held-out set", 0, len(X), force=True)
             for i in range(len(X)):
                 if i == cut_at:
                     progress.update(task, description="the cloud is gone")
+                    ticker("the cloud is gone", i, len(X), force=True)
                     pair.stop_cloud()
                 elif i == back_at:
                     progress.update(task, description="the cloud is back")
+                    ticker("the cloud is back", i, len(X), force=True)
                     pair.start_cloud()
                 response = v2.ModelInfer(_request(X[i : i + 1]), timeout=30)
                 params = response.parameters
@@ -176,10 +197,13 @@ def run_demo(console: Console) -> int:
                 if "ticket" in params:
                     tally.tickets[i] = params["ticket"].string_param
                 progress.advance(task)
+                ticker("replayed", i + 1, len(X), force=i + 1 == len(X))
                 time.sleep(PACE_S)
 
             task = progress.add_task("waiting for queued requests", total=len(tally.tickets))
             pending = dict(tally.tickets)
+            waiting = len(pending)
+            ticker("waiting for queued requests to be delivered", 0, waiting, force=True)
             deadline = time.monotonic() + 120
             while pending and time.monotonic() < deadline:
                 for i, ticket in list(pending.items()):
@@ -190,6 +214,7 @@ def run_demo(console: Console) -> int:
                         )
                         del pending[i]
                         progress.advance(task)
+                ticker("delivered", waiting - len(pending), waiting, force=not pending)
                 time.sleep(0.2)
         sent = _sent_bytes(agent.ports["metrics"])
     finally:

@@ -389,3 +389,4 @@ def settings_warnings(settings: AgentSettings) -> list[str]:
             "request is answered here (set cloud_url to escalate)"
         )
     return warnings
+

@@ -32,6 +32,12 @@ def test_demo_replays_through_an_outage_and_delivers_every_queued_request() -> N
     assert float(rows["accuracy, hybrid (what the app ends with)"]) > float(
         rows["accuracy, edge only"]
     )
+    # Not on a terminal: progress comes as plain lines on stderr, not a bar nobody sees.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("demo: ")]
+    assert progress[0] == "demo: replaying the held-out set: 0 of 719"
+    assert "demo: replayed: 719 of 719" in progress
+    assert any(line.startswith("demo: the cloud is gone: ") for line in progress)
+    assert progress[-1] == f"demo: delivered: {queued} of {queued}"
 
 
 def test_web_demo_serves_the_kiosk_page_and_takes_the_cloud_away_on_enter() -> None:
