@@ -14,8 +14,6 @@ from typing import Annotated, Any, NoReturn
 
 import tomli_w
 import typer
-import typer.core
-import typer.main
 
 from cloud_gateway.errors import InvalidDeviceName
 from cloud_gateway.keys import KeyStore
@@ -25,7 +23,9 @@ from model_runtime.command_line import (
     EXIT_CODES_HELP,
     EXIT_FAILURE,
     EXIT_USAGE,
+    AllSettingsOption,
     StartupError,
+    command_flags,
     format_settings,
     run_command_line,
     setting_rows,
@@ -233,15 +233,7 @@ def config_check(config: ConfigOpt = None) -> None:
 
 
 @config_app.command("show", epilog=EXIT_CODES_HELP)
-def config_show(
-    config: ConfigOpt = None,
-    all_settings: Annotated[
-        bool,
-        typer.Option(
-            "--all", help="Every setting with its default, environment variable and meaning."
-        ),
-    ] = False,
-) -> None:
+def config_show(config: ConfigOpt = None, all_settings: AllSettingsOption = False) -> None:
     """Print the settings in force as TOML, or with --all every setting there is."""
     if all_settings:
         rows = setting_rows(GatewaySettings, serve_flags())
@@ -256,14 +248,7 @@ def _when(timestamp: float) -> str:
 
 
 def serve_flags() -> dict[str, str]:
-    """Setting -> the flag of `serve` that sets it (the others: --config file or environment)."""
-    command = typer.main.get_command(app)
-    assert isinstance(command, typer.core.TyperGroup)
-    return {
-        p.name: p.opts[0]
-        for p in command.commands["serve"].params
-        if p.name in GatewaySettings.model_fields
-    }
+    return command_flags(app, "serve", GatewaySettings)
 
 
 def main() -> None:

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import typer.core
-import typer.main
 
 from edge_agent.calibrate import calibrate_command
 from edge_agent.config_cli import config_app
@@ -204,17 +202,6 @@ app.command("calibrate", epilog=EXIT_CODES_HELP)(calibrate_command)
 app.command("export-hard-examples", epilog=EXIT_CODES_HELP)(export_hard_examples_command)
 app.add_typer(queue_app, name="queue")
 app.add_typer(config_app, name="config")
-
-
-def serve_flags() -> dict[str, str]:
-    """Setting -> the flag of `serve` that sets it (the others: --config file or environment)."""
-    command = typer.main.get_command(app)
-    assert isinstance(command, typer.core.TyperGroup)
-    return {
-        p.name: p.opts[0]
-        for p in command.commands["serve"].params
-        if p.name is not None and p.name != "config"
-    }
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from model_runtime.command_line import (
     EXIT_CODES_HELP,
     EXIT_FAILURE,
     EXIT_USAGE,
+    AllSettingsOption,
+    command_flags,
     format_settings,
     setting_rows,
 )
@@ -82,20 +84,12 @@ def check(
 
 
 @config_app.command("show", epilog=EXIT_CODES_HELP)
-def show(
-    config: ConfigOpt = None,
-    all_settings: Annotated[
-        bool,
-        typer.Option(
-            "--all", help="Every setting with its default, environment variable and meaning."
-        ),
-    ] = False,
-) -> None:
+def show(config: ConfigOpt = None, all_settings: AllSettingsOption = False) -> None:
     """Print the settings in force as TOML, or with --all every setting there is."""
     if all_settings:
-        from edge_agent.cli import serve_flags
+        from edge_agent.cli import app  # the command this one belongs to
 
-        rows = setting_rows(AgentSettings, serve_flags())
+        rows = setting_rows(AgentSettings, command_flags(app, "serve", AgentSettings))
         typer.echo(format_settings("edge-agent", rows), nl=False)
         return
     try:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+import typer.core
+import typer.main
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
@@ -17,7 +19,9 @@ __all__ = [
     "EXIT_CODES_HELP",
     "EXIT_FAILURE",
     "EXIT_USAGE",
+    "AllSettingsOption",
     "StartupError",
+    "command_flags",
     "format_settings",
     "run_command_line",
     "setting_rows",
@@ -35,9 +39,29 @@ EXIT_CODES_HELP = (
 )
 
 
+AllSettingsOption = Annotated[
+    bool,
+    typer.Option("--all", help="Every setting with its default, environment variable and meaning."),
+]
+"""The `--all` of `config show`."""
+
+
 class StartupError(Exception):
     """Start-up cannot go on (the settings or the machine do not allow it); the message is the
     one line the operator sees, and the exit code is EXIT_USAGE."""
+
+
+def command_flags(
+    app: typer.Typer, command: str, settings_cls: type[BaseSettings]
+) -> dict[str, str]:
+    """Setting -> the flag of `command` that sets it (the others: --config file or environment)."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return {
+        p.name: p.opts[0]
+        for p in group.commands[command].params
+        if p.name in settings_cls.model_fields
+    }
 
 
 def setting_rows(cls: type[BaseSettings], flags_of: Mapping[str, str]) -> list[dict[str, str]]:
