@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_runtime.confidence import ConfidenceMethod, OutputKind
 from model_runtime.errors import ModelLoadError
+from model_runtime.layered_settings import problem_words
 from model_runtime.private_files import write_private_bytes
 
 __all__ = [
@@ -50,9 +51,10 @@ class ModelConfig(BaseModel):
 
 
 def describe_validation_error(exc: ValidationError, whole: str = "config") -> str:
-    """One line naming each offending key and its problem: `threshold: Input should be ...`."""
+    """One line naming each offending key and its problem: `threshold: must be at most 1`."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in exc.errors()
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {problem_words(err)}"
+        for err in exc.errors()
     )
 
 

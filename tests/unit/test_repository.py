@@ -83,7 +83,7 @@ def _break(repo: Path, how: str) -> None:
         ("missing file", "version 1 has no model.onnx"),
         ("invalid onnx", "model.onnx is not a loadable ONNX model"),
         ("bad toml", "config.toml is not valid TOML"),
-        ("bad value", "config.toml: threshold: Input should be less than or equal to 1"),
+        ("bad value", "config.toml: threshold: must be at most 1"),
         ("unknown key", "config.toml: treshold: Extra inputs are not permitted"),
         ("unknown output", "config output 'logits' is not an output of the graph"),
         ("label count", "config has 2 labels but output 'probabilities' has 10 classes"),
