@@ -140,12 +140,13 @@ async def test_a_duplicate_that_waits_too_long_gets_in_progress(db: Path) -> Non
 async def test_a_live_worker_renews_its_mark(db: Path) -> None:
     # The run outlasts the mark's TTL several times over; renewal keeps the duplicate waiting
     # for the answer instead of running the model a second time.
-    first, work = guard(db, pending_ttl_s=0.1), Work()
+    # A TTL of 1 s leaves the renewal (every third of it) room to be late on a busy machine.
+    first, work = guard(db, pending_ttl_s=1.0), Work()
     work.release.clear()
     running = asyncio.create_task(first.run(SCOPE, "fp", work))
     await asyncio.wait_for(work.started.wait(), 5)
-    duplicate = asyncio.create_task(guard(db, pending_ttl_s=0.1).run(SCOPE, "fp", work))
-    await asyncio.sleep(0.4)  # four TTLs pass while the first run goes on
+    duplicate = asyncio.create_task(guard(db, pending_ttl_s=1.0).run(SCOPE, "fp", work))
+    await asyncio.sleep(3.0)  # three TTLs pass while the first run goes on
     work.release.set()
     assert not (await running).replayed
     assert (await duplicate).replayed
