@@ -26,6 +26,7 @@ from edge_agent.rest import RestServer, ServerTls, create_rest_app
 from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
+from model_runtime.command_line import EXIT_USAGE, StartupError
 from model_runtime.encryption import DataKeyError
 from model_runtime.logs import configure_logging, redact
 from router import Router, RouterConfig
@@ -34,10 +35,6 @@ from router.state_lock import StateDirInUse
 __all__ = ["run"]
 
 log = logging.getLogger("edge_agent")
-
-
-class StartupError(Exception):
-    """Start-up cannot go on; the message is the one line the operator sees."""
 
 
 def run(settings: AgentSettings) -> int:
@@ -49,7 +46,7 @@ def run(settings: AgentSettings) -> int:
         return asyncio.run(_serve(settings))
     except StartupError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 async def _serve(settings: AgentSettings) -> int:
