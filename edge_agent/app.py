@@ -234,6 +234,7 @@ def _human_line(settings: AgentSettings, grpc_port: int, metrics_port: int) -> s
     )
 
 
+def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
     try:
         return router_config(
             settings,

@@ -389,4 +389,3 @@ def settings_warnings(settings: AgentSettings) -> list[str]:
             "request is answered here (set cloud_url to escalate)"
         )
     return warnings
-
