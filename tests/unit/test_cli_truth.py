@@ -146,13 +146,13 @@ def test_every_command_and_flag_in_the_daemons_messages_exists() -> None:
 
 def test_the_checker_catches_what_does_not_exist() -> None:
     text = (
-        "run `edge-agent serve --queue-cap-bytes 1` or `cloud-gateway config chek`,\n"
-        "tune `--inline-run-budget-us`; `edge-agent config check --config f` is fine"
+        "run `edge-agent serve --queue-capacity 1` or `cloud-gateway config chek`,\n"
+        "tune `--workerz`; `edge-agent config check --config f` is fine"
     )
     assert list(problems_in(text, "T")) == [
-        "T:1: `edge-agent serve` has no flag --queue-cap-bytes",
+        "T:1: `edge-agent serve` has no flag --queue-capacity",
         "T:1: `cloud-gateway config` has no command 'chek'",
-        "T:2: no command has the flag --inline-run-budget-us",
+        "T:2: no command has the flag --workerz",
     ]
 
 
