@@ -27,7 +27,12 @@ def test_an_unresolvable_cloud_is_said_at_start_up_with_its_cause(tmp_path: Path
     key = tmp_path / "device.key"
     key.write_text("cgk_0123456789abcdef.not-a-real-key")
     agent = start_agent(
-        tmp_path, "--cloud-url", "http://no-such-host.invalid:8000", "--device-key-file", str(key)
+        tmp_path,
+        "--cloud-url",
+        "http://no-such-host.invalid:8000",
+        "--allow-plain-http",  # a name, not loopback: plain http must be asked for
+        "--device-key-file",
+        str(key),
     )
     try:
         wait_until(lambda: link_lines(agent), what="a line about the link")
@@ -76,7 +81,9 @@ def probe_cloud(tmp_path: Path, url: str, key: str) -> subprocess.CompletedProce
     key_file = tmp_path / "device.key"
     key_file.write_text(key)
     config = tmp_path / "agent.toml"
-    config.write_text(f'cloud_url = "{url}"\ndevice_key_file = "{key_file}"\n')
+    config.write_text(
+        f'cloud_url = "{url}"\ndevice_key_file = "{key_file}"\nallow_plain_http = true\n'
+    )
     return subprocess.run(
         [str(BIN / "edge-agent"), "config", "check", "--config", str(config), "--no-models",
          "--probe-cloud"],
