@@ -223,7 +223,6 @@ def _rest_server(
     return RestServer(app, streams, settings.rest_host, settings.rest_port, tls=tls)
 
 
-def _router_config(settings: AgentSettings, credentials: Credentials) -> RouterConfig:
 def _human_line(settings: AgentSettings, grpc_port: int, metrics_port: int) -> str:
     """What a person at a terminal wants to know once the agent serves."""
     cloud = redact(settings.cloud_url) if settings.cloud_url else "none, all answered here"
