@@ -15,9 +15,14 @@ from edge_agent.calibrate import calibrate_command
 from edge_agent.config_cli import config_app
 from edge_agent.export_cli import export_hard_examples_command
 from edge_agent.queue_cli import queue_app
-from edge_agent.settings import SettingsError, load_settings
+from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
-from model_runtime.command_line import EXIT_CODES_HELP, EXIT_USAGE, run_command_line
+from model_runtime.command_line import (
+    EXIT_CODES_HELP,
+    EXIT_USAGE,
+    command_flags,
+    run_command_line,
+)
 from model_runtime.private_files import restrict_umask
 
 app = typer.Typer(
@@ -140,6 +145,7 @@ def serve(
     try:
         settings = load_settings(
             config,
+            flags_of=command_flags(app, "serve", AgentSettings),
             model_repository=model_repository,
             host=host,
             port=port,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -373,10 +374,13 @@ def _authenticated_beyond_loopback_or_insecure(host: str, data: dict[str, Any]) 
         )
 
 
-def load_settings(config_file: Path | None = None, **flags: Any) -> AgentSettings:
+def load_settings(
+    config_file: Path | None = None, *, flags_of: Mapping[str, str] | None = None, **flags: Any
+) -> AgentSettings:
     """Merge flags (None means not given), environment and the config file into AgentSettings;
-    SettingsError names each problem on a line of its own."""
-    return load_layers(AgentSettings, config_file, flags)
+    SettingsError names each problem on a line of its own (and the flag for it, from
+    `flags_of`: setting -> flag)."""
+    return load_layers(AgentSettings, config_file, flags, flags_of=flags_of)
 
 
 def settings_warnings(settings: AgentSettings) -> list[str]:

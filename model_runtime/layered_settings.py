@@ -107,11 +107,11 @@ def load_layers(
 ) -> S:
     """Defaults < `config_file` < environment < `flags` (None = not given), as `cls`.
 
-    `flags_of` maps a setting to the command's flag for it (default: `--<key>` for each key
-    of `flags`): a problem's line names that flag among the places the setting can be given.
+    `flags_of` maps a setting to the command's flag for it (from the command itself, see
+    model_runtime.command_line.command_flags): a problem's line names that flag among the places
+    the setting can be given. Without it no flag is named, rather than one guessed.
     """
-    if flags_of is None:
-        flags_of = {key: f"--{key.replace('_', '-')}" for key in flags}
+    flags_of = flags_of or {}
     if config_file is not None:
         check_config_file(config_file)
     try:

@@ -87,8 +87,12 @@ def problems_in(text: str, where: str, *, prose: bool = True) -> Iterator[str]:
                     yield f"{where}:{line}: `{' '.join(path)}` has no command {word!r}"
                     break
                 node, path = node.subcommands[word], [*path, word]
-    # Flags named on their own, in an inline code span of the docs or in a message.
+    # Flags named on their own, in an inline code span of the docs or in a message (not those
+    # of a script, `benchmarks/soak.py` (`--minutes`), named on the same line).
     for match in re.finditer(r"`(--[^`]*)`", text):
+        line_text = text[text.rfind("\n", 0, match.start()) + 1 : text.find("\n", match.end())]
+        if re.search(r"\.py\b|scripts/", line_text):
+            continue
         for flag in FLAG.findall(match.group(1)):
             if flag not in EVERY_FLAG:
                 line = text.count("\n", 0, match.start()) + 1
