@@ -93,7 +93,7 @@ def test_rest_beyond_loopback_without_tokens_is_refused_at_start(tmp_path: Path)
     )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("edge-agent: invalid settings: rest_host: ")
+    assert line.startswith("edge-agent: rest_host: ")
     assert "0.0.0.0 is beyond loopback: give token_file or tls_client_ca_file (mTLS)" in line
     assert "--insecure" in line
 
