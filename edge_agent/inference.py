@@ -103,6 +103,9 @@ class InferenceService:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._default_wishes = CallerWishes.from_parameters(
+            {}, default_ttl_seconds=default_ttl_seconds, priorities=router.config.priorities
+        )
 
     def model(self, name: str, version: str = "") -> OnnxModel:
         """The model to answer with; raises ModelNotFound."""
@@ -139,14 +142,18 @@ class InferenceService:
 
     async def _infer(self, request: InferRequest) -> InferResult:
         model = request.model
-        model.check_input_names(list(request.inputs))
+        # The input names were checked by the transport's decoder, before any tensor was read.
         model.check_output_names(request.outputs, extra=ROUTING_OUTPUTS)
-        wishes = CallerWishes.from_parameters(
-            request.parameters,
-            default_ttl_seconds=self.default_ttl_seconds,
-            priorities=self.router.config.priorities,
-        )
-        owner = request.caller.owner(check_client_id(request.parameters.get(CLIENT_ID_PARAMETER)))
+        parameters = request.parameters
+        if parameters:
+            wishes = CallerWishes.from_parameters(
+                parameters,
+                default_ttl_seconds=self.default_ttl_seconds,
+                priorities=self.router.config.priorities,
+            )
+            owner = request.caller.owner(check_client_id(parameters.get(CLIENT_ID_PARAMETER)))
+        else:
+            wishes, owner = self._default_wishes, request.caller.owner()
         items = _batch_size(request.inputs)
         model_metrics = self.metrics.models[model.name]
 
@@ -186,6 +193,17 @@ def _one_or_mixed(values: Sequence[str]) -> str:
 def _response_parameters(routed: RoutedAnswer) -> dict[str, ParameterValue]:
     """The response-level facts: one value for the request, `mixed` when a batch's items differ."""
     items = routed.items
+    if len(items) == 1:
+        item = items[0]
+        one: dict[str, ParameterValue] = {
+            "route": item.route.value,
+            "reason": item.reason.value,
+            "confidence": item.confidence,
+            "provisional": item.provisional,
+        }
+        if item.ticket:
+            one["ticket"] = item.ticket
+        return one
     parameters: dict[str, ParameterValue] = {
         "route": _one_or_mixed([i.route.value for i in items]),
         "reason": _one_or_mixed([i.reason.value for i in items]),
@@ -215,6 +233,9 @@ def _routing_output(name: str, routed: RoutedAnswer) -> Array:
 
 
 def _batch_size(inputs: Mapping[str, Array]) -> int:
+    if len(inputs) == 1:
+        array = next(iter(inputs.values()))
+        return array.shape[0] if array.ndim else 1
     sizes = {name: array.shape[0] if array.ndim else 1 for name, array in inputs.items()}
     distinct = set(sizes.values())
     if len(distinct) > 1:

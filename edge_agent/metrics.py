@@ -11,12 +11,13 @@ import socket
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from edge_agent import __version__
 from edge_agent.access import AccessDenied
 from edge_agent.settings import DEFAULT_DEVICE
 from model_runtime import ModelRepository
+from model_runtime.loop_metrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
 from router.decision import DEFAULT_TTL_SECONDS
 
 __all__ = ["AgentMetrics", "ModelMetrics", "serve_metrics"]
@@ -34,10 +35,10 @@ CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 class ModelMetrics:
     """The per-model children, bound once so the request path does no label lookups."""
 
-    inference_seconds: Histogram
-    request_seconds: Histogram
-    confidence: Histogram
-    items: Counter
+    inference_seconds: HistogramChild
+    request_seconds: HistogramChild
+    confidence: HistogramChild
+    items: CounterChild
 
 
 class AgentMetrics:
@@ -67,13 +68,15 @@ class AgentMetrics:
             "caller set another time-to-live.",
             registry=registry,
         ).set(default_ttl_seconds)
-        self.requests = Counter(
+        # The metrics every answered call updates are loop metrics (model_runtime.loop_metrics):
+        # they are only ever updated from the event loop's thread.
+        self.requests = LoopCounter(
             "edge_agent_requests",
             "gRPC calls answered, by method, model and gRPC status code.",
             ["method", "model", "code"],
             registry=registry,
         )
-        self.http_requests = Counter(
+        self.http_requests = LoopCounter(
             "edge_agent_http_requests",
             "REST calls answered, by endpoint, model and HTTP status code; a result stream "
             "counts when it ends.",
@@ -95,7 +98,7 @@ class AgentMetrics:
         )
         for reason in AccessDenied.REASONS:
             self.auth_failures.labels(reason)
-        self.items = Counter(
+        self.items = LoopCounter(
             "edge_agent_items",
             "Items (rows of a batch) answered, by model.",
             ["model"],
@@ -108,22 +111,22 @@ class AgentMetrics:
             "Inference requests being answered now.",
             registry=registry,
         ).set_function(lambda: self.in_flight)
-        self._request_children: dict[tuple[int, str, str, str], Counter] = {}
-        inference = Histogram(
+        self._request_children: dict[tuple[int, str, str, str], CounterChild] = {}
+        inference = LoopHistogram(
             "edge_agent_inference_duration_seconds",
             "Time the local model took to run one request's batch.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        request = Histogram(
+        request = LoopHistogram(
             "edge_agent_request_duration_seconds",
             "Time from receiving an inference request to having its answer, by model.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        confidence = Histogram(
+        confidence = LoopHistogram(
             "edge_agent_confidence",
             "Confidence of each answered item, after temperature scaling, by model.",
             ["model"],
@@ -188,7 +191,7 @@ class AgentMetrics:
         """A REST call answered, with its HTTP status."""
         self._count(self.http_requests, endpoint, model, str(code))
 
-    def _count(self, counter: Counter, call: str, model: str, code: str) -> None:
+    def _count(self, counter: LoopCounter, call: str, model: str, code: str) -> None:
         key = (id(counter), call, self.model_label(model), code)
         child = self._request_children.get(key)
         if child is None:  # label sets are bounded, so this cache is too

@@ -102,6 +102,7 @@ class OnnxModel:
         self.outputs = tuple(_spec(name, a) for a in self._session.get_outputs())
         self.input_by_name = {spec.name: spec for spec in self.inputs}
         self.output_names = tuple(spec.name for spec in self.outputs)
+        self._output_list = list(self.output_names)  # as onnxruntime wants them, made once
         self.scores_output = self.check_config(config)
 
     def reconfigure(self, config: ModelConfig) -> None:
@@ -146,6 +147,8 @@ class OnnxModel:
 
     def check_input_names(self, names: Sequence[str]) -> None:
         """Every input given exactly once, none unknown; errors name the input."""
+        if len(names) == 1 and len(self.input_by_name) == 1 and names[0] in self.input_by_name:
+            return  # the common case, settled without building a set
         seen: set[str] = set()
         for name in names:
             if name not in self.input_by_name:
@@ -209,7 +212,7 @@ class OnnxModel:
 
     def outputs_for(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """`predict` without the confidence, for callers that only pass the outputs on."""
-        values = self._session.run(None, dict(inputs))
+        values = self._session.run(self._output_list, dict(inputs))
         return dict(zip(self.output_names, values, strict=True))
 
     def confidence(self, scores: Array) -> npt.NDArray[np.float64]:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from model_runtime.loop_metrics import CounterChild, LoopCounter
 from router.breaker import BreakerState
 from router.budget import PeriodUsage, ProbeBudget
 from router.cloud_client import AttemptRecord
@@ -127,13 +128,14 @@ class RouterMetrics:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
-        self.routes = Counter(
+        # Bumped for every answered item, from the event loop's thread only: loop metrics.
+        self.routes = LoopCounter(
             f"{NS}_routes",
             "Items (rows) routed, by route taken (edge, cloud, queue) and reason.",
             ["route", "reason"],
             registry=registry,
         )
-        self.model_routes = Counter(
+        self.model_routes = LoopCounter(
             f"{NS}_model_routes",
             "Items (rows) routed, by model and route taken (edge, cloud, queue): the share not "
             "answered at the edge is each model's escalation rate.",
@@ -246,8 +248,8 @@ class RouterMetrics:
         # Exported at 0 from the start: the quarantine alert then tells "none" from "not scraped".
         for part in ("queue", "budget"):
             self.quarantined.labels(part)
-        self._route_children: dict[tuple[Route, Reason], Counter] = {}
-        self._model_route_children: dict[tuple[str, Route], Counter] = {}
+        self._route_children: dict[tuple[Route, Reason], CounterChild] = {}
+        self._model_route_children: dict[tuple[str, Route], CounterChild] = {}
         self._collector = _StateCollector(readings, wall)
         registry.register(self._collector)
 

@@ -24,6 +24,7 @@ deadline never rules the cloud out. A NaN confidence is never confident.
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import StrEnum
 
@@ -62,25 +63,25 @@ class EscalationPolicy:
         cloud_configured: bool,
     ) -> Decision:
         if wishes.escalation is Escalation.NEVER:
-            return Decision(Route.EDGE, Reason.ESCALATION_NEVER)
+            return _decision(Route.EDGE, Reason.ESCALATION_NEVER)
         if wishes.escalation is Escalation.AUTO and confidence >= threshold:
-            return Decision(Route.EDGE, Reason.CONFIDENT)
+            return _decision(Route.EDGE, Reason.CONFIDENT)
         if not cloud_configured:
-            return Decision(Route.EDGE, Reason.NO_CLOUD_CONFIGURED)
+            return _decision(Route.EDGE, Reason.NO_CLOUD_CONFIGURED)
         if not budget_allows:
             route = Route.QUEUE if self.budget_mode is BudgetMode.QUEUE else Route.EDGE
-            return Decision(route, Reason.BUDGET_EXHAUSTED)
+            return _decision(route, Reason.BUDGET_EXHAUSTED)
         if link.state is LinkState.DOWN:
-            return Decision(Route.QUEUE, Reason.LINK_DOWN)
+            return _decision(Route.QUEUE, Reason.LINK_DOWN)
         if link.breaker_open:
-            return Decision(Route.QUEUE, Reason.BREAKER_OPEN)
+            return _decision(Route.QUEUE, Reason.BREAKER_OPEN)
         if deadline_remaining_s is not None and (
             self.expected_seconds(link, payload_bytes) > deadline_remaining_s
         ):
-            return Decision(Route.QUEUE, Reason.DEADLINE_TOO_SHORT)
+            return _decision(Route.QUEUE, Reason.DEADLINE_TOO_SHORT)
         if wishes.escalation is Escalation.ALWAYS:
-            return Decision(Route.CLOUD, Reason.ESCALATION_ALWAYS)
-        return Decision(Route.CLOUD, Reason.UNSURE)
+            return _decision(Route.CLOUD, Reason.ESCALATION_ALWAYS)
+        return _decision(Route.CLOUD, Reason.UNSURE)
 
     def expected_seconds(self, link: LinkView, payload_bytes: int) -> float:
         """How long a cloud call of this size is expected to take, margin included."""
@@ -88,3 +89,9 @@ class EscalationPolicy:
         goodput = link.goodput_bytes_per_s
         transfer = payload_bytes / goodput if goodput else 0.0
         return latency + transfer + self.margin_s
+
+
+@functools.cache
+def _decision(route: Route, reason: Reason) -> Decision:
+    # One immutable Decision per outcome, made once: decide runs for every item answered.
+    return Decision(route, reason)

@@ -266,8 +266,11 @@ class Router:
         (router.audit).
         """
         answer = await self._route(model, inputs, local, wishes, time_left_s, request_id, owner)
-        for route in {i.route for i in answer.items}:
-            self.metrics.model_route(model, route, sum(i.route is route for i in answer.items))
+        routes: dict[Route, int] = {}
+        for item in answer.items:
+            routes[item.route] = routes.get(item.route, 0) + 1
+        for route, n in routes.items():
+            self.metrics.model_route(model, route, n)
         if self.audit is not None:
             reasons = [i.reason for i in answer.items]
             self.audit.consider(model, local.cloud_model, inputs, local.outputs, reasons)
@@ -284,7 +287,8 @@ class Router:
         owner: str,
     ) -> RoutedAnswer:
         confidence = np.asarray(local.confidence, dtype=np.float64).reshape(-1)
-        n = len(confidence)
+        scores = confidence.tolist()
+        n = len(scores)
         for name, array in inputs.items():
             if np.shape(array)[:1] != (n,):
                 raise ValueError(f"inputs.{name}: has {np.shape(array)[:1]} rows, expected {n}")
@@ -294,19 +298,19 @@ class Router:
             deadline_remaining_s=time_left_s, cloud_configured=cloud_model is not None,
         )  # fmt: skip
         decisions = [
-            decide(confidence=float(c), link=_ANY_LINK, payload_bytes=0, budget_allows=True)
-            for c in confidence
+            decide(confidence=c, link=_ANY_LINK, payload_bytes=0, budget_allows=True)
+            for c in scores
         ]
         unsure = [_Unsure(i, Admission.for_row(inputs, i)) for i, d in enumerate(decisions) if d.route is not Route.EDGE]  # fmt: skip
         if not unsure:
-            return self._answer(local.outputs, decisions, confidence, {})
+            return self._answer(local.outputs, decisions, scores, {})
         assert cloud_model is not None
         assert self.monitor is not None
         link = self.monitor.view()
         for u in unsure:
             size = len(u.item.body)
             decisions[u.index] = decide(
-                confidence=float(confidence[u.index]), link=link, payload_bytes=size,
+                confidence=scores[u.index], link=link, payload_bytes=size,
                 budget_allows=self.budget.allows(size),
             )  # fmt: skip
         to_cloud = [u for u in unsure if decisions[u.index].route is Route.CLOUD]
@@ -349,7 +353,7 @@ class Router:
         for u in unsure:
             if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
                 decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
-        return self._answer(outputs, decisions, confidence, tickets, answered)
+        return self._answer(outputs, decisions, scores, tickets, answered)
 
     def _fallback(self, reason: Reason) -> Decision:
         """Where an item goes whose live call did not answer, for `reason`."""
@@ -361,22 +365,20 @@ class Router:
         self,
         outputs: dict[str, Array],
         decisions: Sequence[Decision],
-        confidence: npt.NDArray[np.float64],
+        confidence: Sequence[float],
         tickets: Mapping[int, str],
         answered: Collection[int] = (),
     ) -> RoutedAnswer:
-        counts: dict[tuple[Route, Reason], int] = {}
+        counts: dict[Decision, int] = {}
         items = []
         for i, d in enumerate(decisions):
-            counts[d.route, d.reason] = counts.get((d.route, d.reason), 0) + 1
+            counts[d] = counts.get(d, 0) + 1
             by = "cloud" if i in answered else "edge"
             items.append(
-                RoutedItem(
-                    d.route, d.reason, float(confidence[i]), tickets.get(i), d.provisional, by
-                )
+                RoutedItem(d.route, d.reason, confidence[i], tickets.get(i), d.provisional, by)
             )
-        for (route, reason), k in counts.items():
-            self.metrics.route(route, reason, k)
+        for d, k in counts.items():
+            self.metrics.route(d.route, d.reason, k)
         return RoutedAnswer(outputs, tuple(items))
 
     async def _escalate(
