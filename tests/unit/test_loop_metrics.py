@@ -42,7 +42,8 @@ def test_the_same_updates_give_the_same_samples() -> None:
     # NaN sums are compared as NaN: neither library drops the observation from the sum.
     their_sum = theirs_now.pop(("took_seconds_sum", (("model", "digits"),)))
     our_sum = ours_now.pop(("took_seconds_sum", (("model", "digits"),)))
-    assert math.isnan(their_sum) and math.isnan(our_sum)
+    assert math.isnan(their_sum)
+    assert math.isnan(our_sum)
     assert ours_now == theirs_now
     text = generate_latest(ours).decode()
     assert 'took_seconds_bucket{le="0.001",model="digits"} 2.0' in text
