@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Result", "http_load", "print_table", "process_cpu_seconds", "summarize"]
+__all__ = ["Result", "http_load", "print_table", "process_cpu_seconds", "rss_mb", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,21 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    pids = [pid]
+    for child in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split():
+        pids.append(int(child))
+    total_kb = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
 
 
 async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:

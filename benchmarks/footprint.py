@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from _harness import print_table
+from _harness import print_table, rss_mb
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
@@ -39,21 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants."""
-    pids = [pid]
-    for child in subprocess.run(
-        ["pgrep", "-P", str(pid)], capture_output=True, text=True
-    ).stdout.split():
-        pids.append(int(child))
-    total_kb = 0
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total_kb += int(line.split()[1])
-    return total_kb / 1024
 
 
 def _start_and_measure(
@@ -87,7 +72,7 @@ def _start_and_measure(
         )
         for _ in range(200):  # warm, as in service
             stub.ModelInfer(request, timeout=10)
-        rss = _rss_mb(process.pid)
+        rss = rss_mb(process.pid)
         channel.close()
         return ready_s, rss
     finally:

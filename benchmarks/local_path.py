@@ -43,24 +43,26 @@ FLOORS = (
 )
 
 
-def echo_server(kind: str, response_file: str, port_file: str) -> None:
+def echo_server(kind: str, response_file: str, port_file: str, model_file: str = "") -> None:
     """A bare v2 server: no checks, the canned response for every call. `echo-model` and
-    `echo-model-aio` first run the demo model once on the request's raw tensor, in a session
-    made as the agent makes it (one thread, no spinning): on a thread-pool server, or on the
-    event loop's thread of a grpc.aio server, as the agent itself runs small batches."""
+    `echo-model-aio` first run the model (default: the demo model) once on the request's raw
+    FP32 tensor, in a session made as the agent makes it (one thread, no spinning): on a
+    thread-pool server, or on the event loop's thread of a grpc.aio server, as the agent itself
+    runs small batches."""
     canned = pb.ModelInferResponse.FromString(Path(response_file).read_bytes())
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
-        str(EDGE_REPOSITORY / "digits" / "1" / "model.onnx"), options,
+        model_file or str(EDGE_REPOSITORY / "digits" / "1" / "model.onnx"), options,
         providers=["CPUExecutionProvider"],
     )  # fmt: skip
+    input_name = session.get_inputs()[0].name
 
     def answer(request: pb.ModelInferRequest) -> object:
         if kind != "echo":
-            x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(1, 64)
-            session.run(None, {"X": x})
+            x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
+            session.run(None, {input_name: x.reshape(request.inputs[0].shape)})
         return canned
 
     class Echo(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -200,7 +202,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] in ("--echo", "--echo-model", "--echo-model-aio"):
-        echo_server(sys.argv[1][2:], sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] in ("--echo", "--echo-model", "--echo-model-aio"):
+        echo_server(sys.argv[1][2:], *sys.argv[2:])
     else:
         main()

@@ -107,7 +107,7 @@ async def _serve_with(
         default_ttl_seconds=settings.default_ttl_seconds,
     )
     v2 = V2Servicer(service, metrics, settings.max_message_bytes)
-    address = f"{settings.host}:{settings.port}"
+    address = f"{settings.host}:{settings.port}" if settings.tcp_enabled else None
     access = credentials.access
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
@@ -123,6 +123,7 @@ async def _serve_with(
             RouterServicer(router, metrics),
             address,
             settings.max_message_bytes,
+            uds=settings.uds,
             credentials=tls,
             # Without credentials to ask for, no interceptor: every caller is anonymous.
             interceptors=[AuthInterceptor(access, metrics.count_auth_failure)]
@@ -151,7 +152,9 @@ async def _serve_with(
     loop.add_signal_handler(signal.SIGHUP, _reload_configs, repository, metrics)
 
     await server.start()
-    ports = {"grpc": server.port, "metrics": metrics_server.server_port}
+    ports = {"metrics": metrics_server.server_port}
+    if address is not None:
+        ports["grpc"] = server.port
     if rest is not None:
         await rest.start()
         ports["rest"] = rest.port
@@ -161,7 +164,8 @@ async def _serve_with(
         "serving",
         extra={
             "fields": {
-                "grpc": f"{settings.host}:{server.port}",
+                "grpc": f"{settings.host}:{server.port}" if address is not None else "off",
+                "uds": str(settings.uds) if settings.uds is not None else "off",
                 "rest": f"{settings.rest_host}:{rest.port}" if rest is not None else "off",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
                 "models": [m.describe() for m in repository],

@@ -49,6 +49,18 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="gRPC port; 0 picks one (default: 8001).")
     ] = None,
+    tcp_enabled: Annotated[
+        bool | None,
+        typer.Option(
+            "--tcp/--no-tcp", help="Serve gRPC on --host:--port (default: on); off needs --uds."
+        ),
+    ] = None,
+    uds: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve gRPC on this Unix socket too (mode 0660; clients dial unix:<path>)."
+        ),
+    ] = None,
     rest_enabled: Annotated[
         bool | None,
         typer.Option("--rest/--no-rest", help="Serve v2 REST and the kiosk page (default: on)."),
@@ -149,6 +161,8 @@ def serve(
             model_repository=model_repository,
             host=host,
             port=port,
+            tcp_enabled=tcp_enabled,
+            uds=uds,
             rest_enabled=rest_enabled,
             rest_host=rest_host,
             rest_port=rest_port,

@@ -42,6 +42,8 @@ DEFAULT_DEVICE = "edge-agent"
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
 
 
+_MAX_SOCKET_PATH = 107  # sun_path of struct sockaddr_un holds 108 bytes with its final NUL
+
 # A web origin as browsers send it in the Origin header: scheme, host, optional port; no path.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
@@ -84,6 +86,14 @@ class AgentSettings(LayeredSettings):
     tls_client_ca_file, or insecure = true."""
     port: int = Field(default=8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (see port_file)."""
+    tcp_enabled: bool = True
+    """Serve the gRPC API on host:port. Off, it is served on the Unix socket (uds) only."""
+    uds: Path | None = Field(default=None, validate_default=True)
+    """A Unix-domain socket the gRPC API listens on too (clients dial `unix:<path>`), for apps
+    on the same device: it skips TCP. Made with mode 0660, so that the agent's group can use
+    it (every other file the agent makes is private to it); a socket file left by an agent
+    that died is replaced, one in use is not. Local like loopback: callers there follow the
+    API's own rules (token_file, mTLS), nothing more."""
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus /metrics endpoint."""
     metrics_port: int = Field(default=9101, ge=0, le=65535)
@@ -102,7 +112,7 @@ class AgentSettings(LayeredSettings):
     """debug, info, warning, error or critical, in any case. At debug each call is one line."""
     port_file: Path | None = None
     """If set, {"grpc": port, "rest": port, "metrics": port} is written here once all are bound
-    ("rest" only while the REST API is on)."""
+    ("rest" only while the REST API is on, "grpc" only while tcp_enabled)."""
     max_watchers: int = Field(default=1024, ge=1)
     """WatchResults streams open at once; one more is refused with RESOURCE_EXHAUSTED."""
 
@@ -269,6 +279,20 @@ class AgentSettings(LayeredSettings):
         if data.get("tls_client_ca_file") is not None and cert is None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         _authenticated_beyond_loopback_or_insecure(value, data)
+        return value
+
+    @field_validator("uds")
+    @classmethod
+    def _socket_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            if not info.data.get("tcp_enabled", True):
+                raise ValueError("tcp_enabled is off: give a Unix socket path to serve on")
+            return value
+        if len(str(value).encode()) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"a Unix socket path holds at most {_MAX_SOCKET_PATH} bytes; "
+                f"this one has {len(str(value).encode())}"
+            )
         return value
 
     @field_validator("rest_host")

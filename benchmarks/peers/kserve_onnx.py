@@ -1,9 +1,9 @@
 """KServe's Python model server serving an ONNX file with onnxruntime, the session made as the
-edge agent makes its own (one thread, no spinning), REST only, logging at WARNING (at INFO it
-logs every request, a quarter of its throughput). Runs inside .venv-kserve
-(benchmarks/peers/setup.sh):
+edge agent makes its own (one thread, no spinning), logging at WARNING (at INFO it logs every
+request, a quarter of its throughput), latency logging off; REST, and v2 gRPC too when given a
+GRPC_PORT. Runs inside .venv-kserve (benchmarks/peers/setup.sh):
 
-    .venv-kserve/bin/python benchmarks/peers/kserve_onnx.py MODEL.onnx NAME HTTP_PORT
+    .venv-kserve/bin/python benchmarks/peers/kserve_onnx.py MODEL.onnx NAME HTTP_PORT [GRPC_PORT]
 """
 
 from __future__ import annotations
@@ -46,7 +46,14 @@ class OnnxModel(Model):  # type: ignore[misc]
 
 def main() -> None:
     path, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    server = ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
+    grpc_port = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    server = ModelServer(
+        http_port=port,
+        grpc_port=grpc_port,
+        enable_grpc=bool(grpc_port),
+        workers=1,
+        enable_latency_logging=False,
+    )
     # After the server configured logging: no line per request.
     for name_ in ("kserve", "kserve.trace", "uvicorn", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(name_).setLevel(logging.WARNING)

@@ -1,8 +1,14 @@
-"""The agent's grpc.aio server: v2 inference, standard health checking and server reflection."""
+"""The agent's grpc.aio server: v2 inference, standard health checking and server reflection,
+on TCP, on a Unix-domain socket, or both."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,9 +27,14 @@ V2_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ROUTER_SERVICE = rpb.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
+SOCKET_MODE = 0o660
+"""The Unix socket's mode: the agent's group may call it (every other file the agent makes is
+private to its user); connecting to a Unix socket needs write permission on it."""
+
+
 class ListenError(Exception):
-    def __init__(self, address: str, tls: bool = False) -> None:
-        why = "address in use or not available" + (
+    def __init__(self, address: str, tls: bool = False, why: str = "") -> None:
+        why = why or "address in use or not available" + (
             ", or the TLS certificate and key are unusable" if tls else ""
         )
         super().__init__(f"cannot listen on {address}: {why}")
@@ -36,13 +47,16 @@ class GrpcServer:
         self,
         v2: V2Servicer,
         router: RouterServicer,
-        address: str,
+        address: str | None,
         max_message_bytes: int,
         *,
+        uds: Path | None = None,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        """`credentials`: TLS (edge_agent.grpc.auth.server_credentials); None: plaintext."""
+        """`address`: host:port, None for no TCP listener; `uds`: a Unix socket path to listen
+        on as well (both get the same `credentials`: TLS from
+        edge_agent.grpc.auth.server_credentials, None for plaintext)."""
         self._server = grpc.aio.server(
             interceptors=list(interceptors),
             options=[
@@ -60,15 +74,29 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = (V2_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server)
+        self._credentials = credentials
+        self.port = 0
+        """The TCP port bound (0: no TCP listener)."""
+        if address is not None:
+            self.port = self._listen(address)
+        self.uds = uds
+        if uds is not None:
+            _refuse_a_socket_in_use(uds)
+            self._listen(f"unix:{uds}")
+            os.chmod(uds, SOCKET_MODE)
+
+    def _listen(self, address: str) -> int:
+        tls = self._credentials is not None
         try:
-            if credentials is None:
-                self.port = self._server.add_insecure_port(address)
+            if self._credentials is None:
+                port = self._server.add_insecure_port(address)
             else:
-                self.port = self._server.add_secure_port(address, credentials)
+                port = self._server.add_secure_port(address, self._credentials)
         except RuntimeError:
-            raise ListenError(address, credentials is not None) from None
-        if self.port == 0:
-            raise ListenError(address, credentials is not None)
+            raise ListenError(address, tls) from None
+        if port == 0:
+            raise ListenError(address, tls)
+        return int(port)
 
     async def start(self) -> None:
         await self._server.start()
@@ -82,3 +110,22 @@ class GrpcServer:
     async def stop(self, grace_seconds: float) -> None:
         """Refuse new calls, let calls in flight finish within the grace period, then stop."""
         await self._server.stop(grace_seconds)
+        if self.uds is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uds)
+
+
+def _refuse_a_socket_in_use(path: Path) -> None:
+    """grpc replaces a socket file at `path`: fine for one left by an agent that died, not for
+    one another process still serves. Any other kind of file is left alone (bind fails)."""
+    try:
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            return
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # nobody answers: a leftover
+    raise ListenError(f"unix:{path}", why="another process is serving on this socket")
