@@ -17,6 +17,8 @@ import numpy.typing as npt
 from edge_agent.access import ANONYMOUS, CLIENT_ID_PARAMETER, Caller, check_client_id
 from edge_agent.metrics import AgentMetrics
 from model_runtime import InvalidInput, ModelRepository, OnnxModel
+from model_runtime.batching import DynamicBatcher
+from model_runtime.onnx_model import Prediction
 from router import CallerWishes, LocalAnswer, RoutedAnswer, Router
 
 __all__ = [
@@ -103,6 +105,7 @@ class InferenceService:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._batchers: dict[OnnxModel, DynamicBatcher] = {}
         self._default_wishes = CallerWishes.from_parameters(
             {}, default_ttl_seconds=default_ttl_seconds, priorities=router.config.priorities
         )
@@ -158,7 +161,7 @@ class InferenceService:
         model_metrics = self.metrics.models[model.name]
 
         started = time.perf_counter()
-        prediction = await model.run(request.inputs, items)
+        prediction = await self._run(model, request.inputs, items, request.time_left_s)
         model_metrics.inference_seconds.observe(time.perf_counter() - started)
         for value in prediction.confidence.tolist():
             model_metrics.confidence.observe(value)
@@ -184,6 +187,20 @@ class InferenceService:
             for name in (request.outputs or model.output_names)
         }
         return InferResult(model, request.id, outputs, _response_parameters(routed))
+
+    async def _run(
+        self, model: OnnxModel, inputs: dict[str, Array], items: int, time_left_s: float | None
+    ) -> Prediction:
+        """The model's run, through its dynamic batcher when its config asks for one."""
+        batching = model.config.batching
+        if batching is None:
+            return await model.run(inputs, items)
+        batcher = self._batchers.get(model)
+        if batcher is None or batcher.config != batching:  # new, or changed by a reload
+            batcher = self._batchers[model] = DynamicBatcher(
+                model, batching, self.metrics.models[model.name].count_batch_run
+            )
+        return await batcher.run(inputs, items, time_left_s)
 
 
 def _one_or_mixed(values: Sequence[str]) -> str:

@@ -39,6 +39,13 @@ class ModelMetrics:
     request_seconds: HistogramChild
     confidence: HistogramChild
     items: CounterChild
+    batch_runs: CounterChild
+    batch_requests: CounterChild
+
+    def count_batch_run(self, requests: int, items: int) -> None:
+        """A run of the model's dynamic batcher, for `requests` requests of `items` in all."""
+        self.batch_runs.inc()
+        self.batch_requests.inc(requests)
 
 
 class AgentMetrics:
@@ -133,6 +140,19 @@ class AgentMetrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=registry,
         )
+        batch_runs = LoopCounter(
+            "edge_agent_batch_runs",
+            "Model runs made by the dynamic batcher of a model with [batching] on, by model.",
+            ["model"],
+            registry=registry,
+        )
+        batch_requests = LoopCounter(
+            "edge_agent_batch_requests",
+            "Requests answered by those runs, by model: divided by edge_agent_batch_runs_total, "
+            "the mean number of requests per run.",
+            ["model"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "edge_agent_model_info",
             "Models loaded: 1 per model version, with its confidence method.",
@@ -164,6 +184,8 @@ class AgentMetrics:
                 request.labels(model.name),
                 confidence.labels(model.name),
                 self.items.labels(model.name),
+                batch_runs.labels(model.name),
+                batch_requests.labels(model.name),
             )
         self.show_configs(repository)
 

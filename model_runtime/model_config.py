@@ -21,6 +21,7 @@ from model_runtime.private_files import write_private_bytes
 
 __all__ = [
     "CONFIG_FILE",
+    "BatchingConfig",
     "ModelConfig",
     "describe_validation_error",
     "load_model_config",
@@ -28,6 +29,19 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.toml"
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching, as Triton's dynamic batcher: concurrent requests for the model are run
+    as one onnxruntime batch. Off unless the model's config has a [batching] table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(ge=2, le=1024)
+    """Most items (rows) in one run; a request of this many items or more runs alone."""
+    max_queue_delay_us: int = Field(ge=0, le=1_000_000)
+    """Longest a request waits for others to join its batch, in microseconds; a request with a
+    deadline waits at most half the time it had left when it arrived."""
 
 
 class ModelConfig(BaseModel):
@@ -48,6 +62,8 @@ class ModelConfig(BaseModel):
     """Items whose confidence is below this are escalated; 0 never escalates."""
     cloud_model: str | None = None
     """Name of the model in the cloud that unsure items escalate to."""
+    batching: BatchingConfig | None = None
+    """Dynamic batching ([batching] table); None: every request runs alone."""
 
 
 def describe_validation_error(exc: ValidationError, whole: str = "config") -> str:
