@@ -229,13 +229,13 @@ def start_peers(stack: ExitStack, work: Path, model: Model) -> list[Server]:
 
 def make_cnn(work: Path) -> Model:
     """A small convolutional classifier on a 3x224x224 image (three strided 3x3 convolutions,
-    16-32-64 channels, global average pooling, 10 classes, softmax), with fixed weights."""
+    32-64-128 channels, global average pooling, 10 classes, softmax), with fixed weights."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, weights = [], []
-    channels, previous = (3, 16, 32, 64), "image"
+    channels, previous = (3, 32, 64, 128), "image"
     for i in range(3):
         w = rng.normal(0, 0.2, (channels[i + 1], channels[i], 3, 3)).astype(np.float32)
         b = np.zeros(channels[i + 1], dtype=np.float32)
@@ -252,7 +252,7 @@ def make_cnn(work: Path) -> Model:
         )
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         previous = f"r{i}"
-    fc = rng.normal(0, 0.3, (64, 10)).astype(np.float32)
+    fc = rng.normal(0, 0.3, (128, 10)).astype(np.float32)
     weights += [numpy_helper.from_array(fc, "fc"), numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]  # fmt: skip
     nodes += [
         helper.make_node("GlobalAveragePool", [previous], ["pooled"]),
