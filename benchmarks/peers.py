@@ -11,7 +11,8 @@ from start to ModelReady.
 
 The servers: a bare gRPC echo (the ratio's base) and the floor (the echo plus one model run,
 on a thread pool and on grpc.aio; local_path.py); the agent over loopback TCP and over its Unix
-socket (the same process), and a second agent with dynamic batching on; KServe 0.21's
+socket (the same process), a second agent with dynamic batching on, and a third on asyncio's
+own event loop instead of uvloop; KServe 0.21's
 ModelServer (logging at WARNING, latency logging off) and MLServer 1.7.1 in one process, each
 in its own venv (benchmarks/peers/setup.sh). Two models: the bundled `digits` (64 floats in)
 and, with --cnn, a small convolutional network on a 3x224x224 image made here with fixed
@@ -135,16 +136,19 @@ def running(
 
 def start_agents(stack: ExitStack, work: Path, model: Model, batching: bool) -> list[Server]:
     """The agent on TCP and, in the same process, on its Unix socket; with `batching`, a
-    second agent whose copy of the model has [batching] on."""
-    edge_agent = str(ROOT / ".venv" / "bin" / "edge-agent")
+    second agent whose copy of the model has [batching] on; a third on asyncio's own event
+    loop instead of uvloop (benchmarks/peers/agent_asyncio.py)."""
+    edge_agent = [str(ROOT / ".venv" / "bin" / "edge-agent")]
+    on_asyncio = [sys.executable, str(PEERS / "agent_asyncio.py")]
     servers = []
-    variants = [("agent", model.repository, True)]
+    variants = [("agent", model.repository, True, edge_agent)]
     if batching:
-        variants.append(("agent, batching", _batching_repository(work, model), False))
-    for name, repository, uds in variants:
+        variants.append(("agent, batching", _batching_repository(work, model), False, edge_agent))
+    variants.append(("agent, asyncio loop", model.repository, False, on_asyncio))
+    for name, repository, uds, launcher in variants:
         port = _free_port()
-        state = work / name.replace(", ", "-")
-        command = [edge_agent, "serve", "--port", str(port), "--metrics-port", "0"]
+        state = work / name.replace(", ", "-").replace(" ", "-")
+        command = [*launcher, "serve", "--port", str(port), "--metrics-port", "0"]
         command += ["--rest-port", "0", "--log-level", "WARNING", "--state-dir", str(state)]
         command += ["--model-repository", str(repository)]
         socket_path = work / f"{state.name}.sock"
