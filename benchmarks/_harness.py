@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Result", "http_load", "print_table", "process_cpu_seconds", "rss_mb", "summarize"]
+__all__ = [
+    "Result",
+    "http_load",
+    "print_table",
+    "process_cpu_seconds",
+    "rss_mb",
+    "serving",
+    "summarize",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,36 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], ready: Callable[[], bool], **popen: object
+) -> Iterator[tuple[int, float]]:
+    """Run a server until the block ends; yields (its pid, seconds from start until `ready()`
+    first held). Stopped with SIGINT, which stops KServe and MLServer at once (KServe waits out
+    a long grace period on SIGTERM), then SIGKILL."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **popen,  # type: ignore[call-overload]
+    )
+    try:
+        while not ready():
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[:3]} exited with {process.returncode}")
+            if time.perf_counter() - started > 120:
+                raise TimeoutError(f"{command[:3]} did not become ready in 120 s")
+            time.sleep(0.01)
+        yield process.pid, time.perf_counter() - started
+    finally:
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
+            if process.poll() is None:
+                process.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(15)
 
 
 def rss_mb(pid: int) -> float:

@@ -28,14 +28,12 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, print_table, rss_mb, summarize
+from _harness import Result, print_table, rss_mb, serving, summarize
 from conformance import CHECKS, run_checks
 from local_path import measure
 
@@ -108,30 +106,11 @@ def _model_ready(address: str, model: str) -> bool:
             return False
 
 
-@contextlib.contextmanager
 def running(
     command: list[str], address: str, model: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[int, float]]:
+) -> contextlib.AbstractContextManager[tuple[int, float]]:
     """Run a server until the block ends; yields (pid, seconds from start to ModelReady)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
-    try:
-        while not _model_ready(address, model):
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[:3]} exited with {process.returncode}")
-            if time.perf_counter() - started > 120:
-                raise TimeoutError(f"{command[:3]} not ready in 120 s")
-            time.sleep(0.01)
-        yield process.pid, time.perf_counter() - started
-    finally:
-        # SIGINT stops every one of them at once (KServe waits out a grace period on SIGTERM).
-        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
-            if process.poll() is None:
-                process.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(15)
+    return serving(command, lambda: _model_ready(address, model), env=env)
 
 
 def start_agents(stack: ExitStack, work: Path, model: Model, batching: bool) -> list[Server]:

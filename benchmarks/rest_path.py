@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, http_load, print_table, process_cpu_seconds, summarize
+from _harness import Result, http_load, print_table, process_cpu_seconds, serving, summarize
 from local_path import measure as grpc_measure
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
@@ -97,31 +96,14 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def peer(command: list[str], ready_url: str, **popen: object) -> Iterator[int]:
     """Run a peer server until the block ends; yields its pid once `ready_url` answers 200."""
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        **popen,  # type: ignore[call-overload]
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with {process.returncode}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{command[0]} did not become ready")
-            time.sleep(0.2)
-        yield process.pid
-    finally:
-        # SIGINT stops both at once (KServe waits out a long grace period on SIGTERM).
-        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
-            if process.poll() is None:
-                process.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(15)
+
+    def ready() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(ready_url, timeout=2).status_code == 200
+        return False
+
+    with serving(command, ready, **popen) as (pid, _seconds):
+        yield pid
 
 
 def start_mlserver(stack: ExitStack, work: Path, body: bytes) -> Server | None:
