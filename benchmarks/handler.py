@@ -6,7 +6,7 @@ then serializes the answer, timing each stage by the thread's CPU time (min of 5
 steady on a shared machine). "floor" is what the floor servers of local_path.py do per call:
 np.frombuffer and one onnxruntime run. Run it on two commits to see what a change bought:
 
-    .venv/bin/python benchmarks/handler.py [--calls 20000]
+    .venv/bin/python benchmarks/handler.py [--calls 20000] [--cnn]
 """
 
 from __future__ import annotations
@@ -50,9 +50,20 @@ class _Context:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
-    calls = parser.parse_args().calls
-    settings = AgentSettings(state_dir=Path(tempfile.mkdtemp(prefix="bench-handler-")))
-    repository = ModelRepository.load(EDGE_REPOSITORY, inline_budget_s=200e-6)
+    parser.add_argument("--cnn", action="store_true", help="peers.py's CNN, not the demo model")
+    args = parser.parse_args()
+    calls = args.calls
+    work = Path(tempfile.mkdtemp(prefix="bench-handler-"))
+    settings = AgentSettings(state_dir=work / "state")
+    if args.cnn:
+        from peers import make_cnn
+
+        cnn = make_cnn(work)
+        name, input_name, x, root = cnn.name, cnn.input_name, cnn.x, cnn.repository
+    else:
+        name, input_name, root = "digits", "X", EDGE_REPOSITORY
+        x = np.asarray(np.load(HELDOUT)["X"][:1], dtype=np.float32)
+    repository = ModelRepository.load(root, inline_budget_s=settings.inline_run_budget_us / 1e6)
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry, repository)
     router = await Router.open(router_config(settings, device_key=None), registry)
@@ -60,12 +71,13 @@ async def main() -> None:
         repository, router, metrics, ServerInfo("bench", "0"), default_ttl_seconds=3600
     )
     servicer = V2Servicer(service, metrics, settings.max_message_bytes)
-    x = np.asarray(np.load(HELDOUT)["X"][:1], dtype=np.float32)
-    tensor = pb.ModelInferRequest.InferInputTensor(name="X", datatype="FP32", shape=[1, 64])
-    request = pb.ModelInferRequest(
-        model_name="digits", inputs=[tensor], raw_input_contents=[x.tobytes()]
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=input_name, datatype="FP32", shape=list(x.shape)
     )
-    model = repository.get("digits")
+    request = pb.ModelInferRequest(
+        model_name=name, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    )
+    model = repository.get(name)
     session = model._session  # the floor runs the very session the agent runs
     decoded = decode_infer_request(request, model, None)
     context = _Context()
@@ -89,11 +101,12 @@ async def main() -> None:
 
     def floor() -> object:
         raw = request.raw_input_contents[0]
-        return session.run(None, {"X": np.frombuffer(raw, np.float32).reshape(1, 64)})
+        return session.run(None, {input_name: np.frombuffer(raw, np.float32).reshape(x.shape)})
 
     result = await service.infer(decoded)
     rows = [
         ("floor: frombuffer + onnxruntime run", cpu_us(floor)),
+        ("read the raw bytes (a copy)", cpu_us(lambda: request.raw_input_contents[0])),
         ("decode and check", cpu_us(lambda: decode_infer_request(request, model, None))),
         ("model run and confidence", cpu_us(lambda: model.predict(decoded.inputs))),
         ("infer: run, metrics, routing", await cpu_us_async(lambda: service.infer(decoded))),
@@ -102,7 +115,8 @@ async def main() -> None:
     ]
     await router.close()
     print_table(
-        f"The agent's ModelInfer handler in-process, CPU µs per call ({calls} calls, min of 5)",
+        f"{name}: the agent's ModelInfer handler in-process, CPU µs per call ({calls} calls, "
+        "min of 5)",
         [(name, {"CPU µs/call": us}) for name, us in rows],
     )
 

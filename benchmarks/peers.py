@@ -11,8 +11,9 @@ from start to ModelReady.
 
 The servers: a bare gRPC echo (the ratio's base) and the floor (the echo plus one model run,
 on a thread pool and on grpc.aio; local_path.py); the agent over loopback TCP and over its Unix
-socket (the same process), a second agent with dynamic batching on, and a third on asyncio's
-own event loop instead of uvloop; KServe 0.21's
+socket (the same process), a second agent with dynamic batching on, a third on asyncio's own
+event loop instead of uvloop and, for the CNN, a fourth that runs the model on the event loop's
+thread (inline_run_budget_us = 20000); KServe 0.21's
 ModelServer (logging at WARNING, latency logging off) and MLServer 1.7.1 in one process, each
 in its own venv (benchmarks/peers/setup.sh). Two models: the bundled `digits` (64 floats in)
 and, with --cnn, a small convolutional network on a 3x224x224 image made here with fixed
@@ -57,6 +58,9 @@ PEERS = Path(__file__).resolve().parent / "peers"
 LOCAL_PATH = Path(__file__).resolve().parent / "local_path.py"
 PEER_NAMES = ("KServe 0.21", "MLServer 1.7.1")
 FLOOR_NAMES = ("floor, thread pool", "floor, grpc.aio")
+INLINE = "agent, runs on the loop"
+"""The agent with inline_run_budget_us = 20000: a run of a few milliseconds stays on the event
+loop's thread, as the floors and KServe run it, instead of going to a worker thread."""
 
 
 @dataclass(frozen=True)
@@ -124,17 +128,20 @@ def start_agents(stack: ExitStack, work: Path, model: Model, batching: bool) -> 
     if batching:
         variants.append(("agent, batching", _batching_repository(work, model), False, edge_agent))
     variants.append(("agent, asyncio loop", model.repository, False, on_asyncio))
+    if model.name != "digits":  # the demo model's runs are on the loop's thread anyway
+        variants.append((INLINE, model.repository, False, edge_agent))
     for name, repository, uds, launcher in variants:
         port = _free_port()
         state = work / name.replace(", ", "-").replace(" ", "-")
         command = [*launcher, "serve", "--port", str(port), "--metrics-port", "0"]
+        env = {**os.environ, "EDGE_AGENT_INLINE_RUN_BUDGET_US": "20000"} if name == INLINE else None
         command += ["--rest-port", "0", "--log-level", "WARNING", "--state-dir", str(state)]
         command += ["--model-repository", str(repository)]
         socket_path = work / f"{state.name}.sock"
         if uds:
             command += ["--uds", str(socket_path)]
         address = f"127.0.0.1:{port}"
-        pid, ready_s = stack.enter_context(running(command, address, model.name))
+        pid, ready_s = stack.enter_context(running(command, address, model.name, env))
         servers.append(Server(name, address, pid, ready_s))
         if uds:
             servers.append(Server(f"{name}, Unix socket", f"unix:{socket_path}", pid))
