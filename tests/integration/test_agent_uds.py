@@ -109,4 +109,5 @@ def test_no_tcp_without_a_socket_is_refused_before_start(tmp_path: Path) -> None
         timeout=60,
     )
     assert result.returncode == 2
-    assert "uds: Value error, tcp_enabled is off: give a Unix socket path" in result.stderr
+    assert "uds: tcp_enabled is off: give a Unix socket path to serve on" in result.stderr
+    assert "--uds" in result.stderr
