@@ -278,7 +278,7 @@ def main() -> int:
     state = work / "agent" / "state"
     agent = start_daemon(
         "edge-agent",
-        ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(state),
+        ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0", "--state-dir", str(state),
          "--cloud-url", proxy.url, "--device-key-file", str(key_file)],
         work / "agent",
         ready=ready,

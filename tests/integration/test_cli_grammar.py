@@ -77,8 +77,10 @@ def test_a_flag_value_of_the_wrong_kind_is_one_line_exit_2(program: str, tmp_pat
 def test_a_taken_port_is_one_line_naming_the_address_exit_2(program: str, tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
+        # The agent's REST port too must be free, or its error names that one instead.
+        rest = ["--rest-port", "0"] if program == "edge-agent" else []
         result = run(
-            program, "serve", "--port", str(port), "--metrics-port", "0",
+            program, "serve", "--port", str(port), "--metrics-port", "0", *rest,
             "--state-dir", str(tmp_path / "state"), cwd=tmp_path,
         )  # fmt: skip
     assert result.returncode == 2
