@@ -52,6 +52,8 @@ def test_the_agent_escalates_over_mtls_with_a_private_ca(
         "--cloud-ca-file", write(tmp_path, "ca.pem", cloud_ca.cert_pem),
         "--cloud-client-cert", write(tmp_path, "device.pem", device.cert_chain_pems[0]),
         "--cloud-client-key", write(tmp_path, "device-key.pem", device.private_key_pem),
+        # A first handshake on a busy machine may take longer than the 2 s default.
+        "--live-timeout-seconds", "60",
     )  # fmt: skip
     try:
         p = params(ask(agent, int(UNSURE[0]), escalation="always"))
