@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge_agent.grpc._generated import POOL
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
 from edge_agent.grpc._generated import router_service_pb2 as rpb
@@ -73,7 +74,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = (V2_SERVICE, ROUTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, self._server)
+        reflection.enable_server_reflection(services, self._server, pool=POOL)
         self._credentials = credentials
         self.port = 0
         """The TCP port bound (0: no TCP listener)."""
