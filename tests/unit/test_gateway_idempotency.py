@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,20 +139,67 @@ async def test_a_duplicate_that_waits_too_long_gets_in_progress(db: Path) -> Non
     await running
 
 
+class CountingStore(SqliteIdempotencyStore):
+    """The real store, telling the test how many claims and renewals it has done."""
+
+    def __init__(self, path: Path, clock: WallClock) -> None:
+        super().__init__(path, now=clock)
+        self.claims = 0
+        self.renewals = 0
+        self._changed = asyncio.Event()
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        found = await super().claim(*args, **kwargs)
+        self.claims += 1
+        self._changed.set()
+        return found
+
+    async def renew(self, scope: str, owner: str, pending_ttl_s: float) -> None:
+        await super().renew(scope, owner, pending_ttl_s)
+        self.renewals += 1
+        self._changed.set()
+
+    async def reach(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
 async def test_a_live_worker_renews_its_mark(db: Path) -> None:
     # The run outlasts the mark's TTL several times over; renewal keeps the duplicate waiting
-    # for the answer instead of running the model a second time.
-    # A TTL of 1 s leaves the renewal (every third of it) room to be late on a busy machine.
-    first, work = guard(db, pending_ttl_s=1.0), Work()
+    # for the answer instead of running the model a second time. The store's clock is the
+    # test's, and so is the renewer's sleep: time passes only when the test says, each step
+    # after the renewal it allows, so a busy machine cannot make a renewal late.
+    clock = WallClock()
+    naps: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+
+    async def renewer_sleep(seconds: float) -> None:
+        woken = asyncio.Event()
+        await naps.put(woken)
+        await woken.wait()
+
+    ours, theirs = CountingStore(db, clock), CountingStore(db, clock)
+    policy = IdempotencyPolicy(pending_ttl_s=1.0)
+    first = IdempotencyGuard(ours, policy, sleep=renewer_sleep)
+    duplicate_worker = IdempotencyGuard(theirs, policy, monotonic=clock)
+    work = Work()
     work.release.clear()
     running = asyncio.create_task(first.run(SCOPE, "fp", work))
     await asyncio.wait_for(work.started.wait(), 5)
-    duplicate = asyncio.create_task(guard(db, pending_ttl_s=1.0).run(SCOPE, "fp", work))
-    await asyncio.sleep(3.0)  # three TTLs pass while the first run goes on
+    duplicate = asyncio.create_task(duplicate_worker.run(SCOPE, "fp", work))
+    for _ in range(6):  # three TTLs, half a TTL at a time, the mark renewed before each
+        renewed, polled = ours.renewals, theirs.claims
+        (await asyncio.wait_for(naps.get(), 5)).set()
+        await ours.reach(lambda: ours.renewals > renewed)  # noqa: B023
+        clock.now += 0.5
+        await theirs.reach(lambda: theirs.claims > polled + 1)  # noqa: B023  # looked after it
+    assert work.calls == 1  # the duplicate found a live mark at every step
     work.release.set()
     assert not (await running).replayed
     assert (await duplicate).replayed
     assert work.calls == 1
+    await first.aclose()
 
 
 async def test_the_mark_of_a_dead_worker_lapses(db: Path) -> None:
