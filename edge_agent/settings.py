@@ -137,7 +137,8 @@ class AgentSettings(LayeredSettings):
     network unencrypted. Off: such a URL is refused; use https://."""
     cloud_url: str | None = None
     """Base URL of the cloud's v2 REST endpoint (the cloud gateway, or any v2 server). Unset:
-    every request is answered at the edge, and responses say so (reason no_cloud_configured)."""
+    every request is answered at the edge, and responses say so (reason no_cloud_configured).
+    No user:password@ in it (refused): the device key authenticates the agent."""
     device_key_file: Path | None = Field(default=None, validate_default=True)
     """File holding this device's key for the cloud (`cloud-gateway keys add`); read once.
     Refused if others may write it, a warning if others may read it."""
@@ -322,6 +323,13 @@ class AgentSettings(LayeredSettings):
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError("must be an http:// or https:// URL")
+            if "@" in parts.netloc:
+                # httpx would send them as Basic auth, beside or instead of the device key.
+                # Never quoted back: this message reaches the terminal and the log.
+                raise ValueError(
+                    "must not carry a user name or password (user:password@): the agent "
+                    "authenticates with its device key (device_key_file); remove them from the URL"
+                )
             if (
                 parts.scheme == "http"
                 and not is_loopback(parts.hostname or "")

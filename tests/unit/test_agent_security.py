@@ -222,3 +222,21 @@ def test_a_calibration_backup_is_private_whatever_the_umask(tmp_path: Path) -> N
     assert backup.stat().st_mode & 0o777 == 0o600
     assert backup.read_text() == "threshold = 0.5\n"
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:s3cret-pw@127.0.0.1:8000", "https://user:s3cret-pw@gateway.example.org",
+     "https://:s3cret-pw@gateway.example.org", "https://user@gateway.example.org"],
+)  # fmt: skip
+def test_a_cloud_url_with_credentials_is_refused_without_echoing_them(
+    url: str, tmp_path: Path
+) -> None:
+    # httpx would send them as Basic auth, beside or instead of the device's Bearer key.
+    with pytest.raises(SettingsError) as refused:
+        load_settings(cloud_url=url, device_key_file=tmp_path / "device.key")
+    message = str(refused.value)
+    assert message.startswith("cloud_url: ")
+    assert "user name or password" in message
+    assert "s3cret-pw" not in message
+    assert "user@" not in message
