@@ -20,9 +20,7 @@ def test_stubs_match_proto_sources(tmp_path: Path) -> None:
     fresh = {p.name: p.read_text() for p in generator.generate(tmp_path)}
     committed_dir = ROOT / "edge_agent" / "grpc" / "_generated"
     committed = {
-        p.name: p.read_text()
-        for p in committed_dir.iterdir()
-        if p.name.endswith((".py", ".pyi"))
+        p.name: p.read_text() for p in committed_dir.iterdir() if p.name.endswith((".py", ".pyi"))
     }
     assert fresh.keys() == committed.keys(), "run scripts/generate_protos.py"
     for name, text in fresh.items():
