@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import tomli_w
 import typer
 
+from edge_agent.credentials import CredentialsError, DeviceKeyFileError, read_device_key
 from edge_agent.settings import (
     AgentSettings,
     SettingsError,
@@ -32,7 +33,6 @@ from model_runtime.command_line import (
     setting_rows,
 )
 from model_runtime.logs import redact
-from model_runtime.private_files import SecretFileError, read_secret_text
 
 __all__ = ["config_app", "printable"]
 
@@ -115,10 +115,11 @@ def _check_paths(settings: AgentSettings) -> list[str]:
     key_file = settings.device_key_file
     if key_file is not None:
         try:
-            # Read to see that it can be, and is not empty; the key itself is never shown.
-            if not read_secret_text(key_file, "device key file")[0]:
-                problems.append(f"device_key_file: {key_file} is empty")
-        except SecretFileError as exc:
+            # Read to see that it can be, and holds one clean line; the key is never shown.
+            read_device_key(key_file)
+        except DeviceKeyFileError as exc:
+            problems.append(f"device_key_file: {key_file} {exc.problem}")
+        except CredentialsError as exc:
             problems.append(f"device_key_file: {exc}")
     state = settings.state_dir
     existing = next((p for p in (state, *state.parents) if p.exists()), Path("."))
@@ -146,7 +147,7 @@ def _probe_cloud(settings: AgentSettings) -> bool:
         return False
     key = None
     if settings.device_key_file is not None:
-        key = read_secret_text(settings.device_key_file, "device key file")[0]
+        key = read_device_key(settings.device_key_file)[0]
     steps = asyncio.run(
         check_link(settings.cloud_url, key, timeout_s=settings.probe_timeout_seconds)
     )

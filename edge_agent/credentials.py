@@ -11,14 +11,31 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
-from model_runtime.private_files import SecretFileError, check_secret_file, read_secret_text
+from model_runtime.private_files import SecretFileError, check_secret_file
 from router.cloud_client import CloudTls
 
-__all__ = ["Credentials", "CredentialsError", "load_credentials"]
+__all__ = [
+    "Credentials",
+    "CredentialsError",
+    "DeviceKeyFileError",
+    "load_credentials",
+    "read_device_key",
+]
 
 
 class CredentialsError(Exception):
     """A secret file cannot be used; the message is the one line the operator sees."""
+
+
+class DeviceKeyFileError(CredentialsError):
+    """The device key file does not hold the key alone on one line; `problem` says how,
+    never quoting the key."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        hint = "" if problem == "is empty" else "; put the key alone on one line"
+        super().__init__(f"device key file {path} {problem}{hint}")
+        self.path = path
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -76,11 +93,46 @@ def load_credentials(settings: AgentSettings) -> Credentials:
 def _device_key(path: Path | None, warnings: list[str]) -> str | None:
     if path is None:
         return None
-    key, warning = read_secret_text(path, "device key file")
+    key, warning = read_device_key(path)
     _note(warning, warnings)
-    if not key:
-        raise CredentialsError(f"device key file {path} is empty")
     return key
+
+
+def read_device_key(path: Path) -> tuple[str, str | None]:
+    """The key in device key file `path`, and a warning to log if others may read the file.
+    One final newline is the editor's, not the key's; any other whitespace or a second line
+    would reach the cloud as part of the key (or fail there), so it is refused here, with the
+    file's name. Raises CredentialsError (DeviceKeyFileError for the file's text)."""
+    what = "device key file"
+    try:
+        warning = check_secret_file(path, what)
+        text = Path(path).read_text(encoding="utf-8")
+    except SecretFileError as exc:
+        raise CredentialsError(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise CredentialsError(f"cannot read {what} {path}: {why}") from None
+    key = text.removesuffix("\n").removesuffix("\r")
+    problem = _key_text_problem(key)
+    if problem is not None:
+        raise DeviceKeyFileError(path, problem)
+    return key, warning
+
+
+def _key_text_problem(key: str) -> str | None:
+    if not key or key.isspace():
+        return "is empty"
+    if key[0].isspace():
+        return "has whitespace before the key"
+    if key[-1].isspace():
+        return "has whitespace after the key"
+    if "\n" in key or "\r" in key:
+        return "has more than one line"
+    if any(c.isspace() for c in key):
+        return "has whitespace inside the key"
+    if not key.isprintable():
+        return "has a character that is not printable"
+    return None
 
 
 def _note(warning: str | None, warnings: list[str]) -> None:

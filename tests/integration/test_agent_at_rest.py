@@ -153,6 +153,51 @@ def test_a_device_key_file_others_may_write_is_refused_one_they_may_read_warned(
     assert f"device key file {key_file} is readable by its group or by anyone" in agent.log()
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [(" {key}\n", "whitespace before the key"), ("{key} \n", "whitespace after the key"),
+     ("{key}\n\n", "whitespace after the key"), ("{key}\nsecond\n", "more than one line"),
+     ("{head} {tail}\n", "whitespace inside the key"), ("\n", "is empty")],
+    ids=["leading-space", "trailing-space", "blank-line", "two-lines", "inner-space", "empty"],
+)  # fmt: skip
+def test_a_device_key_file_that_is_not_one_clean_line_stops_the_start(
+    tmp_path: Path, gateway: Gateway, text: str, problem: str
+) -> None:
+    key_file = write_device_key(tmp_path, gateway)
+    key = gateway.key
+    key_file.write_text(text.format(key=key, head=key[:8], tail=key[8:]))
+    done = subprocess.run(
+        [str(BIN / "edge-agent"), "serve", "--port", "0", "--metrics-port", "0",
+         "--rest-port", "0", "--state-dir", str(tmp_path / "s"),
+         "--cloud-url", gateway.url, "--device-key-file", str(key_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    assert lines[0].startswith(f"edge-agent: device key file {key_file}")
+    assert problem in lines[0]
+    assert key[:8] not in done.stderr + done.stdout
+
+
+def test_a_device_key_file_may_end_with_one_newline(tmp_path: Path, gateway: Gateway) -> None:
+    key_file = write_device_key(tmp_path, gateway)
+    key_file.write_text(gateway.key + "\r\n")  # an editor on Windows
+    agent = start_agent(tmp_path, "--cloud-url", gateway.url, "--device-key-file", str(key_file))
+    try:
+        wait_until(lambda: link_up(agent), what="the link to come up")
+        x = np.asarray(X[:1], dtype=np.float32)
+        given = triton.InferInput("X", list(x.shape), "FP32")
+        given.set_data_from_numpy(x)
+        answer = triton.InferenceServerClient(agent.address("grpc")).infer(
+            "digits", [given], parameters={"escalation": "always"},
+            outputs=[triton.InferRequestedOutput("routing.route")],
+        )  # fmt: skip
+        assert answer.as_numpy("routing.route").tolist() == [b"cloud"]  # the gateway took the key
+    finally:
+        agent.stop()
+
+
 def test_with_a_key_no_file_of_the_state_dir_holds_an_input_or_answer_in_clear(
     tmp_path: Path, gateway: Gateway, proxy: FaultProxy
 ) -> None:

@@ -18,6 +18,7 @@ from edge_agent.access import (
     check_client_id,
     read_token_file,
 )
+from edge_agent.credentials import DeviceKeyFileError, read_device_key
 from edge_agent.settings import SettingsError, is_loopback, load_settings
 from model_runtime import InvalidInput
 from model_runtime.encryption import DataKey, DataKeyError, Keyring, UnknownDataKey
@@ -240,3 +241,27 @@ def test_a_cloud_url_with_credentials_is_refused_without_echoing_them(
     assert "user name or password" in message
     assert "s3cret-pw" not in message
     assert "user@" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("K3Y-abc\n", None), ("K3Y-abc\r\n", None), ("K3Y-abc", None), ("", "is empty"),
+     ("\n", "is empty"), (" \n", "is empty"), ("\tK3Y-abc\n", "has whitespace before the key"),
+     ("K3Y-abc \n", "has whitespace after the key"), ("K3Y-abc\n\n", "has whitespace after the key"),
+     ("K3Y\nabc\n", "has more than one line"), ("K3Y abc\n", "has whitespace inside the key"),
+     ("K3Y\x00abc", "has a character that is not printable")],
+)  # fmt: skip
+def test_the_device_key_file_holds_the_key_alone_on_one_line(
+    text: str, problem: str | None, tmp_path: Path
+) -> None:
+    path = tmp_path / "device.key"
+    path.write_bytes(text.encode())
+    path.chmod(0o600)
+    if problem is None:
+        assert read_device_key(path) == ("K3Y-abc", None)
+        return
+    with pytest.raises(DeviceKeyFileError) as refused:
+        read_device_key(path)
+    assert refused.value.problem == problem
+    assert str(refused.value).startswith(f"device key file {path} {problem}")
+    assert "K3Y" not in str(refused.value)
