@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
 from router.policy import BudgetMode, EscalationPolicy
 from router.state_lock import StateDirLock
-from router.tickets import Admission, TicketResult, TicketStore
+from router.tickets import Admission, TicketResult, TicketStore, WatchStream
 
 __all__ = ["RoutedAnswer", "RoutedItem", "Router", "RouterStatus", "TicketResult"]
 
@@ -475,7 +475,7 @@ class Router:
 
     def watch(
         self, after_cursor: int, tickets: Collection[str] = (), *, owner: str = ""
-    ) -> AsyncIterator[TicketResult]:
+    ) -> WatchStream:
         """Every result of `owner` that ended after the cursor, in order, then each as it ends;
         ends only when the router closes. Raises InvalidInput or TooManyWatchers at once."""
         return self.tickets.watch(after_cursor, tickets, owner=owner)

@@ -16,7 +16,15 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +44,7 @@ __all__ = [
     "Admission",
     "TicketResult",
     "TicketStore",
+    "WatchStream",
     "check_ticket",
     "decode_result",
     "encode_result",
@@ -131,6 +140,8 @@ class _Watcher:
     inbox: list[TicketResult] = field(default_factory=list)
     behind: bool = False
     """The inbox overflowed and was emptied: catch up from the file."""
+    released: bool = False
+    """Its place among max_watchers was given back."""
 
     def offer(self, result: TicketResult) -> None:
         if self.wanted and result.ticket not in self.wanted:
@@ -320,7 +331,7 @@ class TicketStore:
 
     def watch(
         self, after_cursor: int = 0, tickets: Collection[str] = (), *, owner: str = ""
-    ) -> AsyncIterator[TicketResult]:
+    ) -> WatchStream:
         """Every result of `owner` that ended after `after_cursor`, in end order, then each one
         as it ends; ends only when the store closes. A watcher that reconnects passes the last
         cursor it got. With `tickets`, only those (audit items are never shown).
@@ -351,9 +362,20 @@ class TicketStore:
         # here on can fall between that read and the inbox.
         self._watchers.setdefault(owner, set()).add(watcher)
         self.watchers += 1
-        return self._stream(watcher, after_cursor)
+        return WatchStream(self._stream(watcher, after_cursor), lambda: self._release(watcher))
 
-    async def _stream(self, watcher: _Watcher, cursor: int) -> AsyncIterator[TicketResult]:
+    def _release(self, watcher: _Watcher) -> None:
+        if watcher.released:
+            return
+        watcher.released = True
+        watchers = self._watchers.get(watcher.owner)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[watcher.owner]
+        self.watchers -= 1
+
+    async def _stream(self, watcher: _Watcher, cursor: int) -> AsyncGenerator[TicketResult, None]:
         try:
             catch_up = True
             while not self._closed:
@@ -376,12 +398,7 @@ class TicketStore:
                 elif not watcher.inbox and not self._closed:
                     await watcher.event.wait()
         finally:
-            watchers = self._watchers.get(watcher.owner)
-            if watchers is not None:
-                watchers.discard(watcher)
-                if not watchers:
-                    del self._watchers[watcher.owner]
-            self.watchers -= 1
+            self._release(watcher)
 
     async def _read_after(self, watcher: _Watcher, cursor: int) -> AsyncIterator[TicketResult]:
         """The watcher's results in the file after `cursor`, page by page, to the last one."""
@@ -395,6 +412,25 @@ class TicketStore:
                     yield to_result(status)
             if len(page) < _WATCH_PAGE:
                 return
+
+
+class WatchStream(AsyncIterator[TicketResult]):
+    """A watcher's stream that gives its place back however it ends: exhausted, failed, or
+    closed, even before its first read (an async generator that never started skips its
+    `finally`, and a client may go away between watch() and that read)."""
+
+    def __init__(self, results: AsyncGenerator[TicketResult, None], release: Callable[[], None]):
+        self._results = results
+        self._release = release
+
+    async def __anext__(self) -> TicketResult:
+        return await self._results.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._results.aclose()
+        finally:
+            self._release()
 
 
 async def _outcome(enqueue: Awaitable[bool]) -> bool | BaseException:

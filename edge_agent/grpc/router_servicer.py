@@ -6,6 +6,7 @@ A caller sees the results of its own requests only: the owner of a ticket is the
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -55,9 +56,11 @@ class RouterServicer(rpb_grpc.RouterServiceServicer):
         except Exception as exc:
             await self._abort(context, "WatchResults", exc)
         self.metrics.count_request("WatchResults", "", _OK)
-        # Ends only when the caller goes away (grpc cancels this generator) or the agent stops.
-        async for result in results:
-            yield self._encode(result)
+        # Ends only when the caller goes away (grpc cancels this generator) or the agent stops;
+        # closed here, not left to the garbage collector, so its watcher place is free at once.
+        async with contextlib.aclosing(results):
+            async for result in results:
+                yield self._encode(result)
 
     def _encode(self, result: TicketResult) -> rpb.TicketResult:
         kept = self._encoded.get(id(result))

@@ -193,6 +193,32 @@ def test_watchers_beyond_the_cap_are_refused_and_counted(plain_agent: Daemon) ->
             stream.cancel()
 
 
+def test_every_way_a_watcher_ends_gives_its_place_back(plain_agent: Daemon) -> None:
+    def watchers() -> float:
+        return metric(plain_agent, "edge_agent_router_result_watchers")
+
+    with grpc.insecure_channel(plain_agent.address("grpc")) as channel:
+        router = rpb_grpc.RouterServiceStub(channel)
+        for _ in range(20):  # cancelled at once, perhaps before the agent has even started it
+            router.WatchResults(rpb.WatchResultsRequest()).cancel()
+        for _ in range(10):  # cancelled once open
+            opened = [router.WatchResults(rpb.WatchResultsRequest()) for _ in range(2)]
+            wait_until(lambda: watchers() == 2, what="two watchers to be open")
+            for stream in opened:
+                stream.cancel()
+        ended = [router.WatchResults(rpb.WatchResultsRequest(), timeout=1) for _ in range(2)]
+        for stream in ended:  # the caller's deadline ends them
+            with pytest.raises(grpc.RpcError) as late:
+                next(stream)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: watchers() == 0, what="every ended watcher to give its place back")
+        again = [router.WatchResults(rpb.WatchResultsRequest()) for _ in range(2)]
+        wait_until(lambda: watchers() == 2, what="two new watchers admitted")
+        for stream in again:
+            stream.cancel()
+    assert metric(plain_agent, "edge_agent_router_result_watchers_refused_total") == 0
+
+
 def test_router_service_parser_edges_are_invalid_argument_in_one_line(plain_agent: Daemon) -> None:
     with grpc.insecure_channel(plain_agent.address("grpc")) as channel:
         router = rpb_grpc.RouterServiceStub(channel)

@@ -231,6 +231,33 @@ async def test_watchers_beyond_the_cap_are_refused_and_counted(tmp_path: Path) -
         await queue.close()
 
 
+async def test_a_watcher_closed_before_its_first_read_gives_its_place_back(
+    tmp_path: Path,
+) -> None:
+    # The transport may be gone between watch() and the stream's first read (a client that
+    # cancels at once): closing the stream must free its place even though it never started.
+    tickets = TicketStore(max_watchers=1)
+    queue = await DurableQueue.open(tmp_path / "q.sqlite", on_end=tickets.notify)
+    tickets.attach(queue)
+    try:
+        for _ in range(3):
+            unread = tickets.watch(0)
+            assert tickets.watchers == 1
+            await unread.aclose()  # type: ignore[attr-defined]
+            assert tickets.watchers == 0
+        read = tickets.watch(0)
+        waiting = asyncio.ensure_future(anext(read))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await read.aclose()  # type: ignore[attr-defined]
+        await read.aclose()  # type: ignore[attr-defined]  # twice: the place is given back once
+        assert tickets.watchers == 0
+    finally:
+        tickets.close()
+        await queue.close()
+
+
 async def test_an_end_is_read_from_the_file_once_per_owner_not_once_per_watcher(
     store: TicketStore,
 ) -> None:
