@@ -180,7 +180,9 @@ async def _serve_with(
         },
     )
     if sys.stderr.isatty():
-        print(_human_line(settings, server.port, metrics_server.server_port), file=sys.stderr)
+        rest_port = rest.port if rest is not None else None
+        line = _human_line(settings, server.port, rest_port, metrics_server.server_port)
+        print(line, file=sys.stderr)
     await stop.wait()
     service.stop_accepting()  # before the log line: from then on, every new call is refused
     log.info("stopping", extra={"fields": {"grace_seconds": settings.grace_seconds}})
@@ -230,11 +232,20 @@ def _rest_server(
     return RestServer(app, streams, settings.rest_host, settings.rest_port, tls=tls)
 
 
-def _human_line(settings: AgentSettings, grpc_port: int, metrics_port: int) -> str:
-    """What a person at a terminal wants to know once the agent serves."""
+def _human_line(
+    settings: AgentSettings, grpc_port: int, rest_port: int | None, metrics_port: int
+) -> str:
+    """What a person at a terminal wants to know once the agent serves: where to call it (every
+    listener), where its metrics are, where its state is, and which cloud it escalates to."""
+    grpc_at = [f"{settings.host}:{grpc_port}"] if grpc_port else []
+    if settings.uds is not None:
+        grpc_at.append(f"unix:{settings.uds}")
+    scheme = "https" if settings.tls_cert_file is not None else "http"
+    rest = f"{scheme}://{settings.rest_host}:{rest_port}" if rest_port is not None else "none"
     cloud = redact(settings.cloud_url) if settings.cloud_url else "none, all answered here"
     return (
-        f"edge-agent {__version__} serving gRPC on {settings.host}:{grpc_port}, metrics on "
+        f"edge-agent {__version__} serving gRPC on {' and '.join(grpc_at)}, "
+        f"REST on {rest}, metrics on "
         f"http://{settings.metrics_host}:{metrics_port}/metrics, state in "
         f"{settings.state_dir.resolve()}, cloud: {cloud} (Ctrl-C stops)"
     )
