@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,48 +181,49 @@ def _hold_request_open(gw: Gateway, key: str) -> socket.socket:
     return sock
 
 
-def _readmit_refused(gw: Gateway, held: list[tuple[socket.socket, str]]) -> bool:
-    """Reopen every held request the gateway has already answered: one admitted while a probe
-    of the test held a slot for a moment was refused, and would never be in flight."""
-    for i, (sock, key) in enumerate(held):
-        try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an answer, or the close
-        except BlockingIOError:
-            continue  # still waiting for its body: in flight
-        sock.close()
-        held[i] = (_hold_request_open(gw, key), key)
-    return True
+def _the_refused_one(held: list[socket.socket], timeout: float = 30.0) -> tuple[int, str, str]:
+    """The answer to the one held request the gateway refused at admission: status, Retry-After
+    and body. Held requests never end, so no request of the test holds a slot for a moment:
+    which one is refused is a race, that exactly one is, is not."""
+    ready, _, _ = select.select(held, [], [], timeout)
+    assert len(ready) == 1, f"{len(ready)} of {len(held)} held requests were answered"
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        ready[0].settimeout(timeout)
+        chunk = ready[0].recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers = {k.lower(): v for k, v in headers.items()}
+    return int(lines[0].split()[1]), headers.get("retry-after", ""), body.decode()
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].decode().lower()
+    match = re.search(r"content-length: (\d+)", head)
+    return int(match.group(1)) if match else 0
 
 
 def test_requests_in_flight_are_bounded_per_device_then_in_total(tight: Gateway) -> None:
     other = add_key(tight.key_db, "clinic-2")
-    body = infer_body(rows(1))
-    held = [(_hold_request_open(tight, tight.key), tight.key) for _ in range(2)]
+    held = [_hold_request_open(tight, tight.key) for _ in range(3)]
     try:
-        # Each probe takes a slot while it runs; no wait on a machine's speed decides which of
-        # a probe and a held request the gateway admits first, so a refused one is reopened.
-        wait_until(
-            lambda: _readmit_refused(tight, held) and post(tight, body).status_code == 429,
-            what="two requests in flight",
-        )
-        busy = post(tight, body)
-        assert busy.status_code == 429
-        assert busy.headers["Retry-After"] == "1"
-        assert "already has 2 requests in flight" in busy.json()["error"]
-        with tight.client(other) as c:
-            held.append((_hold_request_open(tight, other), other))
-            wait_until(
-                lambda: (
-                    _readmit_refused(tight, held) and c.post(INFER, content=body).status_code == 503
-                ),
-                what="3 in flight",
-            )
-            full = c.post(INFER, content=body)
-        assert full.headers["Retry-After"] == "1"
-        assert "the gateway already has 3 requests in flight" in full.json()["error"]
+        status, retry_after, body = _the_refused_one(held)
+        assert status == 429
+        assert retry_after == "1"
+        assert "already has 2 requests in flight" in json.loads(body)["error"]
+        others = [_hold_request_open(tight, other) for _ in range(2)]
+        held += others
+        status, retry_after, body = _the_refused_one(others)
+        assert status == 503
+        assert retry_after == "1"
+        assert "the gateway already has 3 requests in flight" in json.loads(body)["error"]
     finally:
-        for sock, _ in held:
+        for sock in held:
             sock.close()
+    body = infer_body(rows(1))
     wait_until(lambda: post(tight, body).status_code == 200, what="the slots to be free again")
     assert tight.metric("cloud_gateway_limit_refusals_total", limit="device_in_flight") >= 1
     assert tight.metric("cloud_gateway_limit_refusals_total", limit="in_flight") >= 1
