@@ -276,14 +276,19 @@ def main() -> int:
     proxy = FaultProxy("127.0.0.1", gateway.daemon.ports["http"]).start()
     key_file = write_device_key(work, gateway)
     state = work / "agent" / "state"
-    agent = start_daemon(
-        "edge-agent",
-        ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0", "--state-dir", str(state),
-         "--cloud-url", proxy.url, "--device-key-file", str(key_file)],
-        work / "agent",
-        ready=ready,
-        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "2", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "1"},
-    )  # fmt: skip
+    try:  # a gateway left running when the agent cannot start would outlive the script
+        agent = start_daemon(
+            "edge-agent",
+            ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0", "--state-dir", str(state),
+             "--cloud-url", proxy.url, "--device-key-file", str(key_file)],
+            work / "agent",
+            ready=ready,
+            env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "2", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "1"},
+        )  # fmt: skip
+    except BaseException:
+        proxy.close()
+        gateway.daemon.stop()
+        raise
     load, stop = Load(), threading.Event()
     threads = [
         threading.Thread(target=drive, args=(agent.address("grpc"), load, args.rate, stop, args.seed)),
