@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from tests.support.processes import BIN
 
 LINE = re.compile(
     r"serving gRPC on 127\.0\.0\.1:(\d+) and unix:(\S+), REST on http://127\.0\.0\.1:(\d+), "
-    r"metrics on http://127\.0\.0\.1:(\d+)/metrics, .*\(Ctrl-C stops\)"
+    r"metrics on http://127\.0\.0\.1:(\d+)/metrics, state in (\S+), cloud: none, all answered here "
+    r"\(Ctrl-C stops\)"
 )
 
 
@@ -47,7 +49,8 @@ def test_the_serve_line_names_every_address(tmp_path: Path) -> None:
     os.close(its_end)
     try:
         line = read_until(terminal, LINE, timeout=120)
-        grpc_port, uds, rest_port, metrics_port = line.groups()
+        grpc_port, uds, rest_port, metrics_port, state = line.groups()
+        assert state == str((tmp_path / "s").resolve())
         assert uds == str(socket_path)
         assert socket_path.is_socket()
         rest = httpx.get(f"http://127.0.0.1:{rest_port}/v2/health/ready", timeout=10)
@@ -55,11 +58,10 @@ def test_the_serve_line_names_every_address(tmp_path: Path) -> None:
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
         assert "edge_agent_info" in metrics.text
         assert int(grpc_port) not in (int(rest_port), int(metrics_port))
+        agent.send_signal(signal.SIGINT)  # Ctrl-C, as the line says
+        assert agent.wait(timeout=60) == 0
     finally:
-        agent.terminate()
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if agent.poll() is None:
             agent.kill()
             agent.wait()
         os.close(terminal)
