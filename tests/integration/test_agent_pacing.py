@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 
 ROWS = 200
 GATEWAY_RATE = 25  # per second, bursts of as many: below the agent's default of 40
+MAX_REFUSALS = GATEWAY_RATE  # 429s a paced batch may meet; unpaced, it met 117
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,10 @@ def test_a_large_batch_is_paced_live_when_the_deadline_allows(
         assert set(routes) == {"cloud"}, set(reasons)  # none had to wait for the queue
         assert set(reasons) == {"escalation_always"}
         storm = refusals(limited_gateway) - before
-        # 200 calls at once were refused 117 times; paced, a handful at most find the limit
-        assert storm <= 10, storm
+        # 200 calls at once were refused 117 times. Paced, only the calls already on their way
+        # when the first 429 came back find the limit: how many depends on how fast this machine
+        # reacts (2-12 seen), so the bound is one second of the gateway's allowance.
+        assert storm <= MAX_REFUSALS, storm
         assert agent_metric(agent, "edge_agent_router_cloud_paced_calls_total", path="live") > 0
     finally:
         agent.stop()
@@ -117,7 +120,7 @@ def test_rows_whose_turn_comes_after_the_deadline_are_queued_then_delivered_pace
             what="the queued rows to be delivered",
         )
         storm = refusals(limited_gateway) - before
-        assert storm <= 10, storm
+        assert storm <= MAX_REFUSALS, storm
         assert agent_metric(agent, "edge_agent_router_cloud_paced_calls_total", path="drain") > 0
     finally:
         agent.stop()
