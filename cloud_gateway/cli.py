@@ -97,9 +97,24 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="API port; 0 = any free [default: 8000].")
     ] = None,
-    metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="/metrics address [default: 127.0.0.1]; beyond it, a token or opt-out."),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 = any free [default: 9102].")
+    ] = None,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File of the bearer token every /metrics request must carry."),
+    ] = None,
+    metrics_insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--metrics-insecure",
+            help="Serve /metrics beyond loopback without a token: anyone who reaches the port "
+            "may read it.",
+        ),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes [default: 1].")] = None,
     model_repository: Annotated[
@@ -141,6 +156,8 @@ def serve(
         port=port,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        metrics_token_file=metrics_token_file,
+        metrics_insecure=metrics_insecure,
         workers=workers,
         model_repository=model_repository,
         upstream=upstream,

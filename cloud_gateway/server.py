@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
@@ -32,7 +32,8 @@ from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelLoadError
 from model_runtime.command_line import EXIT_USAGE, StartupError
-from model_runtime.private_files import private_dir
+from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token, serve_metrics
+from model_runtime.private_files import SecretFileError, private_dir
 from model_runtime.sockets import bind_socket
 
 __all__ = ["bind_socket", "run", "write_port_file"]
@@ -129,11 +130,30 @@ def raise_open_files_limit() -> int:
     return hard
 
 
+def _metrics_token(settings: GatewaySettings) -> str | None:
+    """The token /metrics asks for (None: none), read once; warnings logged at every start."""
+    if settings.metrics_token_file is None:
+        warning = metrics_warning(
+            settings.metrics_host, token_file=None, insecure=settings.metrics_insecure
+        )
+        if warning is not None:
+            log.warning(warning)
+        return None
+    try:
+        token, warning = read_metrics_token(settings.metrics_token_file)
+    except SecretFileError as exc:
+        raise StartupError(str(exc)) from None
+    if warning is not None:  # the file is readable by others
+        log.warning(warning)
+    return token
+
+
 def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code. Raises StartupError, with
     the one line the operator sees, when start-up cannot go on."""
     logging.config.dictConfig(_log_config(settings.log_level))
     raise_open_files_limit()
+    metrics_token = _metrics_token(settings)
     try:
         private_dir(settings.state_dir)
     except OSError as exc:
@@ -155,8 +175,12 @@ def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
         else:
             config = _uvicorn_config(settings, _single_app(settings, registry), factory=False)
         try:
-            metrics_server, _ = start_http_server(
-                settings.metrics_port, settings.metrics_host, registry=registry
+            metrics_server = serve_metrics(
+                registry,
+                settings.metrics_host,
+                settings.metrics_port,
+                namespace="cloud_gateway",
+                token=metrics_token,
             )
         except OSError as exc:
             raise StartupError(

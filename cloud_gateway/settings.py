@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import (
     SettingsConfigDict,
 )
 
 from model_runtime.demo import CLOUD_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
+from model_runtime.metrics_endpoint import check_metrics_bind
 
 __all__ = ["ENV_PREFIX", "GatewaySettings", "SettingsError", "load_settings"]
 
@@ -37,8 +38,17 @@ class GatewaySettings(LayeredSettings):
     """Address the v2 REST API listens on."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port of the v2 REST API; 0 picks a free one (see `--port-file`)."""
+    metrics_token_file: Path | None = None
+    """File holding one bearer token (whitespace trimmed; `openssl rand -hex 32`): every
+    request to `/metrics` must then carry `Authorization: Bearer <token>`, on loopback too;
+    others get 401. Prometheus sends it with `authorization: {credentials_file: <file>}`.
+    Read once at start-up, never logged; refused if others may write it."""
+    metrics_insecure: bool = False
+    """Serve `/metrics` beyond loopback without metrics_token_file: anyone who can reach the
+    port may read the traffic and device names it shows. Logged as a warning at every start."""
     metrics_host: str = "127.0.0.1"
-    """Address of the Prometheus `/metrics` endpoint, kept apart from the API."""
+    """Address of the Prometheus `/metrics` endpoint, kept apart from the API. Beyond loopback
+    it needs metrics_token_file, or metrics_insecure = true."""
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     """Port of `/metrics`; 0 picks a free one."""
     workers: int = Field(default=1, ge=1, le=64)
@@ -123,6 +133,16 @@ class GatewaySettings(LayeredSettings):
     """Requests a device may send at once before the rate applies."""
     gzip_min_bytes: int = Field(default=512, ge=0)
     """Responses at least this large are gzipped for clients that accept gzip."""
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_authenticated_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
+        check_metrics_bind(
+            value,
+            token_file=info.data.get("metrics_token_file"),
+            insecure=bool(info.data.get("metrics_insecure")),
+        )
+        return value
 
     @field_validator("upstream")
     @classmethod

@@ -22,7 +22,7 @@ from edge_agent.grpc.router_servicer import RouterServicer
 from edge_agent.grpc.server import GrpcServer, ListenError
 from edge_agent.grpc.v2_servicer import V2Servicer
 from edge_agent.inference import InferenceService, ServerInfo
-from edge_agent.metrics import AgentMetrics, serve_metrics
+from edge_agent.metrics import AgentMetrics
 from edge_agent.rest import RestServer, ServerTls, create_rest_app
 from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
@@ -30,6 +30,7 @@ from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.command_line import EXIT_USAGE, StartupError
 from model_runtime.encryption import DataKeyError
 from model_runtime.logs import configure_logging, redact
+from model_runtime.metrics_endpoint import serve_metrics
 from router import Router, RouterConfig
 from router.state_lock import StateDirInUse
 
@@ -133,7 +134,13 @@ async def _serve_with(
             if access.required
             else [],
         )
-        metrics_server = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+        metrics_server = serve_metrics(
+            registry,
+            settings.metrics_host,
+            settings.metrics_port,
+            namespace="edge_agent",
+            token=credentials.metrics_token,
+        )
     except ListenError as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:

@@ -79,9 +79,24 @@ def serve(
             help="A web origin whose pages may call the REST API; repeat for more.",
         ),
     ] = None,
-    metrics_host: Annotated[str | None, typer.Option(help="/metrics address.")] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="/metrics address (default: 127.0.0.1); beyond it, a token or opt-out."),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 picks one (default: 9101).")
+    ] = None,
+    metrics_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File of the bearer token every /metrics request must carry."),
+    ] = None,
+    metrics_insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--metrics-insecure",
+            help="Serve /metrics beyond loopback without a token: anyone who reaches the port "
+            "may read it.",
+        ),
     ] = None,
     onnx_threads: Annotated[
         int | None, typer.Option(help="onnxruntime threads per model (default: 1).")
@@ -169,6 +184,8 @@ def serve(
             rest_cors_origins=rest_cors_origins or None,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            metrics_token_file=metrics_token_file,
+            metrics_insecure=metrics_insecure,
             onnx_threads=onnx_threads,
             max_message_bytes=max_message_bytes,
             grace_seconds=grace_seconds,

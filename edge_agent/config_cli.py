@@ -33,6 +33,8 @@ from model_runtime.command_line import (
     setting_rows,
 )
 from model_runtime.logs import redact
+from model_runtime.metrics_endpoint import read_metrics_token
+from model_runtime.private_files import SecretFileError
 
 __all__ = ["config_app", "printable"]
 
@@ -121,6 +123,11 @@ def _check_paths(settings: AgentSettings) -> list[str]:
             problems.append(f"device_key_file: {key_file} {exc.problem}")
         except CredentialsError as exc:
             problems.append(f"device_key_file: {exc}")
+    if settings.metrics_token_file is not None:
+        try:
+            read_metrics_token(settings.metrics_token_file)
+        except SecretFileError as exc:
+            problems.append(f"metrics_token_file: {exc}")
     state = settings.state_dir
     existing = next((p for p in (state, *state.parents) if p.exists()), Path("."))
     if not existing.is_dir():

@@ -1,5 +1,6 @@
-"""The secrets the agent reads at start-up, once: the device key, the API's tokens, the data
-keys, and the TLS files of both its ends; each file checked for a private mode on the way.
+"""The secrets the agent reads at start-up, once: the device key, the API's tokens, the
+/metrics token, the data keys, and the TLS files of both its ends; each file checked for a
+private mode on the way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
+from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token
 from model_runtime.private_files import SecretFileError, check_secret_file
 from router.cloud_client import CloudTls
 
@@ -44,6 +46,8 @@ class Credentials:
     access: AccessPolicy
     keyring: Keyring
     cloud_tls: CloudTls | None
+    metrics_token: str | None = None
+    """The bearer token /metrics asks for; None: none asked for."""
     warnings: list[str] = field(default_factory=list)
     """What to log at start-up: readable secret files, an API open to anyone."""
 
@@ -56,6 +60,10 @@ def load_credentials(settings: AgentSettings) -> Credentials:
         access, warning = AccessPolicy.from_files(
             settings.token_file, client_certificates=settings.tls_client_ca_file is not None
         )
+        metrics_token = None
+        if settings.metrics_token_file is not None:
+            metrics_token, warning_of_metrics = read_metrics_token(settings.metrics_token_file)
+            _note(warning_of_metrics, warnings)
         keyring, key_warnings = Keyring.load(
             settings.encryption_key_file, settings.encryption_old_key_files
         )
@@ -78,6 +86,14 @@ def load_credentials(settings: AgentSettings) -> Credentials:
             f"tokens cross the network to {settings.host} in clear; set tls_cert_file and "
             "tls_key_file so the API speaks TLS"
         )
+    _note(
+        metrics_warning(
+            settings.metrics_host,
+            token_file=settings.metrics_token_file,
+            insecure=settings.metrics_insecure,
+        ),
+        warnings,
+    )
     cloud_tls = None
     if settings.cloud_ca_file is not None or settings.cloud_client_cert is not None:
         cloud_tls = CloudTls(
@@ -87,7 +103,7 @@ def load_credentials(settings: AgentSettings) -> Credentials:
             cloud_tls.context()  # now, so a bad file stops the start with its name
         except (OSError, ssl.SSLError) as exc:
             raise CredentialsError(f"cloud TLS files: {exc}") from None
-    return Credentials(device_key, access, keyring, cloud_tls, warnings)
+    return Credentials(device_key, access, keyring, cloud_tls, metrics_token, warnings)
 
 
 def _device_key(path: Path | None, warnings: list[str]) -> str | None:

@@ -1,4 +1,5 @@
-"""The edge agent's Prometheus metrics, on an injected registry, and the /metrics server.
+"""The edge agent's Prometheus metrics, on an injected registry (served by
+model_runtime.metrics_endpoint).
 
 Label values are bounded: model names come from the repository (an unknown name is counted
 as "unknown"), codes from gRPC's and HTTP's fixed sets, REST endpoints from the route
@@ -9,9 +10,8 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge_agent import __version__
 from edge_agent.access import AccessDenied
@@ -20,7 +20,7 @@ from model_runtime import ModelRepository
 from model_runtime.loop_metrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
 from router.decision import DEFAULT_TTL_SECONDS
 
-__all__ = ["AgentMetrics", "ModelMetrics", "serve_metrics"]
+__all__ = ["AgentMetrics", "ModelMetrics"]
 
 UNKNOWN_MODEL = "unknown"
 
@@ -219,9 +219,3 @@ class AgentMetrics:
         if child is None:  # label sets are bounded, so this cache is too
             child = self._request_children[key] = counter.labels(*key[1:])
         child.inc()
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
-    """Start /metrics in a daemon thread; returns the server (its bound port: server_port)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server

@@ -6,7 +6,6 @@ config file (--config), then the defaults below, which work on a fresh machine.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from collections.abc import Mapping
@@ -21,6 +20,8 @@ from pydantic_settings import (
 
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
+from model_runtime.metrics_endpoint import check_metrics_bind
+from model_runtime.sockets import is_loopback
 from router.decision import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY_LEVELS,
@@ -94,8 +95,18 @@ class AgentSettings(LayeredSettings):
     it (every other file the agent makes is private to it); a socket file left by an agent
     that died is replaced, one in use is not. Local like loopback: callers there follow the
     API's own rules (token_file, mTLS), nothing more."""
+    metrics_token_file: Path | None = None
+    """File holding one bearer token (whitespace trimmed; `openssl rand -hex 32`): every
+    request to /metrics must then carry `Authorization: Bearer <token>`, on loopback too;
+    others get 401. Prometheus sends it with `authorization: {credentials_file: <file>}`.
+    Read once at start-up, never logged; refused if others may write it."""
+    metrics_insecure: bool = False
+    """Serve /metrics beyond loopback without metrics_token_file: anyone who can reach the
+    port may read the traffic, queue depth, link state and device ids it shows. Logged as a
+    warning at every start."""
     metrics_host: str = "127.0.0.1"
-    """Address of the Prometheus /metrics endpoint."""
+    """Address of the Prometheus /metrics endpoint. Beyond loopback it needs
+    metrics_token_file, or metrics_insecure = true."""
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 picks a free one."""
     onnx_threads: int = Field(default=1, ge=1, le=64)
@@ -282,6 +293,17 @@ class AgentSettings(LayeredSettings):
         _authenticated_beyond_loopback_or_insecure(value, data)
         return value
 
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_authenticated_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
+        check_metrics_bind(
+            value,
+            token_file=data.get("metrics_token_file"),
+            insecure=bool(data.get("metrics_insecure")),
+        )
+        return value
+
     @field_validator("uds")
     @classmethod
     def _socket_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
@@ -383,16 +405,6 @@ class AgentSettings(LayeredSettings):
         if value is None and info.data.get("cloud_url") is not None:
             raise ValueError("required when cloud_url is set")
         return value
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or `localhost`) can only be reached from this machine."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # another name: it may resolve to anything
 
 
 def _authenticated_beyond_loopback_or_insecure(host: str, data: dict[str, Any]) -> None:

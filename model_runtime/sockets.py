@@ -1,11 +1,12 @@
 """Listening sockets for the daemons' HTTP servers, bound before the server starts, so that a
-taken port fails at start-up and port 0 yields one real port to report."""
+taken port fails at start-up and port 0 yields one real port to report; which hosts are local."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
-__all__ = ["bind_socket"]
+__all__ = ["bind_socket", "is_loopback"]
 
 
 def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -27,3 +28,13 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) can only be reached from this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything

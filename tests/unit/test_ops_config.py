@@ -160,8 +160,12 @@ def test_agent_example_config_is_valid_and_documents_every_setting(
     # environment (which wins over the file).
     key_file = tmp_path / "device.key"
     key_file.write_text(KEY)
+    metrics_token_file = tmp_path / "metrics-token"
+    metrics_token_file.write_text(KEY)
+    metrics_token_file.chmod(0o600)
     monkeypatch.setenv("EDGE_AGENT_MODEL_REPOSITORY", str(EDGE_REPOSITORY))
     monkeypatch.setenv("EDGE_AGENT_DEVICE_KEY_FILE", str(key_file))
+    monkeypatch.setenv("EDGE_AGENT_METRICS_TOKEN_FILE", str(metrics_token_file))
     monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
     code, out, err = check(example)
     assert (code, err) == (0, "")
