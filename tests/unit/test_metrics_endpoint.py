@@ -1,0 +1,152 @@
+"""The /metrics rules both daemons share (model_runtime.metrics_endpoint): where it may listen
+without a token, what a token file must hold, and the bearer gate, on a real socket."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from cloud_gateway.settings import load_settings as load_gateway_settings
+from edge_agent.settings import SettingsError
+from edge_agent.settings import load_settings as load_agent_settings
+from model_runtime.metrics_endpoint import (
+    check_metrics_bind,
+    metrics_warning,
+    read_metrics_token,
+    serve_metrics,
+)
+from model_runtime.private_files import InsecureSecretFile, SecretFileError
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def token_file(tmp_path: Path, text: str = TOKEN + "\n", mode: int = 0o600) -> Path:
+    path = tmp_path / "metrics-token"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_loopback_needs_neither_token_nor_opt_out(host: str) -> None:
+    check_metrics_bind(host, token_file=None, insecure=False)
+    assert metrics_warning(host, token_file=None, insecure=True) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "clinic-7.vpn.example.org"])
+def test_beyond_loopback_needs_a_token_or_the_opt_out(host: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="metrics_token_file") as caught:
+        check_metrics_bind(host, token_file=None, insecure=False)
+    assert "--metrics-insecure" in str(caught.value)
+    check_metrics_bind(host, token_file=tmp_path / "t", insecure=False)
+    check_metrics_bind(host, token_file=None, insecure=True)
+    # The opt-out is warned about while it is what lets /metrics listen there; a token wins.
+    warning = metrics_warning(host, token_file=None, insecure=True)
+    assert warning is not None
+    assert "without authentication (metrics_insecure = true)" in warning
+    assert metrics_warning(host, token_file=tmp_path / "t", insecure=True) is None
+
+
+def test_both_daemons_refuse_the_setting_naming_it_and_the_two_ways_out(tmp_path: Path) -> None:
+    flags_of = {"metrics_host": "--metrics-host"}
+    loads = (
+        lambda: load_agent_settings(flags_of=flags_of, metrics_host="0.0.0.0"),
+        lambda: load_gateway_settings(None, {"metrics_host": "0.0.0.0"}, flags_of=flags_of),
+    )
+    for load in loads:
+        with pytest.raises(SettingsError) as caught:
+            load()
+        (problem,) = caught.value.problems
+        assert problem.startswith(
+            "metrics_host: 0.0.0.0 is beyond loopback: give metrics_token_file"
+        )
+        assert "--metrics-insecure" in problem
+    agent = load_agent_settings(metrics_host="0.0.0.0", metrics_token_file=tmp_path / "t")
+    gateway = load_gateway_settings(None, {"metrics_host": "0.0.0.0", "metrics_insecure": True})
+    assert (agent.metrics_host, gateway.metrics_insecure) == ("0.0.0.0", True)
+
+
+def test_the_token_file_is_one_trimmed_token(tmp_path: Path) -> None:
+    assert read_metrics_token(token_file(tmp_path, f"  {TOKEN}\n\n")) == (TOKEN, None)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "short\n", f"{TOKEN} {TOKEN}\n", f"{TOKEN}\n{TOKEN}\n", "\x00" * 20]
+)
+def test_a_token_file_without_one_usable_token_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(SecretFileError, match="one token of at least 16") as caught:
+        read_metrics_token(token_file(tmp_path, text))
+    assert TOKEN not in str(caught.value)
+
+
+def test_a_token_file_others_may_write_is_refused_and_one_they_may_read_warned(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(InsecureSecretFile):
+        read_metrics_token(token_file(tmp_path, mode=0o622))
+    token, warning = read_metrics_token(token_file(tmp_path, mode=0o644))
+    assert token == TOKEN
+    assert warning is not None
+    assert "chmod 600" in warning
+    assert TOKEN not in warning
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("app_things", "Things.", registry=registry).inc()
+    return registry
+
+
+@pytest.fixture
+def gated(registry: CollectorRegistry) -> Iterator[str]:
+    server = serve_metrics(registry, "127.0.0.1", 0, namespace="app", token=TOKEN)
+    yield f"http://127.0.0.1:{server.server_port}/metrics"
+    _stop(server)
+
+
+def _stop(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def refused(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("app_scrapes_refused_total", {"reason": reason})
+
+
+def test_without_the_right_bearer_token_a_scrape_gets_401_and_is_counted(
+    gated: str, registry: CollectorRegistry
+) -> None:
+    cases = {
+        "missing": {},
+        "malformed": {"Authorization": f"Basic {TOKEN}"},
+        "wrong": {"Authorization": f"Bearer {TOKEN[:-1]}x"},
+    }
+    for reason, headers in cases.items():
+        answer = httpx.get(gated, headers=headers, timeout=10)
+        assert answer.status_code == 401, reason
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert "app_things" not in answer.text
+        assert refused(registry, reason) == 1
+    answer = httpx.get(gated, headers={"Authorization": f"bearer  {TOKEN}"}, timeout=10)
+    assert answer.status_code == 200
+    assert "app_things_total 1.0" in answer.text
+    assert 'app_scrapes_refused_total{reason="wrong"} 1.0' in answer.text
+
+
+def test_without_a_token_every_scrape_is_served_and_none_refused(
+    registry: CollectorRegistry,
+) -> None:
+    server = serve_metrics(registry, "::1", 0, namespace="app")
+    try:
+        answer = httpx.get(f"http://[::1]:{server.server_port}/metrics", timeout=10)
+    finally:
+        _stop(server)
+    assert answer.status_code == 200
+    assert "app_things_total 1.0" in answer.text
+    assert [refused(registry, r) for r in ("missing", "malformed", "wrong")] == [0, 0, 0]
