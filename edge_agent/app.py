@@ -178,6 +178,7 @@ async def _serve_with(
                 "uds": str(settings.uds) if settings.uds is not None else "off",
                 "rest": f"{settings.rest_host}:{rest.port}" if rest is not None else "off",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
+                "metrics_auth": "token" if credentials.metrics_token is not None else "none",
                 "models": [m.describe() for m in repository],
                 "cloud": redact(settings.cloud_url) if settings.cloud_url else "none",
                 "tls": settings.tls_cert_file is not None,

@@ -49,7 +49,13 @@ def test_example_prometheus_config_is_valid(tmp_path: Path) -> None:
     text = EXAMPLE_CONFIG.read_text(encoding="utf-8")
     assert "/etc/prometheus/edge-cloud-router/alerts.yml" in text
     config = tmp_path / "prometheus.yml"
-    config.write_text(text.replace("/etc/prometheus/edge-cloud-router/alerts.yml", str(ALERTS)))
+    text_here = text.replace("/etc/prometheus/edge-cloud-router/alerts.yml", str(ALERTS))
+    # promtool wants the token files to exist: the daemons' metrics_token_file copies.
+    (tmp_path / "secrets").mkdir()
+    text_here = text_here.replace("/etc/prometheus/secrets/", f"{tmp_path}/secrets/")
+    for job in yaml.safe_load(text_here)["scrape_configs"]:
+        Path(job["authorization"]["credentials_file"]).write_text("0123456789abcdef\n")
+    config.write_text(text_here)
     result = run_promtool("check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {job["job_name"] for job in yaml.safe_load(text)["scrape_configs"]}
