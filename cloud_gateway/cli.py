@@ -24,6 +24,8 @@ from model_runtime.command_line import (
     EXIT_FAILURE,
     EXIT_USAGE,
     AllSettingsOption,
+    MetricsInsecureOption,
+    MetricsTokenFileOption,
     StartupError,
     command_flags,
     format_settings,
@@ -104,18 +106,8 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 = any free [default: 9102].")
     ] = None,
-    metrics_token_file: Annotated[
-        Path | None,
-        typer.Option(help="File of the bearer token every /metrics request must carry."),
-    ] = None,
-    metrics_insecure: Annotated[
-        bool | None,
-        typer.Option(
-            "--metrics-insecure",
-            help="Serve /metrics beyond loopback without a token: anyone who reaches the port "
-            "may read it.",
-        ),
-    ] = None,
+    metrics_token_file: MetricsTokenFileOption = None,
+    metrics_insecure: MetricsInsecureOption = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes [default: 1].")] = None,
     model_repository: Annotated[
         Path | None, typer.Option(help="Model repository [default: the bundled large model].")

@@ -20,6 +20,8 @@ from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
 from model_runtime.command_line import (
     EXIT_CODES_HELP,
     EXIT_USAGE,
+    MetricsInsecureOption,
+    MetricsTokenFileOption,
     command_flags,
     run_command_line,
 )
@@ -86,18 +88,8 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="/metrics port; 0 picks one (default: 9101).")
     ] = None,
-    metrics_token_file: Annotated[
-        Path | None,
-        typer.Option(help="File of the bearer token every /metrics request must carry."),
-    ] = None,
-    metrics_insecure: Annotated[
-        bool | None,
-        typer.Option(
-            "--metrics-insecure",
-            help="Serve /metrics beyond loopback without a token: anyone who reaches the port "
-            "may read it.",
-        ),
-    ] = None,
+    metrics_token_file: MetricsTokenFileOption = None,
+    metrics_insecure: MetricsInsecureOption = None,
     onnx_threads: Annotated[
         int | None, typer.Option(help="onnxruntime threads per model (default: 1).")
     ] = None,

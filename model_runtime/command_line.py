@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +21,8 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_USAGE",
     "AllSettingsOption",
+    "MetricsInsecureOption",
+    "MetricsTokenFileOption",
     "StartupError",
     "command_flags",
     "format_settings",
@@ -44,6 +47,22 @@ AllSettingsOption = Annotated[
     typer.Option("--all", help="Every setting with its default, environment variable and meaning."),
 ]
 """The `--all` of `config show`."""
+
+MetricsTokenFileOption = Annotated[
+    Path | None,
+    typer.Option(help="File of the bearer token every /metrics request must carry."),
+]
+"""`serve --metrics-token-file` of both daemons (model_runtime.metrics_endpoint)."""
+
+MetricsInsecureOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--metrics-insecure",
+        help="Serve /metrics beyond loopback without a token: anyone who reaches the port "
+        "may read it.",
+    ),
+]
+"""`serve --metrics-insecure` of both daemons."""
 
 
 class StartupError(Exception):
