@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
-from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token
+from model_runtime.metrics_endpoint import read_metrics_token
 from model_runtime.private_files import SecretFileError, check_secret_file
 from router.cloud_client import CloudTls
 
@@ -86,14 +86,6 @@ def load_credentials(settings: AgentSettings) -> Credentials:
             f"tokens cross the network to {settings.host} in clear; set tls_cert_file and "
             "tls_key_file so the API speaks TLS"
         )
-    _note(
-        metrics_warning(
-            settings.metrics_host,
-            token_file=settings.metrics_token_file,
-            insecure=settings.metrics_insecure,
-        ),
-        warnings,
-    )
     cloud_tls = None
     if settings.cloud_ca_file is not None or settings.cloud_client_cert is not None:
         cloud_tls = CloudTls(

@@ -20,7 +20,7 @@ from pydantic_settings import (
 
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
-from model_runtime.metrics_endpoint import check_metrics_bind
+from model_runtime.metrics_endpoint import check_metrics_bind, metrics_warning
 from model_runtime.sockets import is_loopback
 from router.decision import (
     DEFAULT_PRIORITY,
@@ -436,4 +436,11 @@ def settings_warnings(settings: AgentSettings) -> list[str]:
             "device_key_file is set but cloud_url is not: the key is not used, and every "
             "request is answered here (set cloud_url to escalate)"
         )
+    metrics_open = metrics_warning(
+        settings.metrics_host,
+        token_file=settings.metrics_token_file,
+        insecure=settings.metrics_insecure,
+    )
+    if metrics_open is not None:
+        warnings.append(metrics_open)
     return warnings

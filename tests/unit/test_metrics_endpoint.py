@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from cloud_gateway.settings import load_settings as load_gateway_settings
-from edge_agent.settings import SettingsError
+from edge_agent.settings import SettingsError, settings_warnings
 from edge_agent.settings import load_settings as load_agent_settings
 from model_runtime.metrics_endpoint import (
     check_metrics_bind,
@@ -69,6 +69,12 @@ def test_both_daemons_refuse_the_setting_naming_it_and_the_two_ways_out(tmp_path
     agent = load_agent_settings(metrics_host="0.0.0.0", metrics_token_file=tmp_path / "t")
     gateway = load_gateway_settings(None, {"metrics_host": "0.0.0.0", "metrics_insecure": True})
     assert (agent.metrics_host, gateway.metrics_insecure) == ("0.0.0.0", True)
+
+
+def test_the_agents_opt_out_is_warned_about_by_config_check_and_at_start() -> None:
+    (warning,) = settings_warnings(load_agent_settings(metrics_host="::", metrics_insecure=True))
+    assert warning.startswith("serving /metrics on :: without authentication")
+    assert settings_warnings(load_agent_settings(metrics_insecure=True)) == []  # on loopback
 
 
 def test_the_token_file_is_one_trimmed_token(tmp_path: Path) -> None:
