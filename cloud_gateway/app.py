@@ -42,6 +42,7 @@ from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelRepository
+from model_runtime.fault_points import FaultPlan
 from model_runtime.v2_json import TensorLimits
 
 __all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store_and_limiter"]
@@ -67,7 +68,7 @@ def make_backend(settings: GatewaySettings, offloader: Offloader | None = None) 
 
 
 def make_store_and_limiter(
-    settings: GatewaySettings, metrics: GatewayMetrics
+    settings: GatewaySettings, metrics: GatewayMetrics, faults: FaultPlan | None = None
 ) -> tuple[IdempotencyStore, DeviceRateLimiter]:
     """SQLite: the host's store, and a rate limit per worker. Redis: one client for the store and
     a rate limit shared by every worker and replica; the store closes the client."""
@@ -83,6 +84,7 @@ def make_store_and_limiter(
             bounds=bounds,
             on_evicted=evicted,
             retry_after_s=settings.retry_after_s,
+            faults=faults,
         )
         return store, RateLimiter(rate, burst)
     url = settings.idempotency_store
@@ -99,12 +101,14 @@ def make_store_and_limiter(
     )
 
 
-def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Starlette:
-    """The gateway as an ASGI app; metrics go to `registry`."""
+def create_app(
+    settings: GatewaySettings, *, registry: CollectorRegistry, faults: FaultPlan | None = None
+) -> Starlette:
+    """The gateway as an ASGI app; metrics go to `registry`. `faults`: tests only."""
     metrics = GatewayMetrics(registry)
     offloader = Offloader()  # one heavy thread for the worker's parsing and encoding
     backend = make_backend(settings, offloader)
-    store, limiter = make_store_and_limiter(settings, metrics)
+    store, limiter = make_store_and_limiter(settings, metrics, faults)
     keys = KeyStore(settings.key_db_path)
     guard = IdempotencyGuard(
         store,
@@ -113,6 +117,7 @@ def create_app(settings: GatewaySettings, *, registry: CollectorRegistry) -> Sta
             pending_ttl_s=settings.idempotency_pending_ttl_s,
             wait_s=settings.idempotency_wait_s,
         ),
+        faults=faults,
     )
     service = GatewayService(
         backend, guard, metrics, max_answer_bytes=settings.max_answer_bytes, offloader=offloader
@@ -207,10 +212,11 @@ class WorkerAppFactory:
     """
 
     settings: GatewaySettings
+    faults: FaultPlan | None = None
 
     def __call__(self) -> Starlette:
         try:
-            return create_app(self.settings, registry=CollectorRegistry())
+            return create_app(self.settings, registry=CollectorRegistry(), faults=self.faults)
         except Exception as exc:
             # uvicorn's supervisor stops, rather than restarting a worker that can never start.
             log.error("worker cannot start: %s", exc)

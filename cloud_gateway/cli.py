@@ -8,6 +8,7 @@ Exit codes, for every command: 0 done; 1 failed while running; 2 usage or config
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -18,7 +19,13 @@ import typer
 from cloud_gateway.errors import InvalidDeviceName
 from cloud_gateway.keys import KeyStore
 from cloud_gateway.server import run
-from cloud_gateway.settings import GatewaySettings, SettingsError, load_settings
+from cloud_gateway.settings import (
+    FAULT_POINTS,
+    FAULTS_VARIABLE,
+    GatewaySettings,
+    SettingsError,
+    load_settings,
+)
 from model_runtime.command_line import (
     EXIT_CODES_HELP,
     EXIT_FAILURE,
@@ -32,6 +39,7 @@ from model_runtime.command_line import (
     run_command_line,
     setting_rows,
 )
+from model_runtime.fault_points import FaultPlan, FaultSpecError
 from model_runtime.private_files import restrict_umask
 
 __all__ = ["app", "main"]
@@ -163,7 +171,12 @@ def serve(
     if port_file is not None and not port_file.parent.is_dir():
         _fail(f"port_file: its directory {port_file.parent} does not exist", EXIT_USAGE)
     try:
-        code = run(settings, port_file=port_file)
+        # Tests only (RELIABILITY.md): crash or fail a write at the k-th hit of a named point.
+        faults = FaultPlan.from_environ(os.environ, FAULTS_VARIABLE, FAULT_POINTS)
+    except FaultSpecError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    try:
+        code = run(settings, port_file=port_file, faults=faults)
     except StartupError as exc:
         _fail(str(exc), EXIT_USAGE)
     raise typer.Exit(code)

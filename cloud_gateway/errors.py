@@ -8,6 +8,7 @@ GatewayError
 ├── Overloaded              the worker has too many requests in flight already
 ├── IdempotencyKeyReused    the same Idempotency-Key came with a different request
 ├── IdempotencyInProgress   a duplicate waited too long for the first request to finish
+├── ClientGone              a duplicate's client went away while it waited; nothing was run
 ├── StoreUnavailable        the idempotency store (SQLite or Redis) cannot be reached
 ├── StoreFull               the idempotency store holds its cap of answers, none expired
 └── UpstreamError           the upstream v2 server gave no usable answer
@@ -37,7 +38,9 @@ from model_runtime import (
 )
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "AuthenticationFailed",
+    "ClientGone",
     "DeviceBusy",
     "GatewayError",
     "HttpError",
@@ -109,6 +112,14 @@ class IdempotencyInProgress(GatewayError):
     def __init__(self, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         super().__init__("a request with this Idempotency-Key is still being processed")
+
+
+class ClientGone(GatewayError):
+    def __init__(self) -> None:
+        super().__init__(
+            "the client went away while this request waited for an earlier one with its "
+            "Idempotency-Key; it was not run"
+        )
 
 
 class StoreUnavailable(GatewayError):
@@ -189,6 +200,10 @@ def _retry_header(exc: Exception) -> dict[str, str]:
 
 _Headers = Callable[[Exception], dict[str, str]] | None
 
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client closed the connection: nobody reads it, but the
+gateway's metrics and logs show what became of the request."""
+
 # Keyed by exception type; the most specific entry on the exception's MRO wins.
 _TABLE: dict[type[Exception], tuple[int, _Headers]] = {
     InvalidInput: (400, None),
@@ -202,6 +217,7 @@ _TABLE: dict[type[Exception], tuple[int, _Headers]] = {
     # The request is well formed, but the model cannot answer it in JSON: the device's
     # forwarder ends such a ticket as rejected rather than sending it again and again.
     OutputNotFinite: (422, None),
+    ClientGone: (CLIENT_CLOSED_REQUEST, None),
     RateLimited: (429, _retry_header),
     DeviceBusy: (429, _retry_header),
     Overloaded: (503, _retry_header),

@@ -87,8 +87,17 @@ class GatewayMetrics:
         self.idempotency_refusals = Counter(
             "idempotency_refusals",
             "Requests refused by the idempotency rules: key_reused with another body (422), "
-            "in_progress, its first request still running (409), or store_full (503).",
+            "in_progress, its first request still running (409), store_full (503), or "
+            "client_gone, a duplicate whose client left while it waited (499, not run).",
             ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.unstored_answers = Counter(
+            "idempotency_unstored_answers",
+            "Answers sent without being stored for replay, because the idempotency store "
+            "failed: a repeat of their key would run the model again.",
+            ["model"],
             namespace=ns,
             registry=registry,
         )

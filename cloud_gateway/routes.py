@@ -289,8 +289,9 @@ class V2Routes:
 
         decoded, as_json = await self._offload.run(len(body), decode)
         return await self._service.infer(
-            device, name, version, decoded, body=as_json, idempotency_key=key, signature=signature
-        )
+            device, name, version, decoded, body=as_json, idempotency_key=key, signature=signature,
+            client_gone=request.is_disconnected,
+        )  # fmt: skip
 
     def _decode(
         self, body: bytes, header_length: str | int | None, signature: ModelSignature | None

@@ -32,6 +32,7 @@ from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelLoadError
 from model_runtime.command_line import EXIT_USAGE, StartupError
+from model_runtime.fault_points import FaultPlan
 from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token, serve_metrics
 from model_runtime.private_files import SecretFileError, private_dir
 from model_runtime.sockets import bind_socket
@@ -100,9 +101,11 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
     )
 
 
-def _single_app(settings: GatewaySettings, registry: CollectorRegistry) -> Any:
+def _single_app(
+    settings: GatewaySettings, registry: CollectorRegistry, faults: FaultPlan | None
+) -> Any:
     try:
-        return create_app(settings, registry=registry)
+        return create_app(settings, registry=registry, faults=faults)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:  # the key or idempotency database
@@ -148,9 +151,12 @@ def _metrics_token(settings: GatewaySettings) -> str | None:
     return token
 
 
-def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
+def run(
+    settings: GatewaySettings, *, port_file: Path | None = None, faults: FaultPlan | None = None
+) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code. Raises StartupError, with
-    the one line the operator sees, when start-up cannot go on."""
+    the one line the operator sees, when start-up cannot go on. `faults`: tests only, counted
+    in each worker on its own."""
     logging.config.dictConfig(_log_config(settings.log_level))
     raise_open_files_limit()
     metrics_token = _metrics_token(settings)
@@ -171,9 +177,11 @@ def run(settings: GatewaySettings, *, port_file: Path | None = None) -> int:
             multiproc_dir = Path(tempfile.mkdtemp(prefix="cloud-gateway-metrics-"))
             os.environ[MULTIPROC_ENV] = str(multiproc_dir)
             MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-            config = _uvicorn_config(settings, WorkerAppFactory(settings), factory=True)
+            config = _uvicorn_config(settings, WorkerAppFactory(settings, faults), factory=True)
         else:
-            config = _uvicorn_config(settings, _single_app(settings, registry), factory=False)
+            config = _uvicorn_config(
+                settings, _single_app(settings, registry, faults), factory=False
+            )
         try:
             metrics_server = serve_metrics(
                 registry,

@@ -17,13 +17,14 @@ import numpy as np
 
 from cloud_gateway.backends.base import Backend
 from cloud_gateway.errors import (
+    ClientGone,
     IdempotencyInProgress,
     IdempotencyKeyReused,
     StoreFull,
     StoreUnavailable,
     UpstreamError,
 )
-from cloud_gateway.idempotency import IdempotencyGuard, scope_id
+from cloud_gateway.idempotency import ClientCheck, IdempotencyGuard, scope_id
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.offload import JSON_BYTES_PER_VALUE, Offloader
 from model_runtime import InvalidInput, LimitExceeded, OutputNotFinite, json_codec
@@ -128,11 +129,13 @@ class GatewayService:
         body: bytes,
         idempotency_key: str | None,
         signature: ModelSignature | None = None,
+        client_gone: ClientCheck | None = None,
     ) -> InferOutcome:
         """Run `request` (decoded from `body`), or replay the stored answer to its key.
 
         Raises LimitExceeded, before the model runs, when the answer `signature` declares could
-        be larger than `max_answer_bytes`; after it, when the answer is.
+        be larger than `max_answer_bytes`; after it, when the answer is. Raises ClientGone,
+        without a run, when a duplicate waited for its key and `client_gone()` is then true.
         """
         self._check_answer_bound(signature, request)
 
@@ -145,7 +148,9 @@ class GatewayService:
         fingerprint = hashlib.sha256(f"{name}\n{version}\n".encode() + body).hexdigest()
         label = self.backend.model_label(name)
         try:
-            outcome = await self._guard.run(scope_id(device, idempotency_key), fingerprint, run)
+            outcome = await self._guard.run(
+                scope_id(device, idempotency_key), fingerprint, run, client_gone=client_gone
+            )
         except IdempotencyKeyReused:
             self._metrics.idempotency_refusals.labels("key_reused").inc()
             raise
@@ -155,6 +160,11 @@ class GatewayService:
         except StoreFull:
             self._metrics.idempotency_refusals.labels("store_full").inc()
             raise
+        except ClientGone:
+            self._metrics.idempotency_refusals.labels("client_gone").inc()
+            raise
+        if not outcome.stored:
+            self._metrics.child(self._metrics.unstored_answers, label).inc()
         if not outcome.replayed:
             return InferOutcome(outcome.body, replayed=False)
         self._metrics.child(self._metrics.replays, label).inc()

@@ -20,9 +20,25 @@ from model_runtime.demo import CLOUD_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
 from model_runtime.metrics_endpoint import check_metrics_bind
 
-__all__ = ["ENV_PREFIX", "GatewaySettings", "SettingsError", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "FAULTS_VARIABLE",
+    "FAULT_POINTS",
+    "GatewaySettings",
+    "SettingsError",
+    "load_settings",
+]
 
 ENV_PREFIX = "CLOUD_GATEWAY_"
+FAULTS_VARIABLE = "CLOUD_GATEWAY_FAULTS"
+"""The tests' fault switch (model_runtime.fault_points): not a setting, never in a file or a
+flag; read once beside the settings by `cloud-gateway serve`."""
+FAULT_POINTS = {
+    "gateway.after_run_before_store": False,
+    "idempotency.mid_checkpoint": False,
+    "idempotency.commit": True,
+}
+"""The gateway's fault points, and whether each is a write (takes eio and enospc)."""
 MiB = 1024 * 1024
 DAY_S = 86_400.0
 
@@ -88,8 +104,9 @@ class GatewaySettings(LayeredSettings):
     idempotency_retention_s: float = Field(default=7 * DAY_S, gt=0)
     """How long answers are kept for replay: longer than any edge queue TTL plus its retry
     horizon, since clinics stay offline for days."""
-    idempotency_pending_ttl_s: float = Field(default=10.0, gt=0)
-    """An in-progress mark lapses this long after its worker stops renewing it (it died)."""
+    idempotency_pending_ttl_s: float = Field(default=3.0, gt=0)
+    """An in-progress mark lapses this long after its worker stops renewing it (it died); a
+    live worker renews it four times as often, however long the run takes."""
     idempotency_wait_s: float = Field(default=60.0, gt=0)
     """How long a duplicate waits for the first request before answering 409."""
     idempotency_max_bytes: int = Field(default=1024 * MiB, ge=8 * MiB)

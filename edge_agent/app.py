@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from edge_agent.rest import RestServer, ServerTls, create_rest_app
 from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
-from model_runtime.command_line import EXIT_USAGE, StartupError
+from model_runtime.command_line import EXIT_FAILURE, EXIT_USAGE, StartupError
 from model_runtime.encryption import DataKeyError
+from model_runtime.fault_points import FaultPlan
 from model_runtime.logs import configure_logging, redact
 from model_runtime.metrics_endpoint import serve_metrics
 from router import Router, RouterConfig
+from router.errors import StorageError
 from router.state_lock import StateDirInUse
 
 __all__ = ["run"]
@@ -39,21 +42,25 @@ __all__ = ["run"]
 log = logging.getLogger("edge_agent")
 
 
-def run(settings: AgentSettings) -> int:
-    """Serve until SIGTERM or SIGINT; the process exit code."""
+def run(settings: AgentSettings, faults: FaultPlan | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; the process exit code. `faults`: tests only."""
     configure_logging(settings.log_level.upper(), site=settings.site, device=settings.device)
     for warning in settings_warnings(settings):
         log.warning(warning)
     try:
         # uvloop: grpc.aio hands every call between its poller thread and the loop, and on
         # libuv's loop that costs a fraction of what asyncio's own does (BENCHMARKS.md).
-        return uvloop.run(_serve(settings))
+        return uvloop.run(_serve(settings, faults))
     except StartupError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageError as exc:
+        # Not EXIT_USAGE: a full or failing disk may recover, and systemd should try again.
+        print(f"edge-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
-async def _serve(settings: AgentSettings) -> int:
+async def _serve(settings: AgentSettings, faults: FaultPlan | None) -> int:
     try:
         credentials = load_credentials(settings)
     except CredentialsError as exc:
@@ -80,12 +87,14 @@ async def _serve(settings: AgentSettings) -> int:
         default_ttl_seconds=settings.default_ttl_seconds,
     )
     try:
-        router = await Router.open(_router_config(settings, credentials), registry)
+        router = await Router.open(_router_config(settings, credentials), registry, faults=faults)
     except StateDirInUse as exc:
         raise StartupError(_in_use(exc)) from None
     except DataKeyError as exc:  # data sealed with a key that is not configured
         raise StartupError(str(exc)) from None
     except OSError as exc:  # a state dir that cannot be made or written
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # may pass: not exit code 2
+            raise StorageError(str(settings.state_dir), str(exc.strerror)) from None
         raise StartupError(f"cannot use state dir {settings.state_dir}: {exc.strerror}") from None
     try:
         code = await _serve_with(settings, credentials, repository, router, registry, metrics)

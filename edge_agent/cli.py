@@ -15,7 +15,7 @@ from edge_agent.calibrate import calibrate_command
 from edge_agent.config_cli import config_app
 from edge_agent.export_cli import export_hard_examples_command
 from edge_agent.queue_cli import queue_app
-from edge_agent.settings import AgentSettings, SettingsError, load_settings
+from edge_agent.settings import FAULTS_VARIABLE, AgentSettings, SettingsError, load_settings
 from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
 from model_runtime.command_line import (
     EXIT_CODES_HELP,
@@ -25,7 +25,9 @@ from model_runtime.command_line import (
     command_flags,
     run_command_line,
 )
+from model_runtime.fault_points import FaultPlan, FaultSpecError
 from model_runtime.private_files import restrict_umask
+from router.config import FAULT_POINTS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -201,7 +203,13 @@ def serve(
         for problem in exc.problems:
             typer.echo(f"edge-agent: {problem}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    raise typer.Exit(run(settings))
+    try:
+        # Tests only (RELIABILITY.md): crash or fail a write at the k-th hit of a named point.
+        faults = FaultPlan.from_environ(os.environ, FAULTS_VARIABLE, FAULT_POINTS)
+    except FaultSpecError as exc:
+        typer.echo(f"edge-agent: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    raise typer.Exit(run(settings, faults))
 
 
 @app.command(epilog=EXIT_CODES_HELP)

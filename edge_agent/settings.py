@@ -31,6 +31,7 @@ from router.decision import (
 
 __all__ = [
     "DEFAULT_DEVICE",
+    "FAULTS_VARIABLE",
     "AgentSettings",
     "SettingsError",
     "is_loopback",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 DEFAULT_DEVICE = "edge-agent"
+FAULTS_VARIABLE = "EDGE_AGENT_FAULTS"
+"""The tests' fault switch (model_runtime.fault_points): not a setting, never in a file or a
+flag; read once beside the settings by `edge-agent serve`."""
 # Site and device ids become Prometheus label values and log fields: short, printable, no spaces.
 _IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,62}")
 

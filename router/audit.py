@@ -33,7 +33,7 @@ from router.decision import Reason
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, ItemState, ItemStatus
 from router.errors import QueueFull, TicketNotFound
 from router.queue_schema import END_STATES
-from router.sqlite_files import Migration, SqliteWorker, open_database
+from router.sqlite_files import Migration, SqliteWorker, WriteHooks, open_database
 from router.tickets import AUDIT_PREFIX, decode_result, is_audit
 
 __all__ = [
@@ -143,6 +143,7 @@ class Auditor:
         ttl_s: float = 24 * 3600.0,
         clock: Clock | None = None,
         on_queued: Callable[[int], None] | None = None,
+        hooks: WriteHooks | None = None,
     ) -> None:
         """Use `open`."""
         self.path = Path(path)
@@ -153,7 +154,7 @@ class Auditor:
         self.on_queued = on_queued
         self._queue = queue
         self._budget = budget
-        self._worker = SqliteWorker(f"audit:{self.path.name}")
+        self._worker = SqliteWorker(f"audit:{self.path.name}", store="audit", hooks=hooks)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._left_over: list[str] = []

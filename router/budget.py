@@ -19,7 +19,13 @@ from pathlib import Path
 
 from router.clock import Clock, SystemClock
 from router.errors import BudgetExhausted
-from router.sqlite_files import Migration, OpenedDatabase, SqliteWorker, open_database
+from router.sqlite_files import (
+    Migration,
+    OpenedDatabase,
+    SqliteWorker,
+    WriteHooks,
+    open_database,
+)
 
 __all__ = [
     "BUDGET_MIGRATIONS",
@@ -80,6 +86,7 @@ class DataBudget:
         daily_bytes: int | None = None,
         monthly_bytes: int | None = None,
         clock: Clock | None = None,
+        hooks: WriteHooks | None = None,
     ) -> None:
         """Use `await DataBudget.open(...)`."""
         for name, value in (("daily_bytes", daily_bytes), ("monthly_bytes", monthly_bytes)):
@@ -95,7 +102,7 @@ class DataBudget:
         self._used: dict[str, int] = {}
         self._reserved = 0
         self._writes: set[asyncio.Future[None]] = set()
-        self._worker = SqliteWorker(f"budget:{self.path.name}")
+        self._worker = SqliteWorker(f"budget:{self.path.name}", store="budget", hooks=hooks)
 
     @classmethod
     async def open(
@@ -105,8 +112,11 @@ class DataBudget:
         daily_bytes: int | None = None,
         monthly_bytes: int | None = None,
         clock: Clock | None = None,
+        hooks: WriteHooks | None = None,
     ) -> DataBudget:
-        budget = cls(path, daily_bytes=daily_bytes, monthly_bytes=monthly_bytes, clock=clock)
+        budget = cls(
+            path, daily_bytes=daily_bytes, monthly_bytes=monthly_bytes, clock=clock, hooks=hooks
+        )
         opened = await budget._worker.start(budget._open)
         if opened.quarantined is not None:
             budget.quarantined.append(opened.quarantined)

@@ -22,8 +22,29 @@ from router.decision import (
 from router.durable_queue import FullPolicy
 from router.policy import BudgetMode
 from router.retrying import RetryPolicy
+from router.sqlite_files import STORES
 
-__all__ = ["AUDIT_FILE", "BUDGET_FILE", "HARD_EXAMPLES_FILE", "QUEUE_FILE", "RouterConfig"]
+__all__ = [
+    "AFTER_COMMIT_BEFORE_ANSWER",
+    "AFTER_SEND_BEFORE_MARK",
+    "AUDIT_FILE",
+    "BUDGET_FILE",
+    "FAULT_POINTS",
+    "HARD_EXAMPLES_FILE",
+    "QUEUE_FILE",
+    "RouterConfig",
+]
+
+AFTER_COMMIT_BEFORE_ANSWER = "router.after_commit_before_answer"
+"""Fault point: a request's items are committed to the queue, its answer not yet returned."""
+AFTER_SEND_BEFORE_MARK = "forwarder.after_send_before_mark"
+"""Fault point: the cloud answered a queued item, the answer is not yet stored under it."""
+FAULT_POINTS = {
+    AFTER_COMMIT_BEFORE_ANSWER: False,
+    AFTER_SEND_BEFORE_MARK: False,
+    **{f"{store}.commit": True for store in STORES},
+}
+"""The agent's fault points (model_runtime.fault_points), and whether each is a write."""
 
 QUEUE_FILE = "queue.sqlite"
 BUDGET_FILE = "budget.sqlite"

@@ -56,7 +56,7 @@ from router.queue_schema import (
     QueuedItem,
     QueueStats,
 )
-from router.sqlite_files import OpenedDatabase, SqliteWorker, open_database
+from router.sqlite_files import OpenedDatabase, SqliteWorker, WriteHooks, open_database
 
 __all__ = [
     "ROW_OVERHEAD_BYTES",
@@ -82,7 +82,9 @@ _INSERT = (
     "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state, payload,"
     " payload_bytes, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
-_TO_PENDING = "UPDATE items SET state = 'pending', attempts = attempts + 1, lease_until = NULL"
+# Attempts are counted when an item is claimed for delivery: a claim cut off by a restart or a
+# lost lease may have reached the cloud, so it counts as a delivery tried.
+_TO_PENDING = "UPDATE items SET state = 'pending', lease_until = NULL"
 _REFUSED = "admission_rejected"
 _EVICTED = "results_evicted"
 
@@ -130,9 +132,11 @@ class DurableQueue:
         priority_levels: int = PRIORITY_LEVELS,
         on_end: Callable[[Sequence[ItemStatus]], None] | None = None,
         keyring: Keyring | None = None,
+        hooks: WriteHooks | None = None,
     ) -> None:
         """Use `open`. `on_end` is called on the event loop, after the commit, with items that
         ended. `keyring` seals what is stored and opens what was (none: stored as given).
+        `hooks`: failed writes are reported to it (they raise StorageError).
 
         Waiting items found at a level beyond `priority_levels` (the setting was lowered) are
         moved to the least urgent level at open, and logged."""
@@ -156,7 +160,11 @@ class DurableQueue:
         """Corrupt files found at `path` and moved aside at start-up (log and count them)."""
         self.quarantine_problem = ""
         self._worker = SqliteWorker(
-            f"queue:{self.path.name}", on_commit=self._committed, on_rollback=self._resync
+            f"queue:{self.path.name}",
+            store="queue",
+            on_commit=self._committed,
+            on_rollback=self._resync,
+            hooks=hooks,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         # Enqueues gather here until the worker takes them all into its next group.
@@ -362,7 +370,8 @@ class DurableQueue:
                 break
             size += n
             conn.execute(
-                "UPDATE items SET state = 'in_flight', lease_until = ? WHERE seq = ?",
+                "UPDATE items SET state = 'in_flight', lease_until = ?, attempts = attempts + 1"
+                " WHERE seq = ?",
                 (now + self.lease_s, seq),
             )
             row = conn.execute(
@@ -443,12 +452,14 @@ class DurableQueue:
         changes.counts[_EVICTED] = changes.counts.get(_EVICTED, 0) + len(gone)
         return result, None
 
-    async def release(self, ticket: str, error: str) -> bool:
-        """Put an in-flight item back to pending after a failed attempt; False if not in flight."""
+    async def release(self, ticket: str, error: str, *, sent: bool = True) -> bool:
+        """Put an in-flight item back to pending after a failed attempt; False if not in flight.
+        `sent=False`: it was claimed but never sent, so its claim is not counted as an attempt."""
+        untried = "" if sent else ", attempts = attempts - 1"
 
         def job(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                f"{_TO_PENDING}, last_error = ? WHERE ticket = ? AND state = 'in_flight'",
+                f"{_TO_PENDING}{untried}, last_error = ? WHERE ticket = ? AND state = 'in_flight'",
                 (error[:500], ticket),
             )
             if (

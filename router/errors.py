@@ -7,6 +7,8 @@ RouterError
 ├── BudgetExhausted      the data budget for the period is spent
 ├── TicketNotFound       no such ticket (never issued, or past its retention)
 ├── TooManyWatchers      as many result watchers as allowed are watching already
+├── StorageError         a write to one of the state dir's files failed; none of it was kept
+│   └── DiskFull         ... because the disk (or the file system) is full
 └── CloudError           a cloud call did not produce an answer
     ├── CloudUnavailable connection failed, timed out, 5xx, 429, or the breaker is open
     │   ├── CircuitOpen  the circuit breaker is open; the call was not attempted
@@ -22,11 +24,13 @@ __all__ = [
     "CloudError",
     "CloudRejected",
     "CloudUnavailable",
+    "DiskFull",
     "QueueCorrupt",
     "QueueFull",
     "QueueSchemaTooNew",
     "RateLimited",
     "RouterError",
+    "StorageError",
     "TicketNotFound",
     "TooManyWatchers",
 ]
@@ -124,3 +128,19 @@ class TooManyWatchers(RouterError):
             f"{limit} result watchers are connected already, the most this agent allows; "
             "close one or try again later"
         )
+
+
+class StorageError(RouterError):
+    """A write to a state file failed (an I/O error, a full disk) and was undone whole."""
+
+    kind = "io_error"
+
+    def __init__(self, store: str, problem: str) -> None:
+        self.store = store
+        """Which file: queue, budget, audit, hard_examples."""
+        self.problem = problem
+        super().__init__(f"the {store} file could not be written ({problem}); nothing was stored")
+
+
+class DiskFull(StorageError):
+    kind = "disk_full"

@@ -17,6 +17,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from model_runtime.errors import InvalidInput
+from model_runtime.fault_points import FaultPlan
 from model_runtime.infer_group import (
     GroupItem,
     GroupItemAnswer,
@@ -28,7 +29,7 @@ from router.breaker import CircuitBreaker
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, sleep_or_wake
 from router.cloud_client import CloudClient
-from router.config import RouterConfig
+from router.config import AFTER_SEND_BEFORE_MARK, RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
 from router.durable_queue import DurableQueue, QueuedItem
@@ -38,6 +39,7 @@ from router.errors import (
     CloudError,
     CloudRejected,
     CloudUnavailable,
+    StorageError,
 )
 from router.grouping import GroupPlanner
 from router.metrics import CloudMeter, RouterMetrics
@@ -55,6 +57,7 @@ _LATER_STATUSES = frozenset({408, 409, 425})
 """Timeout, an earlier delivery of the same key still running, too early: try again later."""
 # Any other 4xx (400, 413, 415, 422...) refuses the request itself: the item ends rejected.
 _HEADER_GUESS = 400  # request line and headers before the first call measured them
+_STORAGE_RETRY_CAP_S = 5.0
 
 
 def open_cloud(
@@ -183,8 +186,11 @@ class Forwarder:
         metrics: RouterMetrics,
         config: RouterConfig,
         clock: Clock,
+        *,
+        faults: FaultPlan | None = None,
     ) -> None:
         self._queue = queue
+        self._faults = faults
         self._client = client
         self._monitor = monitor
         self._budget = budget
@@ -207,6 +213,11 @@ class Forwarder:
         )
         self._overhead = _HEADER_GUESS
         self.groups = GroupPlanner(config.drain_group_items, config.drain_group_bytes, clock)
+        self._storage_failures = 0
+        self._storage_backoff = LinkBackoff(
+            initial_s=config.failure_backoff_s,
+            cap_s=max(_STORAGE_RETRY_CAP_S, config.failure_backoff_s),
+        )
 
     def wake(self) -> None:
         """New items were queued: look at once instead of at the next poll."""
@@ -220,7 +231,14 @@ class Forwarder:
                 await self._wait_ready()
                 self._wake.clear()  # before the claim: an enqueue committed after it wakes us
                 claim = max(self._config.drain_batch, self.groups.items_per_group)
-                items = await self._queue.claim_batch(claim, self._claim_bytes())
+                try:
+                    items = await self._queue.claim_batch(claim, self._claim_bytes())
+                except StorageError as error:
+                    # A full or failing disk: nothing was claimed; look again after a pause.
+                    log.warning("could not claim queued items: %s", error)
+                    self._hold(self._storage_pause(), "storage")
+                    continue
+                self._storage_failures = 0
                 if not items:
                     await self._nap(self._config.idle_poll_s)
                     continue
@@ -274,7 +292,7 @@ class Forwarder:
                 if self.bucket is not None:
                     self.bucket.settle(estimate, 0)
                 rest = [item for later in groups[i:] for item in later]
-                await self._release(rest, f"not sent: {why}")
+                await self._release(rest, f"not sent: {why}", sent=False)
                 return
             task = asyncio.create_task(self._send(group, body_bytes, estimate))
             self._in_flight.add(task)
@@ -305,8 +323,11 @@ class Forwarder:
                 else "one item per request",
             )
 
-    async def _release(self, items: Sequence[QueuedItem], error: str) -> None:
-        await asyncio.gather(*(self._queue.release(item.ticket, error) for item in items))
+    async def _release(self, items: Sequence[QueuedItem], error: str, *, sent: bool = True) -> None:
+        """Back to pending; `sent=False` when they never left: not counted as attempts."""
+        await asyncio.gather(
+            *(self._queue.release(item.ticket, error, sent=sent) for item in items)
+        )
 
     def _blocked(self, estimate: int) -> str | None:
         if self._monitor.state is LinkState.DOWN:
@@ -360,7 +381,7 @@ class Forwarder:
                 )  # fmt: skip
             answer.response()  # only an answer that decodes is stored
         except BudgetExhausted as error:
-            await self._queue.release(item.ticket, f"not sent: {error}")
+            await self._queue.release(item.ticket, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
         except CloudRejected as error:
             await self._refused(item, error)
@@ -374,7 +395,9 @@ class Forwarder:
             await self._queue.release(item.ticket, f"cloud answer is not a v2 response: {error}")
             self._failed()
         else:
-            await self._queue.mark_delivered(item.ticket, encode_result(answer.body))
+            if self._faults is not None:
+                self._faults.hit(AFTER_SEND_BEFORE_MARK)
+            await self._store_answer(item, encode_result(answer.body))
             self._failures = 0
 
     async def _deliver_group(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
@@ -389,7 +412,7 @@ class Forwarder:
                 )  # fmt: skip
             answers = decode_group_answer(answer.body, keys)
         except BudgetExhausted as error:
-            await self._release(group, f"not sent: {error}")
+            await self._release(group, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
             return
         except CloudRejected as error:
@@ -423,7 +446,9 @@ class Forwarder:
                 )
                 self._failed()
                 return False
-            await self._queue.mark_delivered(item.ticket, encode_result(result.response))
+            if self._faults is not None:
+                self._faults.hit(AFTER_SEND_BEFORE_MARK)
+            await self._store_answer(item, encode_result(result.response))
             return True
         message = f"cloud answered {result.status} for this item: {result.error[:200]}"
         if 400 <= result.status < 500 and result.status != 429:
@@ -451,6 +476,25 @@ class Forwarder:
                 self.groups.forget()
             for item in group:
                 await self._refused(item, error)
+
+    async def _store_answer(self, item: QueuedItem, result: bytes) -> None:
+        """Store the cloud's answer under the item's ticket, trying again after a pause while
+        the queue file cannot be written: the answer in hand is worth keeping, and if the
+        process dies meanwhile the item is sent again and the cloud replays the answer."""
+        while True:
+            try:
+                await self._queue.mark_delivered(item.ticket, result)
+                return
+            except StorageError as error:
+                log.warning("could not store the answer to ticket %s: %s", item.ticket, error)
+                self._metrics.holds.labels("storage").inc()
+                await self._clock.sleep(self._storage_pause())
+
+    def _storage_pause(self) -> float:
+        """How long to wait before writing to the queue file again: growing, but never past
+        a few seconds, so delivery resumes soon after the disk has room again."""
+        self._storage_failures += 1
+        return self._storage_backoff(self._storage_failures)
 
     async def _refused(self, item: QueuedItem, error: CloudRejected) -> None:
         status = error.status

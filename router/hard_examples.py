@@ -32,7 +32,7 @@ from router.audit import class_of, scores_output
 from router.clock import Clock, SystemClock
 from router.durable_queue import ItemState, ItemStatus
 from router.errors import RouterError
-from router.sqlite_files import Migration, SqliteWorker, open_database
+from router.sqlite_files import Migration, SqliteWorker, WriteHooks, open_database
 from router.tickets import decode_result, encode_result
 
 __all__ = [
@@ -100,6 +100,7 @@ class HardExampleStore:
         cap_bytes: int | None = None,
         clock: Clock | None = None,
         keyring: Keyring | None = None,
+        hooks: WriteHooks | None = None,
     ) -> None:
         """Use `open`."""
         if not retention_s > 0:
@@ -113,7 +114,9 @@ class HardExampleStore:
         self.keyring = keyring or Keyring()
         self.stored_bytes = 0
         """Bytes of requests and answers kept (compressed); written on the SQLite thread."""
-        self._worker = SqliteWorker(f"hard-examples:{self.path.name}")
+        self._worker = SqliteWorker(
+            f"hard-examples:{self.path.name}", store="hard_examples", hooks=hooks
+        )
         self._pending: dict[str, str] = {}
         """Ticket -> model of queued items whose answer is awaited."""
         self._closed = False
@@ -140,11 +143,12 @@ class HardExampleStore:
         cap_bytes: int | None = None,
         clock: Clock | None = None,
         keyring: Keyring | None = None,
+        hooks: WriteHooks | None = None,
     ) -> HardExampleStore:
         """Raises UnknownDataKey if the file holds examples sealed with a key not in `keyring`."""
         store = cls(
             path, registry, retention_s=retention_s, cap_bytes=cap_bytes, clock=clock,
-            keyring=keyring,
+            keyring=keyring, hooks=hooks,
         )  # fmt: skip
         opened = await store._worker.start(
             lambda: open_database(store.path, HARD_EXAMPLE_MIGRATIONS, now=store.clock.wall)

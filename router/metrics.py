@@ -32,8 +32,10 @@ from router.errors import (
     CloudRejected,
     CloudUnavailable,
     RateLimited,
+    StorageError,
 )
 from router.pacing import PACING_REASONS
+from router.sqlite_files import STORES
 
 __all__ = [
     "CALL_RESULTS",
@@ -58,8 +60,9 @@ CALL_RESULTS = (
     "cancelled",
     "error",
 )
-HOLD_REASONS = ("retry_after", "setup", "failure", "budget")
-"""Why the forwarder paused: the cloud's Retry-After, a 401/403/404, a failed delivery, the budget."""
+HOLD_REASONS = ("retry_after", "setup", "failure", "budget", "storage")
+"""Why the forwarder paused: the cloud's Retry-After, a 401/403/404, a failed delivery, the budget,
+a failed write to the queue file."""
 
 log = logging.getLogger("router")
 
@@ -237,6 +240,16 @@ class RouterMetrics:
             "WatchResults streams refused because max_watchers were open already.",
             registry=registry,
         )
+        self.storage_errors = Counter(
+            f"{NS}_storage_errors",
+            "Writes to the state dir's files that failed and were undone, by file (queue, "
+            "budget, audit, hard_examples) and kind (disk_full, io_error).",
+            ["store", "kind"],
+            registry=registry,
+        )
+        for store in STORES:
+            for kind in ("disk_full", "io_error"):
+                self.storage_errors.labels(store, kind)
         for state in ("delivered", "expired", "dropped", "rejected"):
             self.ended.labels(state)
         for path in ("live", "drain"):
@@ -256,6 +269,10 @@ class RouterMetrics:
     def close(self) -> None:
         """Stop exporting the state gauges (the counters keep their totals)."""
         self.registry.unregister(self._collector)
+
+    def storage_error(self, error: StorageError) -> None:
+        """Count a failed write (called on the store's SQLite thread)."""
+        self.storage_errors.labels(error.store, error.kind).inc()
 
     def quarantine(self, part: str, moved: Iterable[object], problem: str) -> None:
         """Log and count each corrupt file of `part` (queue, budget) moved aside at start-up."""

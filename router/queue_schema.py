@@ -89,7 +89,7 @@ class QueuedItem:
     enqueued_at: float
     expires_at: float
     attempts: int
-    """Earlier attempts that did not end in delivery (released, lease lost, or restart)."""
+    """Deliveries tried, this one included (a claim cut off by a restart counts)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,13 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
 from model_runtime.errors import InvalidInput
+from model_runtime.fault_points import FaultPlan
 from model_runtime.v2_json import InferResponse
 from router.audit import Auditor, AuditSampler
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import CloudClient
-from router.config import RouterConfig
+from router.config import AFTER_COMMIT_BEFORE_ANSWER, RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
@@ -34,6 +35,7 @@ from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
 from router.policy import BudgetMode, EscalationPolicy
+from router.sqlite_files import WriteHooks
 from router.state_lock import StateDirLock
 from router.tickets import Admission, TicketResult, TicketStore, WatchStream
 
@@ -95,14 +97,22 @@ class _Unsure:
 class Router:
     """Open with `await Router.open(config, registry)`, close with `await router.close()`."""
 
-    def __init__(self, config: RouterConfig, registry: CollectorRegistry, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: CollectorRegistry,
+        clock: Clock,
+        faults: FaultPlan | None = None,
+    ) -> None:
         """Use `open`."""
         self.config = config
         self.clock = clock
+        self.faults = faults
         self.policy = EscalationPolicy(
             margin_s=config.policy_margin_s, budget_mode=config.budget_mode
         )
         self.metrics = RouterMetrics(registry, lambda: self._readings, clock.wall)
+        self._hooks = WriteHooks(on_error=self.metrics.storage_error, faults=faults)
         self.meter = CloudMeter(self.metrics)
         self.tickets = TicketStore(
             on_admitted=self._admitted,
@@ -126,9 +136,16 @@ class Router:
 
     @classmethod
     async def open(
-        cls, config: RouterConfig, registry: CollectorRegistry, *, clock: Clock | None = None
+        cls,
+        config: RouterConfig,
+        registry: CollectorRegistry,
+        *,
+        clock: Clock | None = None,
+        faults: FaultPlan | None = None,
     ) -> Router:
-        router = cls(config, registry, clock or SystemClock())
+        """`faults`: tests only (model_runtime.fault_points; the points are FAULT_POINTS).
+        Raises StorageError when a state file cannot be opened or written."""
+        router = cls(config, registry, clock or SystemClock(), faults)
         try:
             await router._start()
         except BaseException:
@@ -151,6 +168,7 @@ class Router:
             priority_levels=config.priority_levels,
             on_end=self._on_end,
             keyring=config.keyring,
+            hooks=self._hooks,
         )
         self.tickets.attach(self.queue)
         self.metrics.quarantine("queue", self.queue.quarantined, self.queue.quarantine_problem)
@@ -159,6 +177,7 @@ class Router:
             daily_bytes=config.budget_day_bytes,
             monthly_bytes=config.budget_month_bytes,
             clock=clock,
+            hooks=self._hooks,
         )
         self.metrics.quarantine("budget", self.budget.quarantined, "")
         if config.cloud_configured:
@@ -174,7 +193,7 @@ class Router:
             self.monitor.add_listener(lambda _: self._refresh_link())
             self.forwarder = Forwarder(
                 self.queue, self._drain, self.monitor, self.budget, self.meter, self.metrics,
-                config, clock,
+                config, clock, faults=self.faults,
             )  # fmt: skip
             self._spawn(self.monitor.run(), "monitor")
             self._spawn(self.forwarder.run(), "forwarder")
@@ -218,6 +237,7 @@ class Router:
                 config.audit_path, self.queue, self.budget, self.metrics.registry,
                 sampler=AuditSampler(config.audit_share), max_waiting=config.audit_max_waiting,
                 ttl_s=config.default_ttl_s, clock=self.clock, on_queued=self._admitted,
+                hooks=self._hooks,
             )  # fmt: skip
             self._spawn(self.audit.settle_left_over(), "audit")
         if config.hard_examples_retention_s > 0:
@@ -225,7 +245,7 @@ class Router:
                 config.hard_examples_path, self.metrics.registry,
                 retention_s=config.hard_examples_retention_s,
                 cap_bytes=config.hard_examples_cap_bytes, clock=self.clock,
-                keyring=config.keyring,
+                keyring=config.keyring, hooks=self._hooks,
             )  # fmt: skip
             self._spawn(self.hard_examples.run(config.purge_interval_s), "hard examples")
         elif discard_hard_examples(config.hard_examples_path):
@@ -447,7 +467,8 @@ class Router:
         *,
         all_or_nothing: bool,
     ) -> dict[int, str]:
-        """Queue `items` durably; index -> ticket for those the queue took."""
+        """Queue `items` durably; index -> ticket for those the queue took. Raises
+        StorageError when the queue could not write them: none was stored."""
         stored = await self.tickets.admit(
             model,
             [u.item for u in items],
@@ -456,6 +477,8 @@ class Router:
             all_or_nothing=all_or_nothing,
             owner=owner,
         )
+        if self.faults is not None and any(stored.values()):
+            self.faults.hit(AFTER_COMMIT_BEFORE_ANSWER)
         return {u.index: u.item.ticket for u in items if stored.get(u.item.ticket)}
 
     def _keep_queued(

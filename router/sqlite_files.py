@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -20,12 +21,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
-from router.errors import QueueSchemaTooNew
+from router.errors import DiskFull, QueueSchemaTooNew, StorageError
 
-__all__ = ["Migration", "OpenedDatabase", "SqliteWorker", "open_database"]
+__all__ = [
+    "STORES",
+    "Migration",
+    "OpenedDatabase",
+    "SqliteWorker",
+    "WriteHooks",
+    "open_database",
+    "storage_error",
+]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+STORES = ("queue", "budget", "audit", "hard_examples")
+"""The router's files, as StorageError, fault points and the storage_errors metric name them."""
 
 Migration = Sequence[str]
 """The statements of one migration; run one by one so they share the migration's transaction."""
@@ -118,6 +132,16 @@ def _quarantine(path: Path, wall: float) -> Path:
     return target
 
 
+@dataclass(frozen=True, slots=True)
+class WriteHooks:
+    """What the owner of a SqliteWorker hands it about failed writes."""
+
+    on_error: Callable[[StorageError], None] | None = None
+    """Hears of every write that failed (the error says which store and why): for metrics."""
+    faults: FaultPlan | None = None
+    """Tests only: fail or crash at the k-th commit, the point `<store>.commit`."""
+
+
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
@@ -145,14 +169,22 @@ class SqliteWorker:
         self,
         name: str,
         *,
+        store: str = "",
         max_group: int = 1024,
         on_commit: Callable[[], None] | None = None,
         on_rollback: Callable[[sqlite3.Connection], None] | None = None,
+        hooks: WriteHooks | None = None,
     ) -> None:
+        """`store` names the file in errors, metrics and fault points (queue, budget...)."""
         self.name = name
+        self.store = store or name
         self.max_group = max_group
         self.on_commit = on_commit
         self.on_rollback = on_rollback
+        hooks = hooks or WriteHooks()
+        self.on_error = hooks.on_error
+        self._faults = hooks.faults
+        self._fault_point = f"{self.store}.commit"
         self.commits = 0
         """Transactions that wrote something: the number of durable commits (fsyncs) made."""
         self.jobs = 0
@@ -169,7 +201,8 @@ class SqliteWorker:
             try:
                 opened = opener()
             except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, ready, (False, exc))
+                failure = storage_error(self.store, exc) if isinstance(exc, sqlite3.Error) else exc
+                loop.call_soon_threadsafe(_settle, ready, (False, failure))
                 return
             loop.call_soon_threadsafe(_settle, ready, (True, opened))
             self._serve(opened.connection)
@@ -246,19 +279,21 @@ class SqliteWorker:
                     if not conn.in_transaction:
                         raise  # SQLite rolled the whole group back (disk full, I/O error)
                     conn.execute("ROLLBACK" if alone else "ROLLBACK TO job")
-                    job.outcome = (False, exc)
+                    job.outcome = (False, self._storage_error(exc))
                 if not alone:
                     conn.execute("RELEASE job")
             wrote = conn.in_transaction and conn.total_changes != before
+            if wrote and self._faults is not None:
+                action = self._faults.hit(self._fault_point)  # a crash does not return
+                if action is not None:
+                    raise sqlite_error(action)
             if conn.in_transaction:
                 conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if self.on_rollback is not None:
-                self.on_rollback(conn)
+            self._roll_back(conn)
+            failure = self._storage_error(exc)
             for job in group:
-                job.outcome = (False, exc)
+                job.outcome = (False, failure)
         else:
             self.commits += wrote
             if self.on_commit is not None:
@@ -271,6 +306,34 @@ class SqliteWorker:
         for loop, jobs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed while the job ran
                 loop.call_soon_threadsafe(_settle_all, jobs)
+
+    def _roll_back(self, conn: sqlite3.Connection) -> None:
+        """After a failed group: undo it and resynchronise the owner. Neither may kill the
+        thread: on a failing disk they can fail too, and the next group tries again."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if self.on_rollback is not None:
+                self.on_rollback(conn)
+        except sqlite3.Error as exc:
+            log.warning("%s: could not roll back a failed write: %s", self.name, exc)
+
+    def _storage_error(self, exc: BaseException) -> BaseException:
+        """SQLite's errors as the router's StorageError (counted); any other error as it is."""
+        if not isinstance(exc, sqlite3.Error):
+            return exc
+        error = storage_error(self.store, exc)
+        if self.on_error is not None:
+            self.on_error(error)
+        return error
+
+
+def storage_error(store: str, exc: sqlite3.Error) -> StorageError:
+    """`exc`, raised by SQLite on `store`'s file, as DiskFull or StorageError, caused by it."""
+    full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    error = (DiskFull if full else StorageError)(store, str(exc))
+    error.__cause__ = exc
+    return error
 
 
 def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:

@@ -101,6 +101,8 @@ class TicketResult:
     enqueued_at: float
     finished_at: float | None
     attempts: int
+    """Deliveries tried from the queue: each claim that sent it, or was cut off by a restart
+    or a lost lease; a claim released unsent is not counted. 1 for a first-time delivery."""
     error: str | None = None
     """Why the last attempt failed, or why the cloud rejected it."""
     parameters: dict[str, object] = field(default_factory=dict)

@@ -3,6 +3,11 @@
 Duplicates in the same worker wait on the first one's future; duplicates in other workers or
 replicas poll the shared store until the answer is stored or the first one's mark lapses.
 Only answers are stored: a failure releases the mark, so the device's retry runs again.
+
+The promise: the model runs once per key, unless a worker dies between the run and storing its
+answer; then at most once more, after its mark lapses. A mark is renewed while its run is alive,
+so a slow run is never taken for a dead one; a duplicate that waited runs only if its client is
+still there to receive the answer.
 """
 
 from __future__ import annotations
@@ -16,18 +21,37 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from cloud_gateway.errors import IdempotencyInProgress, IdempotencyKeyReused
+from cloud_gateway.errors import (
+    ClientGone,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    StoreFull,
+    StoreUnavailable,
+)
 from cloud_gateway.idempotency.base import IdempotencyStore
+from model_runtime.fault_points import FaultPlan
 
-__all__ = ["IdempotencyGuard", "IdempotencyPolicy", "Outcome"]
+__all__ = [
+    "AFTER_RUN_BEFORE_STORE",
+    "ClientCheck",
+    "IdempotencyGuard",
+    "IdempotencyPolicy",
+    "Outcome",
+]
 
 log = logging.getLogger(__name__)
+
+AFTER_RUN_BEFORE_STORE = "gateway.after_run_before_store"
+"""Fault point: the model has answered, the answer is not stored yet."""
+
+ClientCheck = Callable[[], Awaitable[bool]]
+"""True once the request's client has gone (closed its connection)."""
 
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyPolicy:
     retention_s: float = 7 * 86_400.0
-    pending_ttl_s: float = 10.0
+    pending_ttl_s: float = 3.0
     wait_s: float = 60.0
     poll_min_s: float = 0.005
     poll_max_s: float = 0.1
@@ -37,6 +61,8 @@ class IdempotencyPolicy:
 class Outcome:
     body: bytes
     replayed: bool
+    stored: bool = True
+    """False when the store failed to keep a fresh answer: a repeat of the key runs again."""
 
 
 class _LeaderGone(Exception):
@@ -51,9 +77,11 @@ class IdempotencyGuard:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.store = store
         self.policy = policy or IdempotencyPolicy()
+        self._faults = faults
         self._monotonic = monotonic
         self._sleep = sleep
         self._local: dict[str, tuple[str, asyncio.Future[bytes]]] = {}
@@ -68,13 +96,21 @@ class IdempotencyGuard:
             await _stop(self._renewer)
 
     async def run(
-        self, scope: str, fingerprint: str, work: Callable[[], Awaitable[bytes]]
+        self,
+        scope: str,
+        fingerprint: str,
+        work: Callable[[], Awaitable[bytes]],
+        *,
+        client_gone: ClientCheck | None = None,
     ) -> Outcome:
         """The answer for `scope`: from `work()` if this is the first request, else replayed.
 
-        Raises IdempotencyKeyReused when `scope` was used with a different `fingerprint`, and
-        IdempotencyInProgress when the first request is still running after `wait_s`.
+        Raises IdempotencyKeyReused when `scope` was used with a different `fingerprint`,
+        IdempotencyInProgress when the first request is still running after `wait_s`, and
+        ClientGone when this request had to wait and `client_gone()` says nobody waits for it
+        any more (then `work` is not run: its answer would reach nobody).
         """
+        waited = False
         while True:
             local = self._local.get(scope)
             if local is None:
@@ -85,11 +121,12 @@ class IdempotencyGuard:
             try:
                 return Outcome(await asyncio.shield(future), replayed=True)
             except _LeaderGone:
+                waited = True
                 continue
         future = asyncio.get_running_loop().create_future()
         self._local[scope] = (fingerprint, future)
         try:
-            outcome = await self._run_shared(scope, fingerprint, work)
+            outcome = await self._run_shared(scope, fingerprint, work, client_gone, waited)
         except asyncio.CancelledError:
             _fail(future, _LeaderGone())
             raise
@@ -104,7 +141,12 @@ class IdempotencyGuard:
             del self._local[scope]
 
     async def _run_shared(
-        self, scope: str, fingerprint: str, work: Callable[[], Awaitable[bytes]]
+        self,
+        scope: str,
+        fingerprint: str,
+        work: Callable[[], Awaitable[bytes]],
+        client_gone: ClientCheck | None,
+        waited: bool,
     ) -> Outcome:
         policy = self.policy
         owner = f"{self._owner_prefix}-{next(self._owners)}"
@@ -122,6 +164,14 @@ class IdempotencyGuard:
                 raise IdempotencyInProgress(retry_after_s=policy.pending_ttl_s)
             await self._sleep(delay)
             delay = min(delay * 2, policy.poll_max_s)
+            waited = True
+            if client_gone is not None and await client_gone():
+                raise ClientGone()
+        # Only a request that waited can have lost its client meanwhile (a first one starts
+        # at once), and only then is it worth asking: the check costs a turn of the loop.
+        if waited and client_gone is not None and await client_gone():
+            await self._release(scope, owner)
+            raise ClientGone()
 
         self._hold(scope, owner)
         try:
@@ -131,7 +181,16 @@ class IdempotencyGuard:
             await self._release(scope, owner)
             raise
         del self._held[scope]
-        await self.store.complete(scope, owner, body, policy.retention_s)
+        if self._faults is not None:
+            self._faults.hit(AFTER_RUN_BEFORE_STORE)
+        try:
+            await self.store.complete(scope, owner, body, policy.retention_s)
+        except (StoreUnavailable, StoreFull) as exc:
+            # The model has run and the device is waiting for this answer: give it. Only a
+            # repeat of the key (the device lost the answer) would run the model again.
+            log.warning("an answer could not be stored for replay: %s", exc)
+            await self._release(scope, owner)
+            return Outcome(body, replayed=False, stored=False)
         return Outcome(body, replayed=False)
 
     def _hold(self, scope: str, owner: str) -> None:
@@ -140,11 +199,13 @@ class IdempotencyGuard:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_held())
 
     async def _renew_held(self) -> None:
-        # One task renews every mark this worker holds, well before they lapse; a dead worker
-        # renews nothing, and its marks lapse pending_ttl_s later so a duplicate can take over.
+        # One task renews every mark this worker holds, four times per pending_ttl_s, so three
+        # renewals in a row must fail (or the loop stall for most of the lapse) before a live
+        # run's mark lapses; a dead worker renews nothing, and its marks lapse pending_ttl_s
+        # later so a duplicate can take over.
         ttl = self.policy.pending_ttl_s
         while self._held:
-            await self._sleep(ttl / 3)
+            await self._sleep(ttl / 4)
             renewals = [self.store.renew(s, o, ttl) for s, o in list(self._held.items())]
             for result in await asyncio.gather(*renewals, return_exceptions=True):
                 if isinstance(result, Exception):

@@ -46,11 +46,18 @@ import anyio.to_thread
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
 from cloud_gateway.sqlite_pool import ConnectionPool
+from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["SqliteIdempotencyStore"]
 
 _Op = Callable[[sqlite3.Connection], Any]
+
+COMMIT = "idempotency.commit"
+"""Fault point: a batch of claims, renewals, answers and releases is about to be committed."""
+MID_CHECKPOINT = "idempotency.mid_checkpoint"
+"""Fault point: a checkpoint has copied the WAL's bulk into the database; the WAL has not
+started over."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -127,10 +134,13 @@ class SqliteIdempotencyStore:
         on_evicted: Callable[[str, int], None] | None = None,
         now: Callable[[], float] = time.time,
         retry_after_s: float = 5.0,
+        faults: FaultPlan | None = None,
     ) -> None:
         """`on_evicted(reason, n)` counts deleted records: reason `expired` (the periodic
-        purge) or `full` (deleted to make room for a claim)."""
+        purge) or `full` (deleted to make room for a claim). `faults`: tests only, at the
+        points `idempotency.commit` and `idempotency.mid_checkpoint`."""
         self.path = path
+        self._faults = faults
         self.bounds = bounds or StoreBounds()
         self._on_evicted = on_evicted or (lambda reason, n: None)
         self._retry_after_s = retry_after_s
@@ -159,7 +169,9 @@ class SqliteIdempotencyStore:
         self._checkpoint: asyncio.Task[None] | None = None
         self._checkpoint_db: sqlite3.Connection | None = None
         self._holding = False  # a checkpoint is holding this worker's writes back
-        self._computing = 0  # claims of this process whose answers are not stored yet
+        # Claims of this process whose answers are not stored yet, as (scope, owner): a claim
+        # whose answer could not be stored is both completed and released, and counts once.
+        self._computing: set[tuple[str, str]] = set()
         self._written = 0  # bytes written to the WAL since the last checkpoint began
 
     @property
@@ -188,7 +200,7 @@ class SqliteIdempotencyStore:
             return  # the WAL would outgrow its share before the checkpoint lets it start over
         batch, self._batch = self._batch, []
         try:
-            results = _apply(self._loop_db, [op for op, _ in batch])
+            results = _apply(self._loop_db, [op for op, _ in batch], self._faults)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 task = asyncio.get_running_loop().create_task(self._flush_in_thread(batch))
@@ -206,7 +218,7 @@ class SqliteIdempotencyStore:
         ops = [op for op, _ in batch]
         try:
             results = await anyio.to_thread.run_sync(
-                lambda: self._in_pool(lambda db: _apply(db, ops))
+                lambda: self._in_pool(lambda db: _apply(db, ops, self._faults))
             )
         except sqlite3.Error as exc:
             self._fail(batch, exc)
@@ -235,6 +247,8 @@ class SqliteIdempotencyStore:
         try:
             # First the bulk of the copying, while this worker goes on writing...
             await anyio.to_thread.run_sync(self._checkpoint_now, "PASSIVE")
+            if self._faults is not None:
+                self._faults.hit(MID_CHECKPOINT)
             # ...then what was written meanwhile, with its writes held back so that the
             # checkpoint can finish and the next commit start the WAL over.
             self._holding = True
@@ -268,7 +282,7 @@ class SqliteIdempotencyStore:
         now = self._now()
         # Room for this answer and for those this process is computing; other workers' are
         # not known here, and the file's page limit stops them at the last page.
-        room = self.bounds.max_answer_bytes * (self._computing + 1)
+        room = self.bounds.max_answer_bytes * (len(self._computing) + 1)
         pages = (self._max_pages, self._page_size)
 
         def claim(db: sqlite3.Connection) -> Existing | _Full | None:
@@ -280,7 +294,7 @@ class SqliteIdempotencyStore:
         if isinstance(found, _Full):
             raise StoreFull(self.bounds.max_bytes, _retry_after(found.oldest_expiry - now))
         if found is None:
-            self._computing += 1
+            self._computing.add((scope, owner))
         return cast(Existing | None, found)
 
     def _evict(self, db: sqlite3.Connection, now: float) -> int:
@@ -314,7 +328,7 @@ class SqliteIdempotencyStore:
                 raise StoreFull(self.bounds.max_bytes, self._retry_after_s) from None
             raise
         finally:
-            self._computing -= 1
+            self._computing.discard((scope, owner))
 
     async def release(self, scope: str, owner: str) -> None:
         try:
@@ -324,7 +338,7 @@ class SqliteIdempotencyStore:
                 )
             )
         finally:
-            self._computing -= 1
+            self._computing.discard((scope, owner))
 
     async def purge_expired(self) -> int:
         # Possibly many rows: always in a thread.
@@ -370,11 +384,15 @@ class SqliteIdempotencyStore:
         return None if row is None else (row[0], row[1], row[2], row[3])
 
 
-def _apply(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+def _apply(db: sqlite3.Connection, ops: list[_Op], faults: FaultPlan | None) -> list[Any]:
     """Run `ops` in one write transaction: all of them or none."""
     db.execute("BEGIN IMMEDIATE")
     try:
         results = [op(db) for op in ops]
+        if faults is not None:
+            action = faults.hit(COMMIT)  # a crash does not return
+            if action is not None:
+                raise sqlite_error(action)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

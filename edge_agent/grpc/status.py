@@ -12,7 +12,7 @@ import grpc
 
 from edge_agent.inference import ServiceStopping
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
-from router.errors import QueueFull, TicketNotFound, TooManyWatchers
+from router.errors import DiskFull, QueueFull, StorageError, TicketNotFound, TooManyWatchers
 
 __all__ = ["STATUS_BY_ERROR", "status_for"]
 
@@ -26,6 +26,9 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TicketNotFound, grpc.StatusCode.NOT_FOUND),
     (TooManyWatchers, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServiceStopping, grpc.StatusCode.UNAVAILABLE),
+    # gRPC's own words for RESOURCE_EXHAUSTED include "the entire file system is out of space"
+    (DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StorageError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
+from model_runtime.fault_points import Action, FaultPlan, sqlite_error
 from router.clock import FakeClock
+from router.config import FAULT_POINTS
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState, ItemStatus
-from router.errors import QueueFull, QueueSchemaTooNew, TicketNotFound
+from router.errors import DiskFull, QueueFull, QueueSchemaTooNew, StorageError, TicketNotFound
 from router.queue_schema import QUEUE_MIGRATIONS
-from router.sqlite_files import SqliteWorker, open_database
+from router.sqlite_files import SqliteWorker, WriteHooks, open_database
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -93,7 +95,8 @@ async def test_claimed_item_carries_what_was_enqueued(queue: DurableQueue) -> No
         b"\x00\x01body",
         3,
     )
-    assert (item.enqueued_at, item.expires_at, item.attempts) == (T0, T0 + 60, 0)
+    # attempts: deliveries tried, this one included
+    assert (item.enqueued_at, item.expires_at, item.attempts) == (T0, T0 + 60, 1)
 
 
 async def test_ageing_lets_old_low_priority_items_overtake(path: Path, clock: FakeClock) -> None:
@@ -235,8 +238,9 @@ async def test_delivery_stores_the_result_once(queue: DurableQueue, clock: FakeC
         await queue.get("nope")
 
 
-async def test_release_puts_an_item_back_with_one_more_attempt(queue: DurableQueue) -> None:
+async def test_release_puts_an_item_back_counting_the_delivery_tried(queue: DurableQueue) -> None:
     await put(queue, "a")
+    assert (await queue.get("a")).attempts == 0
     await drain(queue)
     assert await queue.release("a", "503 from the cloud")
     assert not await queue.release("a", "not in flight any more")
@@ -247,9 +251,20 @@ async def test_release_puts_an_item_back_with_one_more_attempt(queue: DurableQue
         "503 from the cloud",
     )
     (item,) = await queue.claim_batch(1, 100)
-    assert item.attempts == 1
+    assert item.attempts == 2
+    await queue.mark_delivered("a", b"A")
+    assert (await queue.get("a")).attempts == 2
     with pytest.raises(TicketNotFound):
         await queue.release("nope", "x")
+
+
+async def test_a_claim_released_unsent_is_not_an_attempt(queue: DurableQueue) -> None:
+    await put(queue, "a")
+    await drain(queue)
+    assert await queue.release("a", "not sent: link down", sent=False)
+    assert (await queue.get("a")).attempts == 0
+    (item,) = await queue.claim_batch(1, 100)
+    assert item.attempts == 1
 
 
 async def test_a_request_the_cloud_refuses_ends_rejected(queue: DurableQueue) -> None:
@@ -517,7 +532,7 @@ async def test_an_expired_lease_makes_an_item_claimable_again(path: Path, clock:
         assert await drain(q) == []
         clock.advance(1)
         (item,) = await q.claim_batch(10, 10**6)
-        assert (item.ticket, item.attempts) == ("a", 1)
+        assert (item.ticket, item.attempts) == ("a", 2)  # the lost lease may have reached it
     finally:
         await q.close()
 
@@ -572,12 +587,51 @@ async def test_a_group_sqlite_aborted_fails_whole_and_resyncs(
 
     def abort(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")  # as SQLite itself does on a full disk or an I/O error
-        raise sqlite3.OperationalError("database or disk is full")
+        raise sqlite_error(Action.ENOSPC)  # "database or disk is full", SQLITE_FULL
 
     results = await asyncio.gather(w.call(insert("a")), w.call(abort), return_exceptions=True)
-    assert [str(r) for r in results] == ["database or disk is full"] * 2
+    assert [type(r) for r in results] == [DiskFull] * 2
+    assert all(r.problem == "database or disk is full" for r in results)
     assert await w.call(rows) == []
     assert events[0] == "rollback"
+
+
+async def test_the_kth_commit_fails_with_an_injected_io_error_and_the_next_one_works(
+    path: Path,
+) -> None:
+    failures: list[StorageError] = []
+    plan = FaultPlan.parse("queue.commit:2:eio", FAULT_POINTS)
+    w = SqliteWorker("test", store="queue", hooks=WriteHooks(failures.append, plan))
+    await w.start(lambda: open_database(path, [("CREATE TABLE t (x TEXT)",)], now=time.time))
+    try:
+        await w.call(insert("a"))
+        assert await w.call(rows) == ["a"]  # a read is not a commit that wrote: not counted
+        with pytest.raises(StorageError) as failed:
+            await w.call(insert("b"))
+        assert type(failed.value) is StorageError  # not DiskFull: an I/O error
+        assert (failed.value.store, failed.value.kind) == ("queue", "io_error")
+        assert "disk I/O error" in str(failed.value)
+        await w.call(insert("c"))
+        assert await w.call(rows) == ["a", "c"]
+        assert failures == [failed.value]
+    finally:
+        await w.close()
+
+
+async def test_a_persistent_full_disk_fails_every_write_until_the_fault_ends(path: Path) -> None:
+    plan = FaultPlan.parse("queue.commit:2-3:enospc", FAULT_POINTS)
+    q = await DurableQueue.open(path, clock=FakeClock(T0), hooks=WriteHooks(faults=plan))
+    try:
+        await put(q, "a")
+        for ticket in ("b", "c"):
+            with pytest.raises(DiskFull, match="queue file could not be written"):
+                await put(q, ticket)
+        await put(q, "d")
+        # nothing of the failed enqueues was kept, on disk or in the mirror of its bytes
+        assert q.used_bytes == 2 * (10 + ROW_OVERHEAD_BYTES)
+        assert await drain(q) == ["a", "d"]
+    finally:
+        await q.close()
 
 
 # -- corrupt and foreign files ----------------------------------------------------------------

@@ -207,7 +207,6 @@ class QueueMachine(RuleBasedStateMachine):
             lease = item.lease_until
             if item.state is ItemState.IN_FLIGHT and lease is not None and lease <= self.now:
                 item.state, item.lease_until = ItemState.PENDING, None
-                item.attempts += 1
         self.expire()
         waiting = sorted(
             (i for i in self.items.values() if i.state is ItemState.PENDING),
@@ -220,6 +219,7 @@ class QueueMachine(RuleBasedStateMachine):
             size += item.size
             chosen.append(item)
             item.state, item.lease_until = ItemState.IN_FLIGHT, self.now + LEASE_S
+            item.attempts += 1  # a delivery tried, whatever becomes of it
         assert [c.ticket for c in got] == [c.ticket for c in chosen]
         for c, item in zip(got, chosen, strict=True):
             assert (c.priority, c.attempts, len(c.payload)) == (
@@ -288,7 +288,6 @@ class QueueMachine(RuleBasedStateMachine):
             assert back == (item.state is ItemState.IN_FLIGHT)
             if back:
                 item.state, item.lease_until = ItemState.PENDING, None
-                item.attempts += 1
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 8.0, 40.0, 130.0]))
     def advance(self, seconds: float) -> None:
@@ -327,7 +326,6 @@ class QueueMachine(RuleBasedStateMachine):
         for item in self.items.values():
             if item.state is ItemState.IN_FLIGHT:
                 item.state, item.lease_until = ItemState.PENDING, None
-                item.attempts += 1
 
     # -- what must hold after every step ------------------------------------------------------
 

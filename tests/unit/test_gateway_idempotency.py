@@ -10,13 +10,15 @@ from typing import Any
 
 import pytest
 
-from cloud_gateway.errors import IdempotencyInProgress, IdempotencyKeyReused
+from cloud_gateway.errors import ClientGone, IdempotencyInProgress, IdempotencyKeyReused
 from cloud_gateway.idempotency import (
     IdempotencyGuard,
     IdempotencyPolicy,
     SqliteIdempotencyStore,
     scope_id,
 )
+from cloud_gateway.settings import FAULT_POINTS
+from model_runtime.fault_points import FaultPlan
 
 
 class Work:
@@ -320,3 +322,110 @@ async def test_a_pending_mark_lapses_at_its_ttl_exactly(
     clock.now += after_s
     existing = await store.claim(SCOPE, "fp", "live-worker", 1.0)
     assert (existing is None) is lapsed
+
+
+# -- a waiting duplicate whose client has gone; a store that fails after the run ----------------
+
+
+class Client:
+    """`gone()` as the routes pass it (request.is_disconnected); counts how often it is asked."""
+
+    def __init__(self, gone: bool = False) -> None:
+        self.is_gone = gone
+        self.asked = 0
+
+    async def gone(self) -> bool:
+        self.asked += 1
+        return self.is_gone
+
+
+async def test_a_first_request_runs_without_asking_after_its_client(db: Path) -> None:
+    client, work = Client(gone=True), Work()
+    assert not (await guard(db).run(SCOPE, "fp", work, client_gone=client.gone)).replayed
+    assert (work.calls, client.asked) == (1, 0)  # nothing waited: no cost on the usual path
+
+
+async def test_a_duplicate_whose_client_left_does_not_run_when_the_mark_lapses(db: Path) -> None:
+    clock = WallClock()
+    store = SqliteIdempotencyStore(db, now=clock)
+    # A worker claimed the key and died mid-run; a device's retry waits for its mark to lapse.
+    assert await store.claim(SCOPE, "fp", "dead-worker", 10.0) is None
+    client, work = Client(), Work()
+    duplicate = IdempotencyGuard(store, IdempotencyPolicy(poll_max_s=0.01))
+    waiting = asyncio.create_task(duplicate.run(SCOPE, "fp", work, client_gone=client.gone))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    client.is_gone = True  # the device hung up (or was killed) while it waited...
+    clock.now += 10.5  # ...and then the dead worker's mark lapsed
+    with pytest.raises(ClientGone):
+        await waiting
+    assert work.calls == 0  # nobody was left to receive an answer
+    # Its claim is not left behind: the device's next retry runs at once, and once.
+    again = await IdempotencyGuard(store).run(SCOPE, "fp", work, client_gone=Client().gone)
+    assert (again.replayed, work.calls) == (False, 1)
+
+
+async def test_a_duplicate_whose_client_left_stops_waiting(db: Path) -> None:
+    first, work = guard(db), Work()
+    work.release.clear()
+    running = asyncio.create_task(first.run(SCOPE, "fp", work))
+    await asyncio.wait_for(work.started.wait(), 5)
+    client = Client()
+    waiting = asyncio.create_task(
+        guard(db, poll_max_s=0.01).run(SCOPE, "fp", work, client_gone=client.gone)
+    )
+    await asyncio.sleep(0.05)
+    client.is_gone = True
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(waiting, 5)  # freed while the first run still goes on
+    work.release.set()
+    assert not (await running).replayed
+    assert work.calls == 1
+
+
+async def test_a_local_duplicate_whose_client_left_does_not_run_after_its_leader_is_cancelled(
+    db: Path,
+) -> None:
+    g, work = guard(db), Work()
+    work.release.clear()
+    leader = asyncio.create_task(g.run(SCOPE, "fp", work))
+    await asyncio.wait_for(work.started.wait(), 5)
+    client = Client(gone=True)
+    duplicate = asyncio.create_task(g.run(SCOPE, "fp", work, client_gone=client.gone))
+    await asyncio.sleep(0)
+    leader.cancel()  # the first request's connection dropped: its run is abandoned
+    with pytest.raises(ClientGone):
+        await duplicate
+    assert work.calls == 1
+
+
+async def test_an_answer_the_store_cannot_keep_is_still_given_and_its_mark_released(
+    db: Path,
+) -> None:
+    # Commit 1 claims the key, commit 2 would store the answer: it fails as a failing disk does.
+    plan = FaultPlan.parse("idempotency.commit:2:eio", FAULT_POINTS)
+    store = SqliteIdempotencyStore(db, faults=plan)
+    work = Work()
+    outcome = await IdempotencyGuard(store).run(SCOPE, "fp", work)
+    assert (outcome.body, outcome.replayed, outcome.stored) == (work.answer, False, False)
+    assert store.record(SCOPE) is None  # released, not left to lapse
+    again = await IdempotencyGuard(store).run(SCOPE, "fp", work)
+    assert (again.replayed, again.stored, work.calls) == (False, True, 2)
+
+
+async def test_the_crash_point_lies_between_the_run_and_the_stored_answer(db: Path) -> None:
+    class Crashed(Exception):
+        pass
+
+    def crash() -> None:
+        raise Crashed
+
+    # In a test process the crash raises instead of SIGKILLing the process.
+    plan = FaultPlan.parse("gateway.after_run_before_store:1", FAULT_POINTS, kill=crash)
+    store = SqliteIdempotencyStore(db)
+    work = Work()
+    with pytest.raises(Crashed):
+        await IdempotencyGuard(store, faults=plan).run(SCOPE, "fp", work)
+    record = store.record(SCOPE)
+    assert record is not None
+    assert (work.calls, record[1] is not None, record[2]) == (1, True, None)  # ran; pending

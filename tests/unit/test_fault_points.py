@@ -1,0 +1,100 @@
+"""The tests' fault switch: its grammar, which hits it acts at, and what it raises."""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+
+import pytest
+
+from cloud_gateway.settings import FAULT_POINTS as GATEWAY_POINTS
+from model_runtime.fault_points import Action, Fault, FaultPlan, FaultSpecError, sqlite_error
+from router.config import FAULT_POINTS as AGENT_POINTS
+
+POINTS = {"queue.commit": True, "router.after_commit_before_answer": False}
+
+
+class Crashed(Exception):
+    pass
+
+
+def crash() -> None:
+    raise Crashed
+
+
+def acts(plan: FaultPlan, point: str, hits: int) -> list[Action | None]:
+    return [plan.hit(point) for _ in range(hits)]
+
+
+def test_unset_or_empty_means_no_plan_at_all() -> None:
+    assert FaultPlan.from_environ({}, "EDGE_AGENT_FAULTS", POINTS) is None
+    assert FaultPlan.from_environ({"EDGE_AGENT_FAULTS": " "}, "EDGE_AGENT_FAULTS", POINTS) is None
+
+
+def test_the_kth_hit_only_a_range_or_every_hit_from_k() -> None:
+    plan = FaultPlan.parse("queue.commit:2:eio", POINTS)
+    assert acts(plan, "queue.commit", 4) == [None, Action.EIO, None, None]
+    plan = FaultPlan.parse("queue.commit:2-3:enospc", POINTS)
+    assert acts(plan, "queue.commit", 4) == [None, Action.ENOSPC, Action.ENOSPC, None]
+    plan = FaultPlan.parse("queue.commit:3+:eio", POINTS)
+    assert acts(plan, "queue.commit", 5) == [None, None, Action.EIO, Action.EIO, Action.EIO]
+    assert plan.hits("queue.commit") == 5
+
+
+def test_a_crash_is_the_default_action_and_points_count_apart() -> None:
+    plan = FaultPlan.parse(
+        "router.after_commit_before_answer:2, queue.commit:1:eio", POINTS, kill=crash
+    )
+    assert plan.hit("router.after_commit_before_answer") is None
+    assert plan.hit("queue.commit") is Action.EIO
+    with pytest.raises(Crashed):
+        plan.hit("router.after_commit_before_answer")
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("queue.commit", "is not <point>:<k>"),
+        ("queue.commit:0", "is not <point>:<k>"),
+        ("queue.commit:2-1", "the range ends before it starts"),
+        ("queue.comit:1", "unknown point 'queue.comit'; known: queue.commit, router."),
+        ("queue.commit:1:eof", "the action must be crash, eio or enospc"),
+        ("router.after_commit_before_answer:1:eio", "is not a write; it can only crash"),
+    ],
+)
+def test_a_bad_switch_is_refused_naming_the_variable(spec: str, problem: str) -> None:
+    with pytest.raises(FaultSpecError, match=r"^EDGE_AGENT_FAULTS: ") as err:
+        FaultPlan.from_environ({"EDGE_AGENT_FAULTS": spec}, "EDGE_AGENT_FAULTS", POINTS)
+    assert problem in str(err.value)
+
+
+def test_a_plan_handed_to_a_worker_process_counts_afresh() -> None:
+    plan = FaultPlan.parse("queue.commit:2:eio", POINTS)
+    plan.hit("queue.commit")
+    copy = pickle.loads(pickle.dumps(plan))
+    assert copy.faults == (Fault("queue.commit", 2, 2, Action.EIO),)
+    assert copy.hits("queue.commit") == 0
+
+
+def test_injected_errors_are_what_sqlite_raises_on_a_real_disk() -> None:
+    full, failing = sqlite_error(Action.ENOSPC), sqlite_error(Action.EIO)
+    assert (str(full), full.sqlite_errorcode) == ("database or disk is full", sqlite3.SQLITE_FULL)
+    assert (str(failing), failing.sqlite_errorcode) == ("disk I/O error", sqlite3.SQLITE_IOERR)
+
+
+def test_each_daemon_names_its_points() -> None:
+    assert {p for p, write in AGENT_POINTS.items() if write} == {
+        "queue.commit",
+        "budget.commit",
+        "audit.commit",
+        "hard_examples.commit",
+    }
+    assert {p for p, write in AGENT_POINTS.items() if not write} == {
+        "router.after_commit_before_answer",
+        "forwarder.after_send_before_mark",
+    }
+    assert GATEWAY_POINTS == {
+        "gateway.after_run_before_store": False,
+        "idempotency.mid_checkpoint": False,
+        "idempotency.commit": True,
+    }
