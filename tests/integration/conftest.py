@@ -35,24 +35,15 @@ def start_agent(
     """`edge-agent serve` on ports 0; `ready` says when it serves (an agent that asks callers
     for a token needs a client that has one); `prefix`: see start_daemon."""
     return start_daemon(
-        "edge-agent",
-        [
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--rest-port",
-            "0",
-            "--state-dir",
-            str(workdir / "state"),
-            *args,
-        ],
-        workdir,
-        ready=ready,
-        env=env,
-        prefix=prefix,
+        "edge-agent", agent_args(workdir, *args), workdir, ready=ready, env=env, prefix=prefix
     )
+
+
+def agent_args(workdir: Path, *args: str) -> list[str]:
+    """The arguments of `edge-agent` serving on ports 0 (gRPC, metrics, REST) with
+    `workdir`/state as its state dir."""
+    ports = ["--port", "0", "--metrics-port", "0", "--rest-port", "0"]
+    return ["serve", *ports, "--state-dir", str(workdir / "state"), *args]
 
 
 # Two callers' bearer tokens, and the token file that names them (token_file).
@@ -105,6 +96,19 @@ def start_agent_with_cloud(
 ) -> Daemon:
     """An agent escalating to `gateway` through `proxy`, probing the link often, so a cut or a
     black hole shows within seconds."""
+    args, env = cloud_agent_command(workdir, gateway, proxy, *args, env=env)
+    return start_daemon("edge-agent", args, workdir, ready=ready, env=env)
+
+
+def cloud_agent_command(
+    workdir: Path,
+    gateway: Gateway,
+    proxy: FaultProxy,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment of `start_agent_with_cloud`'s agent, to spawn it without
+    waiting (tests that cut the power during start-up)."""
     key_file = write_device_key(workdir, gateway)
     # Probes often, so a cut shows at once; a black hole shows after three probe timeouts, each
     # long enough that a busy machine's slow answer is not taken for a dead link.
@@ -112,16 +116,8 @@ def start_agent_with_cloud(
         "EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.3",
         "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "2",
     }
-    return start_agent(
-        workdir,
-        "--cloud-url",
-        proxy.url,
-        "--device-key-file",
-        str(key_file),
-        *args,
-        env={**fast_probes, **(env or {})},
-        ready=ready,
-    )
+    cloud = ("--cloud-url", proxy.url, "--device-key-file", str(key_file))
+    return agent_args(workdir, *cloud, *args), {**fast_probes, **(env or {})}
 
 
 def write_device_key(workdir: Path, gateway: Gateway, mode: int = 0o600) -> Path:

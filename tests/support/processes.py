@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Daemon", "start_daemon", "wait_until"]
+__all__ = ["Daemon", "spawn_daemon", "start_daemon", "wait_until"]
 
 BIN = Path(sys.executable).parent
 
@@ -49,6 +49,7 @@ class Daemon:
     ports: dict[str, int]
     log_path: Path
     args: list[str] = field(default_factory=list)
+    port_file: Path = Path()
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -94,6 +95,34 @@ class Daemon:
         self.process.wait()
 
 
+def spawn_daemon(
+    command: str,
+    args: Sequence[str],
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    prefix: Sequence[str] = (),
+) -> Daemon:
+    """Run `<venv>/bin/<command> serve ... --port-file` and return at once, its ports unknown
+    (`start_daemon` waits for them); for tests that cut the power during start-up."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{command}.{os.getpid()}.{time.monotonic_ns()}.ports.json"
+    log_path = port_file.with_suffix(".log")
+    full = [*prefix, str(BIN / command), *args, "--port-file", str(port_file)]
+    log = log_path.open("w", encoding="utf-8")
+    process = subprocess.Popen(
+        full,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
+    )
+    log.close()
+    return Daemon(process, {}, log_path, full, port_file)
+
+
 def start_daemon(
     command: str,
     args: Sequence[str],
@@ -110,21 +139,8 @@ def start_daemon(
     `preexec_fn` runs in the child before the daemon starts (to lower its resource limits);
     `prefix` comes before the command (`ip netns exec NS`, which execs it in the same process).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / f"{command}.{os.getpid()}.{time.monotonic_ns()}.ports.json"
-    log_path = port_file.with_suffix(".log")
-    full = [*prefix, str(BIN / command), *args, "--port-file", str(port_file)]
-    log = log_path.open("w", encoding="utf-8")
-    process = subprocess.Popen(
-        full,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-        preexec_fn=preexec_fn,
-    )
-    log.close()
-    daemon = Daemon(process, {}, log_path, full)
+    daemon = spawn_daemon(command, args, workdir, env=env, preexec_fn=preexec_fn, prefix=prefix)
+    process, port_file = daemon.process, daemon.port_file
 
     def reported() -> bool:
         if process.poll() is not None:
