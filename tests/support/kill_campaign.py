@@ -25,15 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tritonclient.grpc as triton
-from tritonclient.utils import InferenceServerException
-
 from tests.integration.conftest import agent_ready, cloud_agent_command
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.counting_upstream import CountingUpstream
 from tests.support.fault_proxy import FaultProxy
 from tests.support.ledger import Accounting, Ledger, integrity_check
 from tests.support.processes import Daemon, spawn_daemon, start_daemon, wait_until
+from tests.support.reliability import queue_settled, send_escalations
 
 __all__ = ["AGENT_FILES", "Campaign", "CampaignPlan", "CampaignReport"]
 
@@ -225,30 +223,7 @@ class Campaign:
 
     def _send(self, agent: Daemon, stop: threading.Event, busy: threading.Event) -> None:
         """Escalations one at a time until the power goes; each acknowledgement is recorded."""
-        client = triton.InferenceServerClient(agent.address("grpc"))
-        try:
-            for _ in range(self.plan.per_life):
-                if stop.is_set():
-                    return
-                seq, x = self.ledger.new_input()
-                inp = triton.InferInput("X", [1, 64], "FP32")
-                inp.set_data_from_numpy(x)
-                busy.set()
-                try:
-                    result = client.infer(
-                        "digits", [inp], parameters={"escalation": "always"}, client_timeout=10
-                    )
-                except InferenceServerException:
-                    return  # the power went while we asked: not acknowledged
-                finally:
-                    busy.clear()
-                params = result.get_response().parameters
-                route = params["route"].string_param
-                ticket = params["ticket"].string_param or None
-                outputs = {n: result.as_numpy(n) for n in ("label", "probabilities")}
-                self.ledger.acknowledged(seq, route, ticket, outputs)
-        finally:
-            client.close()
+        send_escalations(agent, self.ledger, self.plan.per_life, stop=stop, busy=busy)
 
     def _kill_gateway_worker(self) -> None:
         pids = self.gateway.worker_pids()
@@ -307,7 +282,7 @@ class Campaign:
         agent = self.start_agent()
         try:
             wait_until(
-                self._all_ended,
+                queue_settled(self.state),
                 self.plan.drain_timeout_s,
                 interval=0.2,
                 what="every queued item to end",
@@ -315,11 +290,3 @@ class Campaign:
         finally:
             agent.stop()
         self._check(self.state, AGENT_FILES)
-
-    def _all_ended(self) -> bool:
-        queue = self.state / "queue.sqlite"
-        with sqlite3.connect(f"{queue.resolve().as_uri()}?mode=ro", uri=True) as db:
-            row = db.execute(
-                "SELECT COUNT(*) FROM items WHERE state IN ('pending', 'in_flight')"
-            ).fetchone()
-        return row[0] == 0

@@ -45,17 +45,21 @@ class _Request:
 class Ledger:
     """Thread-safe: the campaign's client threads write, the test reads at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: int = 0) -> None:
+        """`first`: the number of the ledger's first input; ledgers whose numbers do not overlap
+        send different inputs, so one counting upstream can serve them one after another."""
         self._lock = threading.Lock()
         self._requests: list[_Request] = []
+        self._first = first
 
     def new_input(self) -> tuple[int, npt.NDArray[np.float32]]:
         """A one-row input no other request of the ledger has: a held-out digit whose corner
         pixel (always 0 in the data set) carries the request's number."""
         with self._lock:
             seq = len(self._requests)
-            x = _X[seq % len(_X)][None, :].copy()
-            x[0, 0] = (seq + 1) / 2**20
+            number = self._first + seq
+            x = _X[number % len(_X)][None, :].copy()
+            x[0, 0] = (number + 1) / 2**20
             self._requests.append(_Request(seq, x, digest(x)))
         return seq, x
 
@@ -84,6 +88,11 @@ class Ledger:
     def acked_tickets(self) -> list[str]:
         with self._lock:
             return [r.ticket for r in self._requests if r.ticket is not None]
+
+    def queued(self) -> list[tuple[str, npt.NDArray[np.float32]]]:
+        """(ticket, input) of every request acknowledged as queued."""
+        with self._lock:
+            return [(r.ticket, r.x) for r in self._requests if r.ticket is not None]
 
     def account(self, queue_file: Path, runs: Counter[str]) -> Accounting:
         """Read the queue file (of a stopped agent) and the upstream's runs per digest."""

@@ -1,0 +1,231 @@
+"""Crash points (issue 13, item 3): each daemon SIGKILLs itself at the k-th hit of a named point,
+for k = 1, 2, ... until a run completes without reaching it, and every run is held to the kill
+campaign's accounting (tests/support/ledger.py).
+
+The points (EDGE_AGENT_FAULTS, CLOUD_GATEWAY_FAULTS; only tests set them):
+- router.after_commit_before_answer: a request is committed to the queue, its answer not sent;
+- forwarder.after_send_before_mark: the cloud answered a queued item, not yet stored under it;
+- gateway.after_run_before_store: the model ran, its answer is not stored for replay;
+- idempotency.mid_checkpoint: the gateway's checkpoint has copied the WAL's bulk into the
+  database, the WAL has not started over.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from model_runtime.v2_json import encode_infer_request
+from router.cloud_client import encode_body
+from tests.integration.gateway.helpers import Gateway
+from tests.support.counting_upstream import MODEL
+from tests.support.ledger import Accounting, Ledger, integrity_check
+from tests.support.processes import wait_until
+from tests.support.reliability import Rig, queue_settled, send_escalations
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+REQUESTS = 2
+
+
+@dataclass
+class Run:
+    crashed: bool
+    accounting: Accounting
+    integrity: list[str]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def crash_loop(point: str, run: Callable[[int], Run]) -> list[Run]:
+    """Runs with k = 1, 2, ... until one completes without a crash; each must account."""
+    runs: list[Run] = []
+    for k in range(1, 50):
+        outcome = run(k)
+        runs.append(outcome)
+        assert outcome.integrity == [], f"k={k}: {outcome.integrity}"
+        assert outcome.accounting.problems() == [], f"k={k}: {outcome.accounting.problems()}"
+        if not outcome.crashed:
+            break
+    assert len(runs) >= 2, "the point was never reached"
+    a = [r.accounting for r in runs]
+    print(
+        f"{point}: {len(runs) - 1} crashes, {sum(x.acknowledged for x in a)} acknowledged, "
+        f"{sum(len(x.lost) for x in a)} lost, {sum(x.duplicates for x in a)} duplicate runs"
+    )
+    return runs
+
+
+def replay_all(gateway: Gateway, ledger: Ledger) -> Counter[str]:
+    """Send every queued request again, as the agent sent it: each must be replayed from the
+    gateway's store (so its stored answer outlived the crash). Replayed or not, by count."""
+    seen: Counter[str] = Counter()
+    with gateway.client() as client:
+        for ticket, x in ledger.queued():
+            body = encode_body(encode_infer_request({"X": x}, request_id=ticket))
+            answer = client.post(
+                f"/v2/models/{MODEL}/infer",
+                content=body,
+                headers={"Idempotency-Key": ticket, "Content-Type": "application/json"},
+            )
+            seen[answer.headers.get("Idempotency-Replayed", str(answer.status_code))] += 1
+    return seen
+
+
+# -- the agent's points ------------------------------------------------------------------------
+
+
+def test_after_commit_before_the_answer(rig: Rig) -> None:
+    rig.start_gateway(rig.workdir)
+
+    def run(k: int) -> Run:
+        assert rig.proxy is not None
+        ledger, before, run_dir = (
+            Ledger(first=1000 * k),
+            rig.upstream.counts(),
+            rig.workdir / f"k{k}",
+        )
+        rig.proxy.cut()  # every escalation is queued: each request is one commit
+        agent = rig.start_agent(run_dir, f"router.after_commit_before_answer:{k}")
+        send_escalations(agent, ledger, REQUESTS)
+        crashed = agent.process.poll() is not None
+        agent.kill()
+        checks = [integrity_check(run_dir / "agent" / "state" / "queue.sqlite")]
+        rig.proxy.restore()
+        agent = rig.start_agent(run_dir)
+        try:
+            wait_until(queue_settled(run_dir / "agent" / "state"), 60, what="the queue to drain")
+        finally:
+            agent.stop()
+        accounting = ledger.account(
+            run_dir / "agent" / "state" / "queue.sqlite", rig.upstream.counts() - before
+        )
+        if crashed:
+            # The k-th request was committed but its caller heard nothing: delivered all the same.
+            assert (accounting.routes["queue"], accounting.unacknowledged_in_queue) == (k - 1, 1)
+        assert accounting.duplicates == 0
+        return Run(crashed, accounting, [c for c in checks if c != "ok"])
+
+    runs = crash_loop("router.after_commit_before_answer", run)
+    assert len(runs) == REQUESTS + 1
+
+
+def test_after_send_before_the_delivered_mark(rig: Rig) -> None:
+    rig.start_gateway(rig.workdir)
+
+    def run(k: int) -> Run:
+        assert rig.proxy is not None
+        ledger, before, run_dir = (
+            Ledger(first=1000 * k),
+            rig.upstream.counts(),
+            rig.workdir / f"k{k}",
+        )
+        rig.proxy.cut()
+        agent = rig.start_agent(run_dir, f"forwarder.after_send_before_mark:{k}")
+        send_escalations(agent, ledger, REQUESTS)
+        rig.proxy.restore()  # the forwarder delivers, and dies at the k-th answer if there is one
+        settled = queue_settled(run_dir / "agent" / "state")
+        wait_until(
+            lambda: agent.process.poll() is not None or settled(), 60, what="a crash or the drain"
+        )
+        crashed = agent.process.poll() is not None
+        agent.kill()
+        checks = [integrity_check(run_dir / "agent" / "state" / "queue.sqlite")]
+        agent = rig.start_agent(run_dir)
+        try:
+            wait_until(settled, 60, what="the queue to drain")
+        finally:
+            agent.stop()
+        accounting = ledger.account(
+            run_dir / "agent" / "state" / "queue.sqlite", rig.upstream.counts() - before
+        )
+        # Sent again after the restart, and answered from the gateway's store: no second run.
+        assert accounting.duplicates == 0
+        assert accounting.end_states == {"delivered": REQUESTS}
+        return Run(crashed, accounting, [c for c in checks if c != "ok"])
+
+    runs = crash_loop("forwarder.after_send_before_mark", run)
+    assert len(runs) == REQUESTS + 1
+
+
+# -- the gateway's points ----------------------------------------------------------------------
+
+
+def gateway_run(rig: Rig, point: str, requests: int, k: int, **env: str) -> Run:
+    """Queue `requests` with the link down, let the agent deliver them to a gateway that dies at
+    the k-th hit of `point`, start it again on the same files; account, then replay them all."""
+    run_dir = rig.workdir / f"k{k}"
+    ledger, before = Ledger(first=1000 * k), rig.upstream.counts()
+    rig.start_gateway(run_dir, f"{point}:{k}", **env)
+    assert rig.gateway is not None
+    assert rig.proxy is not None
+    rig.proxy.cut()
+    agent = rig.start_agent(run_dir)
+    try:
+        send_escalations(agent, ledger, requests)
+        rig.proxy.restore()
+        settled = queue_settled(run_dir / "agent" / "state")
+        gateway = rig.gateway.daemon
+        wait_until(
+            lambda: gateway.process.poll() is not None or settled(), 90, what="a crash or the drain"
+        )
+        crashed = gateway.process.poll() is not None
+        gateway.kill()
+        checks = [integrity_check(run_dir / "gateway" / "state" / "idempotency.sqlite3")]
+        rig.start_gateway(run_dir, **env)  # the same state dir, no fault
+        wait_until(settled, 90, what="the queue to drain")
+    finally:
+        agent.stop()
+    accounting = ledger.account(
+        run_dir / "agent" / "state" / "queue.sqlite", rig.upstream.counts() - before
+    )
+    assert rig.gateway is not None
+    replayed = replay_all(rig.gateway, ledger)
+    assert replayed == {"true": accounting.routes["queue"]}, replayed
+    rig.gateway.daemon.stop()
+    return Run(crashed, accounting, [c for c in checks if c != "ok"])
+
+
+# A short lapse keeps the runs short: the agent's retry waits for the dead worker's mark.
+SHORT_LAPSE = {"idempotency_pending_ttl_s": "1"}
+
+
+def test_after_the_model_ran_before_the_answer_is_stored(rig: Rig) -> None:
+    def run(k: int) -> Run:
+        outcome = gateway_run(rig, "gateway.after_run_before_store", REQUESTS, k, **SHORT_LAPSE)
+        # The promise: one more run, for what the dead worker had run and not stored; the
+        # forwarder has up to four deliveries in flight, each of which it may have run.
+        if outcome.crashed:
+            assert 1 <= outcome.accounting.duplicates <= 4
+            assert outcome.accounting.max_runs_per_input == 2
+        else:
+            assert outcome.accounting.duplicates == 0
+        return outcome
+
+    crash_loop("gateway.after_run_before_store", run)
+
+
+def test_mid_checkpoint(rig: Rig) -> None:
+    # The smallest store checkpoints every quarter of its 1 MiB WAL share: about every 16
+    # requests (a claim and an answer each), so 24 reach it once.
+    small = {"idempotency_max_bytes": str(8 * 1024 * 1024)}
+
+    def run(k: int) -> Run:
+        outcome = gateway_run(rig, "idempotency.mid_checkpoint", 24, k, **SHORT_LAPSE, **small)
+        # Only runs in flight when the worker died may run again; every stored answer outlives
+        # the crash (replay_all above) and the file checks out.
+        assert outcome.accounting.duplicates <= (4 if outcome.crashed else 0)
+        return outcome
+
+    crash_loop("idempotency.mid_checkpoint", run)
