@@ -42,6 +42,10 @@ __all__ = ["run"]
 log = logging.getLogger("edge_agent")
 
 
+class DiskTrouble(Exception):
+    """The state dir's disk is full or failing at start-up: worth another try later."""
+
+
 def run(settings: AgentSettings, faults: FaultPlan | None = None) -> int:
     """Serve until SIGTERM or SIGINT; the process exit code. `faults`: tests only."""
     configure_logging(settings.log_level.upper(), site=settings.site, device=settings.device)
@@ -54,7 +58,7 @@ def run(settings: AgentSettings, faults: FaultPlan | None = None) -> int:
     except StartupError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StorageError as exc:
+    except (StorageError, DiskTrouble) as exc:
         # Not EXIT_USAGE: a full or failing disk may recover, and systemd should try again.
         print(f"edge-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -94,7 +98,7 @@ async def _serve(settings: AgentSettings, faults: FaultPlan | None) -> int:
         raise StartupError(str(exc)) from None
     except OSError as exc:  # a state dir that cannot be made or written
         if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # may pass: not exit code 2
-            raise StorageError(str(settings.state_dir), str(exc.strerror)) from None
+            raise DiskTrouble(f"state dir {settings.state_dir}: {exc.strerror}") from None
         raise StartupError(f"cannot use state dir {settings.state_dir}: {exc.strerror}") from None
     try:
         code = await _serve_with(settings, credentials, repository, router, registry, metrics)

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import httpx
@@ -17,6 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, start_daemon
+
+if TYPE_CHECKING:
+    from tests.support.reliability import Rig
 
 T = TypeVar("T")
 
@@ -84,6 +87,18 @@ def proxy(gateway: Gateway) -> Iterator[FaultProxy]:
     """The link between the edge and the gateway: cut, delay, throttle or reset it at will."""
     with FaultProxy("127.0.0.1", gateway.daemon.ports["http"]) as p:
         yield p
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    """The reliability tests' counting upstream, with the gateways and proxy they start."""
+    from tests.support.reliability import Rig  # it builds on this module's helpers
+
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def start_agent_with_cloud(

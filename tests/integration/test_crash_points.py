@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tritonclient.utils import InferenceServerException
 
 from model_runtime.v2_json import encode_infer_request
 from router.cloud_client import encode_body
 from tests.integration.gateway.helpers import Gateway
 from tests.support.counting_upstream import MODEL
 from tests.support.ledger import Accounting, Ledger, integrity_check
-from tests.support.processes import wait_until
+from tests.support.processes import Daemon, wait_until
 from tests.support.reliability import Rig, queue_settled, send_escalations
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -39,15 +38,6 @@ class Run:
     crashed: bool
     accounting: Accounting
     integrity: list[str]
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def crash_loop(point: str, run: Callable[[int], Run]) -> list[Run]:
@@ -88,41 +78,54 @@ def replay_all(gateway: Gateway, ledger: Ledger) -> Counter[str]:
 # -- the agent's points ------------------------------------------------------------------------
 
 
+def agent_run(
+    rig: Rig, point: str, k: int, crashed: Callable[[Daemon, list[Exception], Path], bool]
+) -> Run:
+    """Queue REQUESTS with the link down on an agent that dies at the k-th hit of `point`;
+    `crashed(agent, refused calls, run dir)` lets what follows play out and says whether it
+    died. Then a restart without the fault drains the queue, and the run is accounted for."""
+    assert rig.proxy is not None
+    run_dir = rig.workdir / f"k{k}"
+    ledger, before, state = (
+        Ledger(first=1000 * k),
+        rig.upstream.counts(),
+        run_dir / "agent" / "state",
+    )
+    rig.proxy.cut()  # every escalation is queued: each request is one commit
+    agent = rig.start_agent(run_dir, f"{point}:{k}")
+    refused: list[Exception] = []
+    send_escalations(agent, ledger, REQUESTS, errors=refused)
+    died = crashed(agent, refused, state)
+    agent.kill()
+    checks = [integrity_check(state / "queue.sqlite")]
+    rig.proxy.restore()
+    agent = rig.start_agent(run_dir)
+    try:
+        wait_until(queue_settled(state), 60, what="the queue to drain")
+    finally:
+        agent.stop()
+    accounting = ledger.account(state / "queue.sqlite", rig.upstream.counts() - before)
+    return Run(died, accounting, [c for c in checks if c != "ok"])
+
+
 def test_after_commit_before_the_answer(rig: Rig) -> None:
     rig.start_gateway(rig.workdir)
 
-    def run(k: int) -> Run:
-        assert rig.proxy is not None
-        ledger, before, run_dir = (
-            Ledger(first=1000 * k),
-            rig.upstream.counts(),
-            rig.workdir / f"k{k}",
-        )
-        rig.proxy.cut()  # every escalation is queued: each request is one commit
-        agent = rig.start_agent(run_dir, f"router.after_commit_before_answer:{k}")
-        refused: list[InferenceServerException] = []
-        send_escalations(agent, ledger, REQUESTS, errors=refused)
+    def crashed(agent: Daemon, refused: list[Exception], state: Path) -> bool:
         # A call fails only when the agent died under it; its exit is reported a moment after
         # its sockets close.
-        crashed = bool(refused)
-        if crashed:
+        if refused:
             assert agent.process.wait(30) == -signal.SIGKILL
-        agent.kill()
-        checks = [integrity_check(run_dir / "agent" / "state" / "queue.sqlite")]
-        rig.proxy.restore()
-        agent = rig.start_agent(run_dir)
-        try:
-            wait_until(queue_settled(run_dir / "agent" / "state"), 60, what="the queue to drain")
-        finally:
-            agent.stop()
-        accounting = ledger.account(
-            run_dir / "agent" / "state" / "queue.sqlite", rig.upstream.counts() - before
-        )
-        if crashed:
+        return bool(refused)
+
+    def run(k: int) -> Run:
+        outcome = agent_run(rig, "router.after_commit_before_answer", k, crashed)
+        if outcome.crashed:
             # The k-th request was committed but its caller heard nothing: delivered all the same.
-            assert (accounting.routes["queue"], accounting.unacknowledged_in_queue) == (k - 1, 1)
-        assert accounting.duplicates == 0
-        return Run(crashed, accounting, [c for c in checks if c != "ok"])
+            a = outcome.accounting
+            assert (a.routes["queue"], a.unacknowledged_in_queue) == (k - 1, 1)
+        assert outcome.accounting.duplicates == 0
+        return outcome
 
     runs = crash_loop("router.after_commit_before_answer", run)
     assert len(runs) == REQUESTS + 1
@@ -131,36 +134,21 @@ def test_after_commit_before_the_answer(rig: Rig) -> None:
 def test_after_send_before_the_delivered_mark(rig: Rig) -> None:
     rig.start_gateway(rig.workdir)
 
-    def run(k: int) -> Run:
+    def crashed(agent: Daemon, refused: list[Exception], state: Path) -> bool:
         assert rig.proxy is not None
-        ledger, before, run_dir = (
-            Ledger(first=1000 * k),
-            rig.upstream.counts(),
-            rig.workdir / f"k{k}",
-        )
-        rig.proxy.cut()
-        agent = rig.start_agent(run_dir, f"forwarder.after_send_before_mark:{k}")
-        send_escalations(agent, ledger, REQUESTS)
         rig.proxy.restore()  # the forwarder delivers, and dies at the k-th answer if there is one
-        settled = queue_settled(run_dir / "agent" / "state")
+        settled = queue_settled(state)
         wait_until(
             lambda: agent.process.poll() is not None or settled(), 60, what="a crash or the drain"
         )
-        crashed = agent.process.poll() is not None
-        agent.kill()
-        checks = [integrity_check(run_dir / "agent" / "state" / "queue.sqlite")]
-        agent = rig.start_agent(run_dir)
-        try:
-            wait_until(settled, 60, what="the queue to drain")
-        finally:
-            agent.stop()
-        accounting = ledger.account(
-            run_dir / "agent" / "state" / "queue.sqlite", rig.upstream.counts() - before
-        )
+        return agent.process.poll() is not None
+
+    def run(k: int) -> Run:
+        outcome = agent_run(rig, "forwarder.after_send_before_mark", k, crashed)
         # Sent again after the restart, and answered from the gateway's store: no second run.
-        assert accounting.duplicates == 0
-        assert accounting.end_states == {"delivered": REQUESTS}
-        return Run(crashed, accounting, [c for c in checks if c != "ok"])
+        assert outcome.accounting.duplicates == 0
+        assert outcome.accounting.end_states == {"delivered": REQUESTS}
+        return outcome
 
     runs = crash_loop("forwarder.after_send_before_mark", run)
     assert len(runs) == REQUESTS + 1

@@ -21,11 +21,12 @@ from typing import BinaryIO
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from tests.integration.conftest import agent_metric, cloud_agent_command
 from tests.integration.gateway.helpers import infer_body
 from tests.support.counting_upstream import MODEL, digest
 from tests.support.ledger import Ledger
-from tests.support.processes import Daemon, wait_until
-from tests.support.reliability import Rig, agent_metric, queue_settled, send_escalations
+from tests.support.processes import Daemon, spawn_daemon, wait_until
+from tests.support.reliability import Rig, queue_settled, send_escalations
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -33,13 +34,10 @@ INFER = f"/v2/models/{MODEL}/infer"
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        r.start_gateway(tmp_path)
-        yield r
-    finally:
-        r.close()
+def cloud(rig: Rig, tmp_path: Path) -> Rig:
+    """The rig with a gateway in front of its counting upstream, for agents to escalate to."""
+    rig.start_gateway(tmp_path)
+    return rig
 
 
 def link_down(agent: Daemon) -> bool:
@@ -52,11 +50,13 @@ def queue_while_offline(rig: Rig, agent: Daemon, ledger: Ledger, n: int) -> list
     assert rig.proxy is not None
     rig.proxy.cut()
     wait_until(lambda: link_down(agent), 30, what="the agent to see the link down")
-    errors: list[InferenceServerException] = []
+    errors: list[Exception] = []
     send_escalations(agent, ledger, n, errors=errors)
-    for e in errors:  # the message names the file and what went wrong, never a traceback
+    refused = [e for e in errors if isinstance(e, InferenceServerException)]
+    assert refused == errors
+    for e in refused:  # the message names the file and what went wrong, never a traceback
         assert "queue file could not be written" in str(e.message())
-    return [str(e.status()).removeprefix("StatusCode.") for e in errors]
+    return [str(e.status()).removeprefix("StatusCode.") for e in refused]
 
 
 def deliver_and_account(rig: Rig, agent_dir: Path, ledger: Ledger, *, restart: bool) -> None:
@@ -90,12 +90,12 @@ def deliver_and_account(rig: Rig, agent_dir: Path, ledger: Ledger, *, restart: b
     ],
 )
 def test_injected_queue_write_failures_refuse_the_request_and_lose_nothing(
-    rig: Rig, tmp_path: Path, fault: str, refused: list[str]
+    cloud: Rig, tmp_path: Path, fault: str, refused: list[str]
 ) -> None:
     ledger = Ledger()
-    agent = rig.start_agent(tmp_path, fault)
+    agent = cloud.start_agent(tmp_path, fault)
     try:
-        assert queue_while_offline(rig, agent, ledger, 5) == refused
+        assert queue_while_offline(cloud, agent, ledger, 5) == refused
         kinds = {"UNAVAILABLE": "io_error", "RESOURCE_EXHAUSTED": "disk_full"}
         failed = agent_metric(
             agent, "edge_agent_router_storage_errors_total", store="queue", kind=kinds[refused[0]]
@@ -104,18 +104,18 @@ def test_injected_queue_write_failures_refuse_the_request_and_lose_nothing(
         assert len(ledger.acked_tickets()) == 5 - len(refused)
     finally:
         agent.kill()  # the power goes too: what was acknowledged must be on disk
-    deliver_and_account(rig, tmp_path, ledger, restart=True)
+    deliver_and_account(cloud, tmp_path, ledger, restart=True)
 
 
 def test_injected_failures_to_store_the_cloud_answer_are_retried_without_resending(
-    rig: Rig, tmp_path: Path
+    cloud: Rig, tmp_path: Path
 ) -> None:
     # Commits 1-2 queue two requests; 3 claims them; 4 and 5 would store the cloud's answers.
     ledger = Ledger()
-    agent = rig.start_agent(tmp_path, "queue.commit:4-5:eio")
+    agent = cloud.start_agent(tmp_path, "queue.commit:4-5:eio")
     try:
-        assert queue_while_offline(rig, agent, ledger, 2) == []
-        deliver_and_account(rig, tmp_path, ledger, restart=False)
+        assert queue_while_offline(cloud, agent, ledger, 2) == []
+        deliver_and_account(cloud, tmp_path, ledger, restart=False)
         assert agent_metric(agent, "edge_agent_router_storage_errors_total", store="queue") == 2
         for ticket in ledger.acked_tickets():
             # sent once: the answer in hand was stored again, not fetched again
@@ -140,13 +140,13 @@ def agent_attempts(agent: Daemon, ticket: str) -> int:
 
 @pytest.mark.parametrize("store", ["hard_examples", "budget"])
 def test_injected_failures_of_side_stores_never_hold_up_requests(
-    rig: Rig, tmp_path: Path, store: str
+    cloud: Rig, tmp_path: Path, store: str
 ) -> None:
     ledger = Ledger()
-    agent = rig.start_agent(tmp_path, f"{store}.commit:1+:eio", hard_examples_retention_days="1")
+    agent = cloud.start_agent(tmp_path, f"{store}.commit:1+:eio", hard_examples_retention_days="1")
     try:
-        assert queue_while_offline(rig, agent, ledger, 3) == []
-        deliver_and_account(rig, tmp_path, ledger, restart=False)
+        assert queue_while_offline(cloud, agent, ledger, 3) == []
+        deliver_and_account(cloud, tmp_path, ledger, restart=False)
         assert agent_metric(agent, "edge_agent_router_storage_errors_total", store=store) >= 1
         if store == "hard_examples":
             errors = agent_metric(agent, "edge_agent_router_hard_examples_total", outcome="error")
@@ -225,16 +225,16 @@ def _write_forever(f: BinaryIO) -> None:
 
 
 def test_a_real_full_disk_refuses_requests_then_the_agent_recovers(
-    rig: Rig, tmp_path: Path
+    cloud: Rig, tmp_path: Path
 ) -> None:
     state = small_disk(tmp_path / "agent" / "state")
     with state:
         ledger = Ledger()
-        agent = rig.start_agent(tmp_path)
+        agent = cloud.start_agent(tmp_path)
         try:
-            assert queue_while_offline(rig, agent, ledger, 3) == []
+            assert queue_while_offline(cloud, agent, ledger, 3) == []
             filler = fill(tmp_path / "agent" / "state")
-            refused = queue_while_offline(rig, agent, ledger, 60)
+            refused = queue_while_offline(cloud, agent, ledger, 60)
             # Each request either was acknowledged (the WAL still had room) or refused as a full
             # disk; it came to refusals.
             assert refused
@@ -243,10 +243,10 @@ def test_a_real_full_disk_refuses_requests_then_the_agent_recovers(
                 agent, "edge_agent_router_storage_errors_total", store="queue", kind="disk_full"
             ) >= len(refused)
             filler.unlink()  # room again: the same agent takes requests, no restart
-            assert queue_while_offline(rig, agent, ledger, 3) == []
+            assert queue_while_offline(cloud, agent, ledger, 3) == []
         finally:
             agent.kill()
-        deliver_and_account(rig, tmp_path, ledger, restart=True)
+        deliver_and_account(cloud, tmp_path, ledger, restart=True)
 
 
 def test_a_real_full_disk_refuses_new_gateway_keys_before_any_run(rig: Rig, tmp_path: Path) -> None:
@@ -270,3 +270,23 @@ def test_a_real_full_disk_refuses_new_gateway_keys_before_any_run(rig: Rig, tmp_
             assert again.status_code == 200
             assert rig.upstream.counts()[digest(x)] == 1
         gateway.daemon.stop()
+
+
+def test_an_agent_starting_on_a_real_full_disk_exits_1_to_be_restarted(
+    cloud: Rig, tmp_path: Path
+) -> None:
+    with small_disk(tmp_path / "agent" / "state"):
+        fill(tmp_path / "agent" / "state")
+        assert cloud.gateway is not None
+        assert cloud.proxy is not None
+        args, env = cloud_agent_command(tmp_path / "agent", cloud.gateway, cloud.proxy)
+        agent = spawn_daemon("edge-agent", args, tmp_path / "agent", env=env)
+        try:
+            code = agent.process.wait(60)
+        finally:
+            agent.kill()
+        lines = agent.log().strip().splitlines()
+        # Not 2 ("the settings are wrong: do not restart"): the disk may have room later.
+        assert code == 1, agent.log()
+        assert lines[-1].startswith("edge-agent: cannot start: ")
+        assert "full" in lines[-1] or "No space left" in lines[-1]

@@ -1,6 +1,6 @@
 """What the reliability tests share (crash points, I/O faults, the kill campaign): the rig of a
 counting upstream, a gateway in front of it and a fault proxy before that; sending escalations
-through an agent into a ledger; waiting for its queue to settle; reading its metrics.
+through an agent into a ledger; waiting for its queue to settle.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.conftest import agent_ready, cloud_agent_command
@@ -22,7 +20,7 @@ from tests.support.fault_proxy import FaultProxy
 from tests.support.ledger import Ledger
 from tests.support.processes import Daemon, start_daemon
 
-__all__ = ["Rig", "agent_metric", "queue_settled", "send_escalations"]
+__all__ = ["Rig", "queue_settled", "send_escalations"]
 
 
 class Rig:
@@ -81,7 +79,7 @@ def send_escalations(
     *,
     stop: threading.Event | None = None,
     busy: threading.Event | None = None,
-    errors: list[InferenceServerException] | None = None,
+    errors: list[Exception] | None = None,
 ) -> None:
     """Up to `n` escalations one at a time, each recorded in `ledger` once acknowledged. A call
     that fails is not acknowledged: it goes to `errors`, and ends the sending when `stop` is
@@ -126,14 +124,3 @@ def queue_settled(state_dir: Path) -> Callable[[], bool]:
         return int(waiting) == 0
 
     return settled
-
-
-def agent_metric(agent: Daemon, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` on the agent's /metrics whose labels include `labels`."""
-    text = httpx.get(f"http://{agent.address('metrics')}/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_gateway.keys import KeyStore
 from model_runtime.v2_json import encode_infer_request
+from tests.support.counting_upstream import send_json
 from tests.support.processes import Daemon, start_daemon, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -212,20 +213,8 @@ class StallingUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = json.dumps(
-                    {
-                        "name": "digits-large",
-                        "versions": [],
-                        "platform": "",
-                        "inputs": [],
-                        "outputs": [],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                metadata = {"name": "digits-large", "versions": [], "platform": ""}
+                send_json(self, 200, {**metadata, "inputs": [], "outputs": []})
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
