@@ -13,6 +13,7 @@ The points (EDGE_AGENT_FAULTS, CLOUD_GATEWAY_FAULTS; only tests set them):
 from __future__ import annotations
 
 import signal
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +109,11 @@ def agent_run(
     return Run(died, accounting, [c for c in checks if c != "ok"])
 
 
+def attempts(state: Path) -> list[int]:
+    with sqlite3.connect(f"{(state / 'queue.sqlite').as_uri()}?mode=ro", uri=True) as db:
+        return [int(r[0]) for r in db.execute("SELECT attempts FROM items")]
+
+
 def test_after_commit_before_the_answer(rig: Rig) -> None:
     rig.start_gateway(rig.workdir)
 
@@ -148,6 +154,9 @@ def test_after_send_before_the_delivered_mark(rig: Rig) -> None:
         # Sent again after the restart, and answered from the gateway's store: no second run.
         assert outcome.accounting.duplicates == 0
         assert outcome.accounting.end_states == {"delivered": REQUESTS}
+        # GetResult's attempts are the deliveries tried: the one the crash cut off counts.
+        tried = attempts(rig.workdir / f"k{k}" / "agent" / "state")
+        assert max(tried) == (2 if outcome.crashed else 1)
         return outcome
 
     runs = crash_loop("forwarder.after_send_before_mark", run)
