@@ -265,6 +265,8 @@ class SqliteWorker:
             conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        if conn.in_transaction:  # a failed group whose rollback failed too: undo it first
+            self._roll_back(conn)
         before = conn.total_changes
         # A lone job needs no savepoint: if it fails, the whole transaction is its own.
         alone = len(group) == 1
