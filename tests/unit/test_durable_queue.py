@@ -634,6 +634,24 @@ async def test_a_persistent_full_disk_fails_every_write_until_the_fault_ends(pat
         await q.close()
 
 
+async def test_a_failing_disk_that_fails_the_rollback_too_leaves_the_worker_running(
+    path: Path,
+) -> None:
+    def resync(conn: sqlite3.Connection) -> None:
+        raise sqlite_error(Action.EIO)  # the owner's re-read fails on the same bad disk
+
+    plan = FaultPlan.parse("queue.commit:1:eio", FAULT_POINTS)
+    w = SqliteWorker("test", store="queue", on_rollback=resync, hooks=WriteHooks(faults=plan))
+    await w.start(lambda: open_database(path, [("CREATE TABLE t (x TEXT)",)], now=time.time))
+    try:
+        with pytest.raises(StorageError):
+            await w.call(insert("a"))
+        await w.call(insert("b"))  # the thread lives on, and the next write goes through
+        assert await w.call(rows) == ["b"]
+    finally:
+        await w.close()
+
+
 # -- corrupt and foreign files ----------------------------------------------------------------
 
 
