@@ -33,8 +33,7 @@ def test_acknowledged_requests_survive_power_cuts_and_gateway_crashes(tmp_path: 
         report = campaign.run()
     a = report.accounting
     print(report.table())
-    assert report.agent_kills["total"] == 10
-    assert report.gateway_kills >= 1  # one is skipped while both workers are restarting
+    assert (report.agent_kills["total"], report.gateway_kills) == (10, 3)
     assert a.routes["queue"] > 0  # the run did acknowledge requests it could have lost
     assert report.integrity_failures == []
     assert a.problems() == []

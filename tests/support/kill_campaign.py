@@ -109,6 +109,7 @@ class Campaign:
         self.workdir = workdir
         self.plan = plan
         self.rng = random.Random(plan.seed)
+        self._kill_rng = random.Random(plan.seed + 2)  # the killer's thread draws its own
         self.ledger = Ledger()
         self.report = CampaignReport(plan, Accounting())
         self.after_kill: Callable[[int, Path], None] | None = None
@@ -117,6 +118,7 @@ class Campaign:
         self.state = workdir / "agent" / "state"
         self._stack: list[Callable[[], None]] = []
         self._start_times: list[float] = []
+        self._lock = threading.Lock()
         self.upstream: CountingUpstream
         self.gateway: Gateway
         self.proxy: FaultProxy
@@ -161,17 +163,23 @@ class Campaign:
     def run(self) -> CampaignReport:
         started = time.monotonic()
         plan = self.plan
-        kill_share = plan.gateway_kills / max(1, plan.agent_kills)
         with self._flapping():
             for life in range(plan.agent_kills):
-                gateway_kill = self.report.gateway_kills < plan.gateway_kills and (
-                    self.rng.random() < kill_share
-                    or plan.agent_kills - life <= plan.gateway_kills - self.report.gateway_kills
-                )
+                # Each life kills a gateway worker with the chance owed / lives left: the kills
+                # spread over the campaign, and the last lives make up for any still owed.
+                owed = plan.gateway_kills - self.report.gateway_kills
+                killer = None
+                if owed > 0 and self.rng.random() < owed / (plan.agent_kills - life):
+                    killer = threading.Timer(
+                        self.rng.uniform(0.0, plan.life_s[1]), self._kill_gateway_worker
+                    )
+                    killer.start()
                 if self.rng.random() < plan.startup_share:
                     self._startup_life()
                 else:
-                    self._serving_life(gateway_kill)
+                    self._serving_life()
+                if killer is not None:
+                    killer.join()
                 self.report.agent_kills["total"] += 1
                 self._check(self.state, AGENT_FILES)
                 if self.after_kill is not None:
@@ -195,7 +203,7 @@ class Campaign:
         agent.kill()
         self.report.agent_kills["startup"] += 1
 
-    def _serving_life(self, gateway_kill: bool) -> None:
+    def _serving_life(self) -> None:
         begun = time.monotonic()
         agent = self.start_agent()
         self._start_times.append(time.monotonic() - begun)
@@ -204,13 +212,7 @@ class Campaign:
         client = threading.Thread(target=self._send, args=(agent, stop, busy), daemon=True)
         client.start()
         try:
-            life = self.rng.uniform(*self.plan.life_s)
-            if gateway_kill:
-                stop.wait(self.rng.uniform(0.0, life))
-                self._kill_gateway_worker()
-                stop.wait(max(0.0, begun + life - time.monotonic()))
-            else:
-                stop.wait(life)
+            stop.wait(self.rng.uniform(*self.plan.life_s))
             in_flight = busy.is_set()
         finally:
             agent.kill()
@@ -226,14 +228,17 @@ class Campaign:
         send_escalations(agent, self.ledger, self.plan.per_life, stop=stop, busy=busy)
 
     def _kill_gateway_worker(self) -> None:
-        pids = self.gateway.worker_pids()
-        if not pids:
-            return  # both restarting: this kill is owed to a later life
+        """SIGKILL one of the gateway's workers (on the timer's thread); while both are being
+        started again, wait for one rather than skip the kill."""
+        deadline = time.monotonic() + 30
+        while not (pids := self.gateway.worker_pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
-            os.kill(self.rng.choice(pids), signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        self.report.gateway_kills += 1
+            os.kill(self._kill_rng.choice(pids), signal.SIGKILL)
+        except (IndexError, ProcessLookupError):
+            return  # none came up, or it died meanwhile: the kill stays owed
+        with self._lock:
+            self.report.gateway_kills += 1
         self._check(self.workdir / "gateway" / "state", ("idempotency.sqlite3",))
 
     def _deliveries_in_flight(self) -> bool:
@@ -250,9 +255,10 @@ class Campaign:
     def _check(self, directory: Path, files: tuple[str, ...]) -> None:
         for name in files:
             result = integrity_check(directory / name)
-            self.report.integrity_checks += 1
-            if result != "ok":
-                self.report.integrity_failures.append(f"{name}: {result}")
+            with self._lock:  # the gateway's checks run on the killer's thread
+                self.report.integrity_checks += 1
+                if result != "ok":
+                    self.report.integrity_failures.append(f"{name}: {result}")
 
     @contextmanager
     def _flapping(self) -> Iterator[None]:
