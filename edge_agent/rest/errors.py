@@ -10,8 +10,8 @@ ForbiddenOrigin         a browser page from an origin not in rest_cors_origins
 ForbiddenHost           a Host header that is not this machine's (DNS rebinding)
 
 and, from the rest of the agent: AccessDenied (edge_agent.access) 401, the router's
-TicketNotFound 404, TooManyWatchers 503 and QueueFull 507, model_runtime's errors, and
-ServiceStopping 503.
+TicketNotFound 404, TooManyWatchers 503, QueueFull and DiskFull 507, StorageError 503,
+model_runtime's errors, and ServiceStopping 503.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from model_runtime import (
     UnsupportedEncoding,
 )
 from model_runtime.v2_json import error_body
-from router.errors import QueueFull, TicketNotFound, TooManyWatchers
+from router.errors import DiskFull, QueueFull, StorageError, TicketNotFound, TooManyWatchers
 
 __all__ = [
     "STATUS_BY_ERROR",
@@ -94,6 +94,9 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     TooManyWatchers: 503,
     # The request is fine but cannot be stored for the cloud now (gRPC: RESOURCE_EXHAUSTED).
     QueueFull: 507,
+    DiskFull: 507,
+    # A write to the state dir failed (an I/O error): nothing was stored (gRPC: UNAVAILABLE).
+    StorageError: 503,
 }
 
 
@@ -111,6 +114,7 @@ _HEADERS: dict[type[Exception], Callable[[Exception], dict[str, str]]] = {
     # Worth a retry soon: the agent is restarting, or a stream may close meanwhile.
     ServiceStopping: lambda exc: {"Retry-After": "1"},
     TooManyWatchers: lambda exc: {"Retry-After": "5"},
+    StorageError: lambda exc: {"Retry-After": "5"},
 }
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import httpx
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -290,3 +291,39 @@ def test_an_agent_starting_on_a_real_full_disk_exits_1_to_be_restarted(
         assert code == 1, agent.log()
         assert lines[-1].startswith("edge-agent: cannot start: ")
         assert "full" in lines[-1] or "No space left" in lines[-1]
+
+
+def test_injected_queue_write_failures_over_rest_are_503_and_507(
+    cloud: Rig, tmp_path: Path
+) -> None:
+    agent = cloud.start_agent(tmp_path, "queue.commit:1:eio,queue.commit:2:enospc")
+    try:
+        assert cloud.proxy is not None
+        cloud.proxy.cut()
+        wait_until(lambda: link_down(agent), 30, what="the agent to see the link down")
+        ledger = Ledger()
+        answers = []
+        with httpx.Client(base_url=f"http://{agent.address('rest')}", timeout=30) as rest:
+            for _ in range(3):
+                x = ledger.new_input()[1]
+                body = {
+                    "parameters": {"escalation": "always"},
+                    "inputs": [
+                        {
+                            "name": "X",
+                            "datatype": "FP32",
+                            "shape": [1, 64],
+                            "data": x.ravel().tolist(),
+                        }
+                    ],
+                }
+                answers.append(rest.post("/v2/models/digits/infer", json=body))
+    finally:
+        agent.stop()
+    failing, full, stored = answers
+    assert (failing.status_code, failing.headers.get("Retry-After")) == (503, "5")
+    assert "disk I/O error" in failing.json()["error"]
+    assert full.status_code == 507
+    assert "database or disk is full" in full.json()["error"]
+    assert stored.status_code == 200
+    assert stored.json()["parameters"]["ticket"]
