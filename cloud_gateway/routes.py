@@ -208,8 +208,9 @@ class V2Routes:
             requests = [d if isinstance(d, Exception) else d[0] for d in decoded]
             check_group_limits(requests, self._tensor_limits)
             outcomes = await self._service.infer_group(
-                device, name, version, parts, requests, signature=signature
-            )
+                device, name, version, parts, requests, signature=signature,
+                client_gone=request.is_disconnected,
+            )  # fmt: skip
         entries = []
         for part, outcome in zip(parts, outcomes, strict=True):
             if isinstance(outcome, Exception):

@@ -182,9 +182,11 @@ class GatewayService:
         requests: Sequence[InferRequest | Exception],
         *,
         signature: ModelSignature | None = None,
+        client_gone: ClientCheck | None = None,
     ) -> list[InferOutcome | Exception]:
         """Each item as `infer` would answer it alone (run once per key, or replayed), all at
         once so their idempotency writes share commits; an item's failure is its own outcome.
+        `client_gone`: the group's client, asked by any item that had to wait.
 
         Raises LimitExceeded, before any model runs, when the items' answers together could be
         larger than `max_answer_bytes` (the answer to a group is one HTTP answer)."""
@@ -210,7 +212,7 @@ class GatewayService:
             try:
                 return await self.infer(
                     device, name, version, request, body=item.body, idempotency_key=item.key,
-                    signature=signature,
+                    signature=signature, client_gone=client_gone,
                 )  # fmt: skip
             except Exception as exc:  # the item's own failure; the others go on
                 return exc
