@@ -1,8 +1,8 @@
 """The gateway's OpenAPI 3.1 document: the v2 REST data plane as the gateway serves it.
 
 It follows the Open Inference Protocol's REST specification and adds what the gateway does on
-top: the bearer key, `Idempotency-Key`, gzip both ways, and every error status with its v2
-error body and headers. With the embedded backend the models are known, so each model's inputs,
+top: the bearer key, `Idempotency-Key`, gzip both ways, the `infer_group` extension, and every
+error status with its v2 error body and headers. With the embedded backend the models are known, so each model's inputs,
 datatypes, shapes and the most items a request may carry (the limits in force) are spelled out;
 in upstream mode the tensors are described as the protocol's generic ones.
 """
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model_runtime.infer_group import GROUP_CONTENT_TYPE, GROUP_EXTENSION, HEADER_LENGTH
 from model_runtime.tensors import TensorSpec
 from model_runtime.v2_json import answer_bytes_bound
 
@@ -65,6 +66,10 @@ def openapi_document(
         paths[base] = {"parameters": params, "get": _model_metadata(versioned)}
         paths[f"{base}/ready"] = {"parameters": params, "get": _model_ready(versioned)}
         paths[f"{base}/infer"] = {"parameters": params, "post": _infer(models, limits, versioned)}
+        paths[f"{base}/{GROUP_EXTENSION}"] = {
+            "parameters": params,
+            "post": _infer_group(limits, versioned),
+        }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -206,6 +211,46 @@ def _infer(
             },
             **_refs("400", "401", "404", "409", "413", "415", "422", "429"),
             **_refs("500", "502", "503", "504"),
+        },
+    }
+
+
+def _infer_group(limits: DocumentLimits, versioned: bool) -> dict[str, Any]:
+    return {
+        "operationId": GROUP_EXTENSION + ("_version" if versioned else ""),
+        "summary": "Inference of several requests, each under its own Idempotency-Key",
+        "description": (
+            "The infer_group extension (listed in GET /v2's extensions with its limits). The "
+            "body is framed as the v2 binary tensor extension frames one: a JSON header of "
+            f'{HEADER_LENGTH} bytes, {{"items": [{{"key": <Idempotency-Key>, "bytes": '
+            "<n>}, ...]}, then each item's body (n bytes: what its single infer request would "
+            "carry) back to back. Each item is run as that request would be: once per device "
+            "and key, whichever group or single request brings it. The answer has one entry "
+            "per item, in order, with the status the item's single request would have got. The "
+            "group is limited as the batch of its items would be (items over all of them up to "
+            f"{limits.max_items_per_request}), and refused with 413 before any item runs. The "
+            "body may be gzip-compressed (Content-Encoding: gzip)."
+        ),
+        "security": [{"device_key": []}],
+        "parameters": [
+            {
+                "name": HEADER_LENGTH,
+                "in": "header",
+                "required": True,
+                "description": "The length in bytes of the group's JSON header.",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {GROUP_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        "responses": {
+            "200": _json(
+                {"$ref": "#/components/schemas/group_response"},
+                "One entry per item, in order; a bad item fails alone",
+            ),
+            **_refs("400", "401", "404", "413", "415", "429", "502", "503", "504"),
         },
     }
 
@@ -461,6 +506,25 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "group_response": _object(
+            {
+                "items": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["key", "status"],
+                        "properties": {
+                            "key": {"type": "string", "minLength": 1},
+                            "status": {"type": "integer", "minimum": 200, "maximum": 599},
+                            "response": {"$ref": "#/components/schemas/inference_response"},
+                            "error": {"type": "string"},
+                            "retry_after": {"type": "number", "minimum": 0},
+                        },
+                    },
+                }
+            }
+        ),
         "inference_response": {
             "type": "object",
             "required": ["model_name", "outputs"],

@@ -90,7 +90,11 @@ def encode_group_request(items: Sequence[GroupItem]) -> tuple[bytes, int]:
 def split_group_request(body: bytes, header_length: str | None, max_items: int) -> list[GroupItem]:
     """The items of a group body; InvalidInput naming the header or `items[i]` when it is not
     one, and when it holds more than `max_items` items (checked before any item is read)."""
-    if header_length is None or not header_length.isdigit() or int(header_length) > len(body):
+    if (
+        header_length is None
+        or not (header_length.isascii() and header_length.isdigit())
+        or int(header_length) > len(body)
+    ):
         raise InvalidInput(
             HEADER_LENGTH, f"must be the length of the group's JSON header, at most {len(body)}"
         )

@@ -104,7 +104,7 @@ def _load_versions(model_dir: Path, threads: int, inline_budget_s: float) -> dic
     for entry in sorted(
         p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     ):
-        if not entry.name.isdigit() or int(entry.name) < 1:
+        if not (entry.name.isascii() and entry.name.isdigit()) or int(entry.name) < 1:
             raise ModelLoadError(
                 name, f"version directory '{entry.name}' is not a positive integer"
             )

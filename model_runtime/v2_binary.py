@@ -53,7 +53,11 @@ def json_to_binary(body: bytes) -> tuple[bytes, int]:
 def binary_to_json(body: bytes, header_length: str | int) -> bytes:
     """The JSON request a binary request stands for; InvalidInput naming the header or the
     tensor when the lengths do not add up. Bounded by the body: each value is read once."""
-    size = int(header_length) if isinstance(header_length, int) or header_length.isdigit() else -1
+    size = (
+        int(header_length)
+        if isinstance(header_length, int) or (header_length.isascii() and header_length.isdigit())
+        else -1
+    )
     if not 0 < size <= len(body):
         raise InvalidInput(
             "Inference-Header-Content-Length",

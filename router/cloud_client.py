@@ -370,7 +370,9 @@ class CloudClient:
         try:
             exchange.received = head
             length = response.headers.get("Content-Length", "")
-            exchange.expect(self.budget, head + (int(length) if length.isdigit() else 0))
+            exchange.expect(
+                self.budget, head + (int(length) if length.isascii() and length.isdigit() else 0)
+            )
             parts = []
             async for piece in response.aiter_raw():
                 parts.append(piece)

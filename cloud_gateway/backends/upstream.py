@@ -212,7 +212,7 @@ def _message(response: httpx.Response) -> str:
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    return float(value) if value.isascii() and value.isdigit() else None
 
 
 def _signature(metadata: dict[str, Any]) -> ModelSignature | None:

@@ -106,6 +106,9 @@ def test_the_wire_format_round_trips() -> None:
     assert split_group_request(body, str(header), 10) == group
     with pytest.raises(LimitExceeded):
         split_group_request(body, str(header), 1)
+    # "²" (a latin-1 header byte) is a digit to str.isdigit but not to int(): 400, not 500
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
+        split_group_request(body, "\xb2", 10)
     twice = encode_group_request([group[0], GroupItem("k1", b"{}")])
     with pytest.raises(InvalidInput, match=r"items\[1\]\.key: is given twice"):
         split_group_request(twice[0], str(twice[1]), 10)

@@ -45,6 +45,7 @@ def test_the_tensor_is_smaller_as_bytes_for_images() -> None:
     [
         (0, "0", "Inference-Header-Content-Length"),
         (0, "x", "Inference-Header-Content-Length"),
+        (0, "\xb2", "Inference-Header-Content-Length"),  # a digit to str.isdigit, not to int()
         (0, "100000", "Inference-Header-Content-Length"),
         (-1, None, "x.parameters.binary_data_size"),  # a byte short
         (1, None, "body"),  # a byte too many
