@@ -27,6 +27,7 @@ from model_runtime.confidence import confidence
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
 from model_runtime.v2_json import decode_infer_request, encode_infer_response
+from tests.support.counting_upstream import send_json
 
 pytestmark = pytest.mark.integration
 
@@ -396,12 +397,7 @@ def v2_server() -> Iterator[dict[str, Any]]:
             )
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -131,6 +131,8 @@ def _fit_data_to_shape(tensor: dict[str, Any]) -> None:
     tensor["data"] = (data * math.ceil(items * per_item / len(data)))[: items * per_item]
 
 
+# A campaign of FUZZ_EXAMPLES=100 takes minutes on a busy machine; the default run, well under 120 s.
+@pytest.mark.timeout(max(120, 6 * EXAMPLES))
 def test_every_operation_answers_as_documented(fuzzed: Gateway) -> None:
     schema = schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json")
     schema.config.update(
