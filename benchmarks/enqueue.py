@@ -112,7 +112,7 @@ def _plain_connection(path: Path) -> sqlite3.Connection:
 
 def _row(load: Load, c: int, i: int) -> tuple[object, ...]:
     now = time.time()
-    return (f"c{c}-{i}", "digits", 5, now, now + 3600, load.payload, len(load.payload))
+    return (f"c{c}-{i}", "digits", 5, now, now + 3600, load.payload, len(load.payload), "")
 
 
 def commit_per_insert(directory: Path, load: Load) -> Result:

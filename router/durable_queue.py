@@ -82,6 +82,8 @@ _INSERT = (
     "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state, payload,"
     " payload_bytes, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
+# A known ticket is left as it is; the rows inserted tell which tickets were new.
+_INSERT_NEW = _INSERT + " ON CONFLICT (ticket) DO NOTHING"
 # Attempts are counted when an item is claimed for delivery: a claim cut off by a restart or a
 # lost lease may have reached the cloud, so it counts as a delivery tried.
 _TO_PENDING = "UPDATE items SET state = 'pending', lease_until = NULL"
@@ -260,7 +262,7 @@ class DurableQueue:
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         if not 1 <= priority <= self.priority_levels:
             raise ValueError(f"priority: must be 1..{self.priority_levels}, got {priority}")
-        if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
+        if not (isinstance(ttl_s, (int, float)) and math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError(f"ttl_s: must be a finite number of seconds > 0, got {ttl_s!r}")
         if not isinstance(owner, str):
             raise ValueError(f"owner: must be a string, got {type(owner).__name__}")
@@ -284,6 +286,50 @@ class DurableQueue:
             if self._open_batch is batch:
                 self._open_batch = None
         now = self.clock.wall()
+        if not self._admit_all(conn, batch, now):
+            self._admit_one_by_one(conn, batch, now)
+
+    def _admit_all(self, conn: sqlite3.Connection, batch: list[_Admission], now: float) -> bool:
+        """The usual group: room under the cap for every item. All rows go in one statement,
+        and a known ticket (a retried enqueue) is found by the rows it did not add, rather than
+        by a look-up of every ticket first. False, having written nothing, when the cap may
+        refuse or drop something: that takes the careful way."""
+        sealing = self.keyring.encrypting
+        rows, needs, first = [], [], set[str]()
+        for a in batch:
+            if a.ticket in first:
+                continue  # the same ticket twice in one group: the second is a repeat
+            first.add(a.ticket)
+            payload = (
+                self.keyring.seal(a.payload, _context("payload", a.ticket))
+                if sealing
+                else a.payload
+            )
+            rows.append(
+                (a.ticket, a.model, a.priority, now, now + a.ttl_s, payload, len(payload), a.owner)
+            )
+            needs.append(len(payload) + ROW_OVERHEAD_BYTES)
+        if self.cap_bytes is not None and self._used + sum(needs) > self.cap_bytes:
+            return False
+        last_seq = conn.execute("SELECT MAX(seq) FROM items").fetchone()[0] or 0
+        added = conn.executemany(_INSERT_NEW, rows).rowcount
+        if added == len(rows):
+            new = first
+        else:  # rows take seqs above every existing one, so the new ones are those above last_seq
+            new = {
+                r[0] for r in conn.execute("SELECT ticket FROM items WHERE seq > ?", (last_seq,))
+            }
+        used = sum(need for row, need in zip(rows, needs, strict=True) if row[0] in new)
+        for a in batch:
+            a.outcome = a.ticket in new
+            new.discard(a.ticket)  # a repeat later in the group is not new
+        self._apply(conn, _Changes(used=used))
+        return True
+
+    def _admit_one_by_one(
+        self, conn: sqlite3.Connection, batch: list[_Admission], now: float
+    ) -> None:
+        """Item by item, each checked against the cap (refused, or dropping others to fit)."""
         known = {
             r[0]
             for r in conn.execute(

@@ -321,6 +321,25 @@ async def test_duplicate_ticket_is_stored_once(queue: DurableQueue) -> None:
     assert await drain(queue) == ["same", "twin"]
 
 
+async def test_known_tickets_within_a_group_of_new_ones_are_told_apart(
+    queue: DurableQueue,
+) -> None:
+    await put(queue, "old-1")
+    await put(queue, "old-2")
+    used, commits = queue.used_bytes, queue.commits
+    tickets = ["new-1", "old-1", "new-2", "new-1", "old-2", "new-3"]
+    results = await asyncio.gather(
+        *(queue.enqueue(t, "digits", b"x" * 100, ttl_s=60) for t in tickets)
+    )
+    assert queue.commits == commits + 1  # one group
+    # The new tickets are stored; the known ones and the repeat are not, and keep their payload.
+    assert results == [True, False, True, False, False, True]
+    assert queue.used_bytes == used + 3 * (100 + ROW_OVERHEAD_BYTES)
+    items = await queue.claim_batch(1000, 10**9)
+    assert [i.ticket for i in items] == ["old-1", "old-2", "new-1", "new-2", "new-3"]
+    assert items[0].payload == b"old-1....."
+
+
 # -- the disk cap -----------------------------------------------------------------------------
 
 ITEM = 1000 + ROW_OVERHEAD_BYTES  # what one put(..., size=1000) accounts for
