@@ -65,14 +65,24 @@ class Server:
     """(concurrency, requests) -> the measured result, warm-up excluded."""
 
 
-def rest_server(name: str, port: int, pid: int, body: bytes) -> Server:
+def rest_server(
+    name: str,
+    port: int,
+    pid: int,
+    body: bytes,
+    path: str = INFER,
+    headers: Callable[[int], dict[str, str]] | None = None,
+) -> Server:
+    """POSTs of `body` to `path` with `headers(i)` for the i-th request (none by default)."""
+
     def run(concurrency: int, total: int) -> Result:
         def no_headers(i: int) -> dict[str, str]:
             return {}
 
-        asyncio.run(http_load(port, INFER, body, no_headers, 300, concurrency))  # warm up
+        headers_of = headers or no_headers
+        asyncio.run(http_load(port, path, body, headers_of, 300, concurrency))  # warm up
         cpu = process_cpu_seconds(pid)
-        result = asyncio.run(http_load(port, INFER, body, no_headers, total, concurrency))
+        result = asyncio.run(http_load(port, path, body, headers_of, total, concurrency))
         cpu = process_cpu_seconds(pid) - cpu
         return Result(name, result.calls, result.seconds, result.latencies_s, cpu)
 
@@ -106,16 +116,19 @@ def peer(command: list[str], ready_url: str, **popen: object) -> Iterator[int]:
         yield pid
 
 
-def start_mlserver(stack: ExitStack, work: Path, body: bytes) -> Server | None:
+def start_mlserver(
+    stack: ExitStack, work: Path, body: bytes, onnx: Path = MODEL, name: str = "digits"
+) -> Server | None:
+    """MLServer serving the ONNX file `onnx` as model `name`, REST load of `body`."""
     mlserver = ROOT / ".venv-bench-mlserver" / "bin" / "mlserver"
     if not mlserver.exists():
         print(f"skipping MLServer: {mlserver} is missing (benchmarks/peers/setup.sh)")
         return None
     models = work / "mlserver"
-    (models / "digits").mkdir(parents=True)
-    model = {"name": "digits", "implementation": "mlserver_onnx.OnnxRuntime"}
-    (models / "digits" / "model-settings.json").write_text(
-        json.dumps({**model, "parameters": {"uri": str(MODEL)}})
+    (models / name).mkdir(parents=True)
+    model = {"name": name, "implementation": "mlserver_onnx.OnnxRuntime"}
+    (models / name / "model-settings.json").write_text(
+        json.dumps({**model, "parameters": {"uri": str(onnx)}})
     )
     port = _free_port()
     ports = {"http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port()}
@@ -124,14 +137,17 @@ def start_mlserver(stack: ExitStack, work: Path, body: bytes) -> Server | None:
     pid = stack.enter_context(
         peer(
             [str(mlserver), "start", str(models)],
-            f"http://127.0.0.1:{port}/v2/models/digits/ready",
+            f"http://127.0.0.1:{port}/v2/models/{name}/ready",
             env={**os.environ, "PYTHONPATH": str(PEERS)},
         )
     )
-    return rest_server("MLServer 1.7.1 REST", port, pid, body)
+    return rest_server("MLServer 1.7.1 REST", port, pid, body, f"/v2/models/{name}/infer")
 
 
-def start_kserve(stack: ExitStack, body: bytes) -> Server | None:
+def start_kserve(
+    stack: ExitStack, body: bytes, onnx: Path = MODEL, name: str = "digits"
+) -> Server | None:
+    """KServe serving the ONNX file `onnx` as model `name`, REST load of `body`."""
     python = ROOT / ".venv-kserve" / "bin" / "python"
     if not python.exists():
         print(f"skipping KServe: {python} is missing (benchmarks/peers/setup.sh)")
@@ -139,11 +155,11 @@ def start_kserve(stack: ExitStack, body: bytes) -> Server | None:
     port = _free_port()
     pid = stack.enter_context(
         peer(
-            [str(python), str(PEERS / "kserve_onnx.py"), str(MODEL), "digits", str(port)],
-            f"http://127.0.0.1:{port}/v2/models/digits/ready",
+            [str(python), str(PEERS / "kserve_onnx.py"), str(onnx), name, str(port)],
+            f"http://127.0.0.1:{port}/v2/models/{name}/ready",
         )
     )
-    return rest_server("KServe 0.21 REST", port, pid, body)
+    return rest_server("KServe 0.21 REST", port, pid, body, f"/v2/models/{name}/infer")
 
 
 def start_agent(

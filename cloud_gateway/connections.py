@@ -1,12 +1,13 @@
 """The API's connections: closed when a request's headers do not arrive in time, capped in number
-(503 beyond), and accept errors logged at most once a second.
+(503 beyond), request heads bounded in size, and accept errors logged at most once a second.
 
 uvicorn closes idle keep-alive connections, but not one that never sends a request or stops in
 the middle of its headers, and asyncio logs a traceback for every failed accept (up to the
-backlog's 2,048 per wake-up, issue 12: 68 MB in 13 s). `GuardedH11Protocol` is uvicorn's own
-HTTP/1.1 protocol with a header deadline and the cap; uvicorn takes it as its `http` class. Its
-settings and counters come from the app's lifespan state (`ConnectionGuard`), the channel uvicorn
-hands to every protocol it creates.
+backlog's 2,048 per wake-up, issue 12: 68 MB in 13 s). `GuardedHttpToolsProtocol` (the one the
+gateway runs, server.py) and `GuardedH11Protocol` are uvicorn's own HTTP/1.1 protocols with a
+header deadline, the cap and a bounded head; uvicorn takes one as its `http` class. Their
+settings and counters come from the app's lifespan state (`ConnectionGuard`), the channel
+uvicorn hands to every protocol it creates.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ import h11
 from prometheus_client import Counter
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from model_runtime import json_codec
 
-__all__ = ["STATE_KEY", "ConnectionGuard", "GuardedH11Protocol", "connection_cap"]
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "STATE_KEY",
+    "ConnectionGuard",
+    "GuardedH11Protocol",
+    "GuardedHttpToolsProtocol",
+    "connection_cap",
+]
 
 log = logging.getLogger("cloud_gateway")
 
@@ -46,6 +55,8 @@ _REFUSED_LINGER_S = 1.0
 # once (its 503 may be lost to a reset), so that a flood cannot use up the descriptors either.
 _MAX_LINGERING = 64
 _ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message
+# A request's line and headers: h11's own default bound, for either parser.
+MAX_HEAD_BYTES = 16 * 1024
 
 
 def connection_cap(max_connections: int) -> int:
@@ -69,6 +80,22 @@ def _over_capacity_response(retry_after_s: int) -> bytes:
     return head.encode() + body
 
 
+def _head_too_large_response() -> bytes:
+    body = json_codec.dumps(
+        {"error": f"the request's line and headers take more than {MAX_HEAD_BYTES} bytes"}
+    )
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        "content-type: application/json\r\n"
+        "connection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_HEAD_TOO_LARGE = _head_too_large_response()
+
+
 @dataclass
 class ConnectionGuard:
     """What every connection of one worker shares: the limits, the counters, the log throttle."""
@@ -76,7 +103,7 @@ class ConnectionGuard:
     header_timeout_s: float
     max_connections: int
     closed: Counter
-    """by reason: header_timeout, over_capacity"""
+    """by reason: header_timeout, over_capacity, head_too_large"""
     accept_errors: Counter
     monotonic: Callable[[], float] = time.monotonic
     refusal: bytes = field(default_factory=lambda: _over_capacity_response(1))
@@ -110,10 +137,77 @@ class ConnectionGuard:
         self._last_logged = now
 
 
+class _Guard:
+    """One connection's side of the guard, shared by the protocols below: the cap checked as
+    it opens, and a deadline for each request's head (armed when the connection opens or an
+    answer ends, disarmed when the head is complete)."""
+
+    __slots__ = ("_guard", "_loop", "_timer", "_transport", "refused")
+
+    def __init__(self, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop) -> None:
+        self._guard = guard
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self.refused = False
+
+    def opened(self, transport: asyncio.Transport, open_connections: int) -> None:
+        self._transport = transport
+        guard = self._guard
+        if open_connections > guard.max_connections:
+            # Answered at once, before the request: waiting for it would keep the descriptor
+            # the cap is there to save.
+            self.refused = True
+            guard.closed.labels("over_capacity").inc()
+            transport.write(guard.refusal)
+            if guard.lingering >= _MAX_LINGERING:
+                transport.close()
+            else:
+                guard.lingering += 1
+                self._timer = self._loop.call_later(_REFUSED_LINGER_S, transport.close)
+            return
+        self.arm()
+
+    def arm(self) -> None:
+        """The next request's head must be complete within header_timeout_s."""
+        self.disarm()
+        self._timer = self._loop.call_later(self._guard.header_timeout_s, self._too_late)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def armed(self) -> bool:
+        return self._timer is not None
+
+    def refuse_head(self) -> None:
+        """A head over MAX_HEAD_BYTES: 431, and the connection closed."""
+        assert self._transport is not None
+        self._guard.closed.labels("head_too_large").inc()
+        self._transport.write(_HEAD_TOO_LARGE)
+        self._transport.close()
+
+    def lost(self) -> None:
+        if self.refused and self._timer is not None:
+            self._guard.lingering -= 1
+        self.disarm()
+
+    def _too_late(self) -> None:
+        self._timer = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._guard.closed.labels("header_timeout").inc()
+        # No answer: the client has not finished asking, and an answer costs more than silence.
+        self._transport.close()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a request's headers must be complete `header_timeout_s`
     after the connection opens or the previous answer ends; connections past the cap get a 503
-    and are closed."""
+    and are closed. h11 itself refuses a head over MAX_HEAD_BYTES (uvicorn's
+    h11_max_incomplete_event_size, set to it)."""
 
     def __init__(
         self,
@@ -123,36 +217,21 @@ class GuardedH11Protocol(H11Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._guard: ConnectionGuard = app_state[STATE_KEY]
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._refused = False
+        self._guarded = _Guard(app_state[STATE_KEY], self.loop)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        guard = self._guard
-        if len(self.connections) > guard.max_connections:
-            # Answered at once, before the request: waiting for it would keep the descriptor
-            # the cap is there to save.
-            self._refused = True
-            guard.closed.labels("over_capacity").inc()
-            transport.write(guard.refusal)
-            if guard.lingering >= _MAX_LINGERING:
-                transport.close()
-            else:
-                guard.lingering += 1
-                self._header_timer = self.loop.call_later(_REFUSED_LINGER_S, transport.close)
-            return
-        self._arm(guard.header_timeout_s)
+        self._guarded.opened(transport, len(self.connections))
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._guarded.refused:
             return  # the request it answers; the connection closes when the client hangs up
         super().data_received(data)
-        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
-            self._disarm()  # the headers are in: the request runs as long as it needs
+        if self._guarded.armed and self.conn.their_state is not h11.IDLE:
+            self._guarded.disarm()  # the headers are in: the request runs as long as it needs
 
     def eof_received(self) -> None:
-        if self._refused:
+        if self._guarded.refused:
             self.transport.close()
 
     def on_response_complete(self) -> None:
@@ -160,27 +239,65 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             # The next request's headers get the same time (uvicorn's keep-alive timeout
             # closes an idle connection; this one also a half-sent request).
-            self._arm(self._guard.header_timeout_s)
+            self._guarded.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused and self._header_timer is not None:
-            self._guard.lingering -= 1
-        self._disarm()
+        self._guarded.lost()
         super().connection_lost(exc)
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._header_timer = self.loop.call_later(seconds, self._headers_too_late)
 
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the same guard as GuardedH11Protocol, and a bound on
+    the request head, which httptools alone does not have: it would buffer a head of any size
+    (issue 16: 48 MB of headers taken in a test, the process growing by as much). The bytes
+    received while a head is incomplete are counted; past MAX_HEAD_BYTES the connection gets a
+    431 and is closed, so a head takes at most that plus one read (64 KiB) of memory."""
 
-    def _headers_too_late(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing():
-            return
-        self._guard.closed.labels("header_timeout").inc()
-        # No answer: the client has not finished asking, and an answer costs more than silence.
-        self.transport.close()
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._guarded = _Guard(app_state[STATE_KEY], self.loop)
+        self._in_head = True  # until the first request's headers are complete
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guarded.opened(transport, len(self.connections))
+
+    def data_received(self, data: bytes) -> None:
+        if self._guarded.refused:
+            return  # the request it answers; the connection closes when the client hangs up
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._guarded.refuse_head()
+
+    def eof_received(self) -> None:
+        if self._guarded.refused:
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._guarded.disarm()  # the headers are in: the request runs as long as it needs
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        waiting = bool(self.pipeline)  # a further request, its headers in, starts now
+        super().on_response_complete()
+        if not self.transport.is_closing() and not waiting:
+            self._guarded.arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guarded.lost()
+        super().connection_lost(exc)

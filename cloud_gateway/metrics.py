@@ -162,7 +162,8 @@ class GatewayMetrics:
         self.connections_closed = Counter(
             "connections_closed",
             "Connections the gateway closed itself: reason header_timeout (no complete request "
-            "headers within header_timeout_s) or over_capacity (503 past max_connections).",
+            "headers within header_timeout_s), over_capacity (503 past max_connections) or "
+            "head_too_large (431: a request line and headers over 16 KiB).",
             ["reason"],
             namespace=ns,
             registry=registry,

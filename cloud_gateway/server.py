@@ -28,7 +28,12 @@ from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from cloud_gateway.app import WorkerAppFactory, create_app
-from cloud_gateway.connections import ACCEPT_BATCH, GuardedH11Protocol
+from cloud_gateway.connections import (
+    ACCEPT_BATCH,
+    MAX_HEAD_BYTES,
+    GuardedH11Protocol,
+    GuardedHttpToolsProtocol,
+)
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelLoadError
 from model_runtime.command_line import EXIT_USAGE, StartupError
@@ -41,6 +46,14 @@ __all__ = ["bind_socket", "run", "write_port_file"]
 
 log = logging.getLogger("cloud_gateway")
 
+# The HTTP stack, chosen by measurement (BENCHMARKS.md, benchmarks/gateway.py): the parser of
+# requests, each with the connection guard (connections.py), and the event loop.
+HTTP_PARSER = "httptools"
+EVENT_LOOP = "asyncio"
+_PROTOCOLS: dict[str, type[Any]] = {
+    "h11": GuardedH11Protocol,
+    "httptools": GuardedHttpToolsProtocol,
+}
 # Read by prometheus-client when it is first imported in a worker: set before workers spawn.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_HEALTHCHECK_S = 60
@@ -84,7 +97,9 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
     return uvicorn.Config(
         app,
         factory=factory,
-        http=GuardedH11Protocol,
+        http=_PROTOCOLS[HTTP_PARSER],
+        loop=EVENT_LOOP,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         backlog=ACCEPT_BATCH,
         workers=settings.workers,
         lifespan="on",

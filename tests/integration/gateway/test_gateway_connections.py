@@ -94,3 +94,47 @@ def test_silent_and_half_sent_connections_cannot_lock_clients_out(gateway: Gatew
         assert _ready(gateway) == 200
     assert gateway.daemon.log_path.stat().st_size < 1_000_000
     assert "Traceback" not in gateway.daemon.log()
+
+
+@pytest.fixture(scope="module")
+def plain_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    assert gw.daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("opening", "filler"),
+    [
+        (b"", b"X-Pad: " + b"a" * 1000 + b"\r\n"),  # header lines without end
+        (b"X-Pad: ", b"a" * 1000),  # one header whose value never ends
+        (
+            b"",
+            b"",
+        ),  # a request line whose URL never ends (filled below)
+    ],
+    ids=["many-lines", "one-endless-value", "endless-url"],
+)
+def test_an_endless_request_head_is_cut_off(
+    plain_gateway: Gateway, opening: bytes, filler: bytes
+) -> None:
+    gw = plain_gateway
+    _, rss_before = gw.daemon.threads_and_rss_kb()
+    if filler:
+        start = b"POST /v2/models/digits-large/infer HTTP/1.1\r\nHost: x\r\n" + opening
+    else:
+        start, filler = b"POST /v2/models/digits-large/infer?", b"a=" + b"b" * 998 + b"&"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", gw.daemon.ports["http"]), timeout=10) as sock:
+        sock.sendall(start)
+        with contextlib.suppress(ConnectionError):
+            while sent < 8 << 20:  # 8 MB of head, if the gateway were to take it all
+                sock.sendall(filler)
+                sent += len(filler)
+        with contextlib.suppress(ConnectionError):
+            answer = sock.recv(100)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+    assert sent < 8 << 20, "the gateway read 8 MB of a request head"
+    assert gw.daemon.threads_and_rss_kb()[1] - rss_before < 2048
+    assert gw.metric("cloud_gateway_connections_closed_total", reason="head_too_large") >= 1
+    assert _ready(gw) == 200
