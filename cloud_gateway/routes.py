@@ -177,8 +177,13 @@ class V2Routes:
         name, version = _model(request)
         key = check_idempotency_key(request.headers.get("idempotency-key"))
         # Counted from before the body is read: a body held in memory is work too.
-        with self._counted_refusals(), self._in_flight.hold(device):
-            outcome = await self._infer(request, device, name, version, key)
+        # (Refusals counted as _counted_refusals does, without its cost on every request.)
+        try:
+            with self._in_flight.hold(device):
+                outcome = await self._infer(request, device, name, version, key)
+        except (LimitExceeded, DeviceBusy, Overloaded) as exc:
+            self._count_refusal(exc)
+            raise
         headers = {REPLAYED_HEADER: "true"} if outcome.replayed else None
         if log.isEnabledFor(logging.DEBUG):  # one event per call only when asked for
             _log_request(request, 200, model=name, replayed=outcome.replayed)
@@ -252,15 +257,16 @@ class V2Routes:
     def _counted_refusals(self) -> Iterator[None]:
         try:
             yield
-        except LimitExceeded as exc:
-            self._metrics.child(self._metrics.limit_refusals, exc.limit).inc()
+        except (LimitExceeded, DeviceBusy, Overloaded) as exc:
+            self._count_refusal(exc)
             raise
-        except DeviceBusy:
-            self._metrics.child(self._metrics.limit_refusals, "device_in_flight").inc()
-            raise
-        except Overloaded:
-            self._metrics.child(self._metrics.limit_refusals, "in_flight").inc()
-            raise
+
+    def _count_refusal(self, exc: LimitExceeded | DeviceBusy | Overloaded) -> None:
+        if isinstance(exc, LimitExceeded):
+            limit = exc.limit
+        else:
+            limit = "device_in_flight" if isinstance(exc, DeviceBusy) else "in_flight"
+        self._metrics.child(self._metrics.limit_refusals, limit).inc()
 
     async def _read_body(self, request: Request) -> bytes:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cloud_gateway.backends import EmbeddedBackend
+from cloud_gateway.backends.embedded import RETIME_EVERY
 from cloud_gateway.errors import UpstreamTimeout, http_error
 from cloud_gateway.idempotency import IdempotencyGuard, SqliteIdempotencyStore
 from cloud_gateway.metrics import GatewayMetrics
@@ -151,3 +153,33 @@ async def test_an_answer_with_nan_is_refused_and_counted_not_stored(tmp_path: Pa
     labels = {"model": "digits-large"}
     assert parts.metric("cloud_gateway_model_runs_total", **labels, outcome="not_finite") == 2
     assert parts.metric("cloud_gateway_model_runs_total", **labels, outcome="ok") == 0
+
+
+class SteppingClock:
+    """A run timer whose every reading is `step` seconds after the last; it notes whether the
+    event loop's thread read it (an inline run) or a worker thread (a run off the loop)."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.now = 0.0
+        self.on_loop: list[bool] = []
+
+    def __call__(self) -> float:
+        self.on_loop.append(threading.current_thread() is threading.main_thread())
+        self.now += self.step
+        return self.now
+
+
+async def test_tiny_runs_stay_inline_timed_one_in_eight_and_a_slower_one_leaves() -> None:
+    clock = SteppingClock(10e-6)
+    backend = EmbeddedBackend(REPOSITORY, inline_budget_s=100e-6, perf_counter=clock)
+    decoded, _ = request(slice(0, 1))
+    await backend.infer("digits-large", "", decoded)
+    assert clock.on_loop == [False, False]  # the first run of its size: in a thread, timed
+    for _ in range(16):
+        await backend.infer("digits-large", "", decoded)
+    assert clock.on_loop[2:] == [True] * 4  # 16 inline runs, 2 of them timed
+    clock.step = 1e-3  # the model got slower: the next timed run finds out
+    for _ in range(RETIME_EVERY + 1):
+        await backend.infer("digits-large", "", decoded)
+    assert clock.on_loop[-2:] == [False, False]  # and the run after it goes to a thread
