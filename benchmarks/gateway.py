@@ -34,12 +34,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -51,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, http_load, print_table, summarize
+from _harness import Result, http_load, print_table, serving, summarize
 from rest_path import Server, rest_server, start_kserve, start_mlserver
 
 from cloud_gateway import server as gateway_server
@@ -115,26 +112,18 @@ def serve_bare(answer_file: Path, port_file: Path, with_model: bool, http: str, 
 @contextlib.contextmanager
 def daemon(command: list[str], port_file: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
     """Run a server that writes its port to `port_file`; yields (pid, port) once it answers."""
-    process = subprocess.Popen(
-        command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:3]} did not start")
-            time.sleep(0.05)
-        port = int(json.loads(port_file.read_text())["http"])
-        while True:
-            try:
-                httpx.post(f"http://127.0.0.1:{port}{INFER}", content=b"{}")
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        yield process.pid, port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
+
+    def port() -> int:
+        return int(json.loads(port_file.read_text())["http"])
+
+    def ready() -> bool:
+        with contextlib.suppress(OSError, ValueError, KeyError, httpx.TransportError):
+            httpx.post(f"http://127.0.0.1:{port()}{INFER}", content=b"{}")
+            return True
+        return False
+
+    with serving(command, ready, env={**os.environ, **env}) as (pid, _seconds):
+        yield pid, port()
 
 
 def start_gateway(stack: ExitStack, root: Path, name: str, http: str, loop: str) -> tuple[int, int]:
