@@ -197,6 +197,10 @@ def main() -> None:
     rows = [(r.name, summarize(r) | {"x one-commit": r.throughput / baseline}) for r in medians]
     title = f"Durable enqueue, {args.payload_bytes} B payloads (median of {args.rounds} rounds)"
     print_table(title, rows)
+    for at, (queue, ceiling) in ((load, (2, 1)), (heavier, (4, 3))):
+        ratio = medians[queue].throughput / medians[ceiling].throughput
+        print(f"DurableQueue ÷ the ceiling at concurrency {at.concurrency}: {ratio:.2f}", end="")
+        print(" (target >= 0.85)" if at is load else "")
 
 
 if __name__ == "__main__":
