@@ -24,7 +24,7 @@ Targets: the gateway >= 1.3x the best peer's throughput and >= 0.9x its floor's.
 minutes:
 
     benchmarks/peers/setup.sh
-    .venv/bin/python benchmarks/gateway.py [--requests 3000] [--rounds 5]
+    .venv/bin/python benchmarks/gateway.py [--requests 3000] [--rounds 5] [--commits C1 C2...]
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -63,11 +66,19 @@ ONNX = CLOUD_REPOSITORY / MODEL / "1" / "model.onnx"
 INFER = f"/v2/models/{MODEL}/infer"
 BIN = Path(sys.executable).parent
 PEERS = Path(__file__).resolve().parent / "peers"
+ROOT = PEERS.parent.parent
 CONCURRENCY = 16
 STACKS = [(h, loop) for h in ("h11", "httptools") for loop in ("asyncio", "uvloop")]
 SHIPPED = (gateway_server.HTTP_PARSER, gateway_server.EVENT_LOOP)
 GATEWAY = "gateway: auth, idempotency, model run"
 FLOOR = "floor: the model and nothing else"
+GATEWAY_ENV = {
+    # The limiter still runs on every request; only its limit is out of the way.
+    "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000000",
+    "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000000",
+    # One device sends all 16 requests in flight: more than its default of 8.
+    "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "1000",
+}
 PEER_NAMES = ("KServe 0.21 REST", "MLServer 1.7.1 REST")
 
 
@@ -110,7 +121,9 @@ def serve_bare(answer_file: Path, port_file: Path, with_model: bool, http: str, 
 
 
 @contextlib.contextmanager
-def daemon(command: list[str], port_file: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
+def daemon(
+    command: list[str], port_file: Path, env: dict[str, str], cwd: Path | None = None
+) -> Iterator[tuple[int, int]]:
     """Run a server that writes its port to `port_file`; yields (pid, port) once it answers."""
 
     def port() -> int:
@@ -122,7 +135,7 @@ def daemon(command: list[str], port_file: Path, env: dict[str, str]) -> Iterator
             return True
         return False
 
-    with serving(command, ready, env={**os.environ, **env}) as (pid, _seconds):
+    with serving(command, ready, env={**os.environ, **env}, cwd=cwd) as (pid, _seconds):
         yield pid, port()
 
 
@@ -134,14 +147,25 @@ def start_gateway(stack: ExitStack, root: Path, name: str, http: str, loop: str)
         command = [sys.executable, str(PEERS / "gateway_stack.py"), http, loop]
     command += ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(root / name)]
     command += ["--port-file", str(root / f"{name}.json"), "--key-db", str(root / "keys.sqlite3")]
-    env = {
-        # The limiter still runs on every request; only its limit is out of the way.
-        "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000000",
-        "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000000",
-        # One device sends all 16 requests in flight: more than its default of 8.
-        "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "1000",
-    }
-    return stack.enter_context(daemon(command, root / f"{name}.json", env))
+    return stack.enter_context(daemon(command, root / f"{name}.json", GATEWAY_ENV))
+
+
+def start_gateway_at(stack: ExitStack, root: Path, commit: str) -> tuple[int, int]:
+    """`cloud-gateway serve` as of `commit` (its tree exported beside the others' state), on
+    the stack it had then, with the same settings as start_gateway's."""
+    tree = root / f"tree-{commit}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    command = [sys.executable, "-m", "cloud_gateway", "serve", "--port", "0"]
+    command += ["--metrics-port", "0", "--state-dir", str(root / commit)]
+    command += ["--port-file", str(root / f"{commit}.json"), "--key-db", str(root / "keys.sqlite3")]
+    # Its own tree first on the path, ahead of this checkout's editable install.
+    env = {**GATEWAY_ENV, "PYTHONPATH": str(tree)}
+    return stack.enter_context(daemon(command, root / f"{commit}.json", env, cwd=tree))
 
 
 def start_bare(stack: ExitStack, root: Path, name: str, with_model: bool) -> tuple[int, int]:
@@ -173,6 +197,14 @@ def main() -> None:
         default="all",
         help="gateways on other HTTP stacks: 'all' or 'none' (the shipped one only)",
     )
+    parser.add_argument(
+        "--commits",
+        nargs="*",
+        default=[],
+        metavar="COMMIT",
+        help="also the gateway as of these commits (each a git archive run with this venv): "
+        "what the changes since bought",
+    )
     parser.add_argument("--bare", nargs=2, metavar=("ANSWER", "PORT_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--stack", nargs=2, metavar=("HTTP", "LOOP"), help=argparse.SUPPRESS)
     parser.add_argument("--with-model", action="store_true", help=argparse.SUPPRESS)
@@ -200,6 +232,10 @@ def main() -> None:
             name = f"gateway-{http}-{loop}"
             pid, port = start_gateway(stack, root, name, http, loop)
             label = f"{GATEWAY}, on {http} + {loop}"
+            servers.append(rest_server(label, port, pid, one, INFER, fresh_key))
+        for commit in args.commits:
+            pid, port = start_gateway_at(stack, root, commit)
+            label = f"{GATEWAY}, as of {commit}"
             servers.append(rest_server(label, port, pid, one, INFER, fresh_key))
         # The canned server returns the gateway's own answer: the same bytes on the wire.
         (root / "answer.json").write_bytes(
