@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h11
 from prometheus_client import Counter
@@ -203,11 +203,14 @@ class _Guard:
         self._transport.close()
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus: a request's headers must be complete `header_timeout_s`
-    after the connection opens or the previous answer ends; connections past the cap get a 503
-    and are closed. h11 itself refuses a head over MAX_HEAD_BYTES (uvicorn's
-    h11_max_incomplete_event_size, set to it)."""
+class _GuardedProtocol:
+    """What both protocols below add to uvicorn's, ahead of it in their bases: a `_Guard` per
+    connection, the cap checked as it opens, a refused one closed when its client hangs up."""
+
+    # Set by uvicorn's protocol, which follows this class in the bases.
+    loop: asyncio.AbstractEventLoop
+    connections: set[Any]
+    transport: asyncio.Transport
 
     def __init__(
         self,
@@ -216,12 +219,28 @@ class GuardedH11Protocol(H11Protocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
         self._guarded = _Guard(app_state[STATE_KEY], self.loop)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._guarded.opened(transport, len(self.connections))
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        # A stream server's transports are always full ones (uvicorn's protocols say so too).
+        self._guarded.opened(cast(asyncio.Transport, transport), len(self.connections))
+
+    def eof_received(self) -> None:
+        if self._guarded.refused:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guarded.lost()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
+    """uvicorn's h11 protocol, plus: a request's headers must be complete `header_timeout_s`
+    after the connection opens or the previous answer ends; connections past the cap get a 503
+    and are closed. h11 itself refuses a head over MAX_HEAD_BYTES (uvicorn's
+    h11_max_incomplete_event_size, set to it)."""
 
     def data_received(self, data: bytes) -> None:
         if self._guarded.refused:
@@ -230,10 +249,6 @@ class GuardedH11Protocol(H11Protocol):
         if self._guarded.armed and self.conn.their_state is not h11.IDLE:
             self._guarded.disarm()  # the headers are in: the request runs as long as it needs
 
-    def eof_received(self) -> None:
-        if self._guarded.refused:
-            self.transport.close()
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
@@ -241,33 +256,16 @@ class GuardedH11Protocol(H11Protocol):
             # closes an idle connection; this one also a half-sent request).
             self._guarded.arm()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._guarded.lost()
-        super().connection_lost(exc)
 
-
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
+class GuardedHttpToolsProtocol(_GuardedProtocol, HttpToolsProtocol):
     """uvicorn's httptools protocol with the same guard as GuardedH11Protocol, and a bound on
     the request head, which httptools alone does not have: it would buffer a head of any size
     (issue 16: 48 MB of headers taken in a test, the process growing by as much). The bytes
     received while a head is incomplete are counted; past MAX_HEAD_BYTES the connection gets a
     431 and is closed, so a head takes at most that plus one read (64 KiB) of memory."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._guarded = _Guard(app_state[STATE_KEY], self.loop)
-        self._in_head = True  # until the first request's headers are complete
-        self._head_bytes = 0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._guarded.opened(transport, len(self.connections))
+    _in_head = True  # until the first request's headers are complete
+    _head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         if self._guarded.refused:
@@ -277,10 +275,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._guarded.refuse_head()
-
-    def eof_received(self) -> None:
-        if self._guarded.refused:
-            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -297,7 +291,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self.transport.is_closing() and not waiting:
             self._guarded.arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._guarded.lost()
-        super().connection_lost(exc)
