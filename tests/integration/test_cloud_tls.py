@@ -14,7 +14,8 @@ import trustme
 
 from tests.integration.conftest import start_agent, write_device_key
 from tests.integration.gateway.helpers import DEVICE, Gateway
-from tests.integration.test_agent_router import UNSURE, ask, params
+from tests.integration.test_agent_router import UNSURE, ask, params, status
+from tests.support.processes import wait_until
 from tests.support.tls_terminator import TlsTerminator
 
 
@@ -52,10 +53,15 @@ def test_the_agent_escalates_over_mtls_with_a_private_ca(
         "--cloud-ca-file", write(tmp_path, "ca.pem", cloud_ca.cert_pem),
         "--cloud-client-cert", write(tmp_path, "device.pem", device.cert_chain_pems[0]),
         "--cloud-client-key", write(tmp_path, "device-key.pem", device.private_key_pem),
-        # A first handshake on a busy machine may take longer than the 2 s default.
+        # A handshake on a busy machine may take longer than the 2 s live and 5 s probe limits.
         "--live-timeout-seconds", "60",
+        env={"EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "60"},
     )  # fmt: skip
     try:
+        # The start-up probe is the first handshake: the link is up once it passed.
+        wait_until(
+            lambda: status(agent).link_state == "up", timeout=120, what="the link to come up"
+        )
         p = params(ask(agent, int(UNSURE[0]), escalation="always"))
         assert (p["route"], p["reason"]) == ("cloud", "escalation_always")
     finally:
