@@ -202,9 +202,14 @@ class OnnxModel:
         worker thread and back costs several times the run itself. Anything longer goes to a
         worker thread, so one big batch never stalls the other callers.
         """
-        if self._seconds_per_item * items <= self.inline_budget_s:
+        if self.runs_inline(items):
             return self.predict(inputs)
         return await asyncio.to_thread(self.predict, inputs)
+
+    def runs_inline(self, items: int) -> bool:
+        """Whether `run` would run a batch of `items` on the calling thread (see `run`):
+        callers on the request path then call `predict` and spare themselves a coroutine."""
+        return self._seconds_per_item * items <= self.inline_budget_s
 
     def predict(self, inputs: Mapping[str, Array]) -> Prediction:
         """Run the model on validated inputs; blocks for the duration of the run."""
@@ -213,7 +218,9 @@ class OnnxModel:
 
     def outputs_for(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """`predict` without the confidence, for callers that only pass the outputs on."""
-        values = self._session.run(self._output_list, dict(inputs))
+        # onnxruntime's binding takes a dict and only reads it: no copy when it is one already.
+        feeds = inputs if type(inputs) is dict else dict(inputs)
+        values = self._session.run(self._output_list, feeds)
         return dict(zip(self.output_names, values, strict=True))
 
     def confidence(self, scores: Array) -> npt.NDArray[np.float64]:

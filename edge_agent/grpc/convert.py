@@ -6,6 +6,7 @@ and every error names the tensor at fault.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 
@@ -57,6 +58,8 @@ _CONTENTS_FIELD = {
 
 def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
     decoded: dict[str, ParameterValue] = {}
+    if not params:  # most calls: spares iterating an empty map through Mapping.items
+        return decoded
     for key, param in params.items():
         which = param.WhichOneof("parameter_choice")
         if which is not None:
@@ -80,31 +83,28 @@ def encode_parameters(
 
 
 def _decode_input(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, model: OnnxModel
+    name: str, tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, model: OnnxModel
 ) -> Array:
-    spec = model.input_by_name[tensor.name]
+    # Each field read once: every read of a protobuf field from Python makes a new object.
+    datatype = tensor.datatype
     shape = list(tensor.shape)
-    spec.check(tensor.datatype, shape)
+    model.input_by_name[name].check(datatype, shape)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(
-                tensor.name,
+                name,
                 "both contents and raw_input_contents are set; use one of them",
                 "contents_conflict",
             )
-        array = array_from_raw(tensor.name, tensor.datatype, shape, raw)
+        array = array_from_raw(name, datatype, shape, raw)
     else:
-        field = _CONTENTS_FIELD.get(tensor.datatype)
+        field = _CONTENTS_FIELD.get(datatype)
         if field is None:
             raise InvalidInput(
-                tensor.name,
-                f"{tensor.datatype} data must be sent in raw_input_contents",
-                "datatype",
+                name, f"{datatype} data must be sent in raw_input_contents", "datatype"
             )
-        array = array_from_values(
-            tensor.name, tensor.datatype, shape, getattr(tensor.contents, field)
-        )
-    check_finite(tensor.name, array)
+        array = array_from_values(name, datatype, shape, getattr(tensor.contents, field))
+    check_finite(name, array)
     return array
 
 
@@ -115,27 +115,30 @@ def decode_infer_request(
     caller: Caller = ANONYMOUS,
 ) -> InferRequest:
     """Check and decode a ModelInferRequest for `model`; raises InvalidInput."""
-    model.check_input_names([t.name for t in request.inputs])
+    tensors = request.inputs
+    names = [t.name for t in tensors]
+    model.check_input_names(names)
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
+    if raw_contents and len(raw_contents) != len(names):
         raise InvalidInput(
             "raw_input_contents",
-            f"{len(raw_contents)} entries for {len(request.inputs)} inputs; "
+            f"{len(raw_contents)} entries for {len(names)} inputs; "
             "give one per input, in the order of inputs",
             "byte_size",
         )
     inputs = {
-        tensor.name: _decode_input(tensor, raw_contents[i] if raw_contents else None, model)
-        for i, tensor in enumerate(request.inputs)
+        name: _decode_input(name, tensor, raw_contents[i] if raw_contents else None, model)
+        for i, (name, tensor) in enumerate(zip(names, tensors, strict=True))
     }
+    outputs = request.outputs
     return InferRequest(
-        model=model,
-        inputs=inputs,
-        outputs=[o.name for o in request.outputs],
-        parameters=decode_parameters(request.parameters),
-        id=request.id,
-        time_left_s=time_left_s,
-        caller=caller,
+        model,
+        inputs,
+        [o.name for o in outputs] if outputs else (),
+        decode_parameters(request.parameters),
+        request.id,
+        time_left_s,
+        caller,
     )
 
 
@@ -152,13 +155,28 @@ def _raw_bytes(array: Array) -> bytes:
     return array.tobytes()  # C order, whatever the array's own layout
 
 
+OutputSignature = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _response_head(model: str, version: int, outputs: OutputSignature) -> pb.ModelInferResponse:
+    """A response holding the model and its outputs' metadata (name, datatype, shape), not
+    their data: the same for every answer of a given batch size, so built once and copied."""
+    head = pb.ModelInferResponse(model_name=model, model_version=str(version))
+    for name, datatype, shape in outputs:
+        head.outputs.add(name=name, datatype=datatype, shape=shape)
+    return head
+
+
 def encode_infer_result(result: InferResult) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(
-        model_name=result.model.name, model_version=str(result.model.version), id=result.id
-    )
-    for name, array in result.outputs.items():
-        response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
-        response.raw_output_contents.append(_raw_bytes(array))
+    outputs = result.outputs
+    signature = tuple([(name, datatype_of(a), a.shape) for name, a in outputs.items()])
+    response = pb.ModelInferResponse()
+    # One copy inside upb instead of a message and three fields set from Python per output.
+    response.CopyFrom(_response_head(result.model.name, result.model.version, signature))
+    if result.id:
+        response.id = result.id
+    response.raw_output_contents.extend([_raw_bytes(array) for array in outputs.values()])
     encode_parameters(response.parameters, result.parameters)
     return response
 
