@@ -61,7 +61,10 @@ class ServerInfo:
     extensions: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+# InferRequest, InferResult (and model_runtime's Prediction) are made for every call and never
+# changed after: not frozen, because a frozen dataclass sets each field through
+# object.__setattr__, which made their construction 3-4x dearer (BENCHMARKS.md, issue 14).
+@dataclass(slots=True)
 class InferRequest:
     """A decoded request: inputs already checked one by one against the model's specs."""
 
@@ -78,7 +81,7 @@ class InferRequest:
     queued items become."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferResult:
     model: OnnxModel
     id: str

@@ -45,7 +45,7 @@ _ORT_TO_DATATYPE = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per call (see edge_agent.inference.InferRequest)
 class Prediction:
     """The model's outputs for a batch of N items and the confidence of each item."""
 
