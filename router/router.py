@@ -286,11 +286,14 @@ class Router:
         (router.audit).
         """
         answer = await self._route(model, inputs, local, wishes, time_left_s, request_id, owner)
-        routes: dict[Route, int] = {}
-        for item in answer.items:
-            routes[item.route] = routes.get(item.route, 0) + 1
-        for route, n in routes.items():
-            self.metrics.model_route(model, route, n)
+        if len(answer.items) == 1:  # most requests: no tally to make
+            self.metrics.model_route(model, answer.items[0].route, 1)
+        else:
+            routes: dict[Route, int] = {}
+            for item in answer.items:
+                routes[item.route] = routes.get(item.route, 0) + 1
+            for route, n in routes.items():
+                self.metrics.model_route(model, route, n)
         if self.audit is not None:
             reasons = [i.reason for i in answer.items]
             self.audit.consider(model, local.cloud_model, inputs, local.outputs, reasons)
@@ -310,8 +313,8 @@ class Router:
         scores = confidence.tolist()
         n = len(scores)
         for name, array in inputs.items():
-            if np.shape(array)[:1] != (n,):
-                raise ValueError(f"inputs.{name}: has {np.shape(array)[:1]} rows, expected {n}")
+            if array.shape[:1] != (n,):
+                raise ValueError(f"inputs.{name}: has {array.shape[:1]} rows, expected {n}")
         cloud_model = local.cloud_model if self.cloud_configured else None
         decide = functools.partial(
             self.policy.decide, threshold=local.threshold, wishes=wishes,
