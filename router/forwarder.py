@@ -14,7 +14,8 @@ import contextlib
 import gzip
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from model_runtime.errors import InvalidInput
 from model_runtime.fault_points import FaultPlan
@@ -47,7 +48,15 @@ from router.pacing import RequestPacer
 from router.retrying import LinkBackoff
 from router.tickets import encode_result
 
-__all__ = ["SETUP_STATUSES", "Forwarder", "TokenBucket", "housekeep", "open_cloud"]
+__all__ = [
+    "SETUP_STATUSES",
+    "Forwarder",
+    "TokenBucket",
+    "housekeep",
+    "open_cloud",
+    "stored_answer",
+    "stored_answers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +288,8 @@ class Forwarder:
         for i, group in enumerate(groups):
             await self._slots.acquire()
             try:
-                body_bytes = self._body_bytes(group)
+                # Encoding and gzipping a group takes milliseconds: not on the event loop.
+                body_bytes = await asyncio.to_thread(self._body_bytes, group)
                 estimate = body_bytes + self._overhead
                 if self.bucket is not None:
                     await self.bucket.take(estimate)
@@ -379,7 +389,7 @@ class Forwarder:
                     item.model, item.payload, idempotency_key=item.ticket,
                     binary=self.groups.binary,
                 )  # fmt: skip
-            answer.response()  # only an answer that decodes is stored
+            stored = await asyncio.to_thread(stored_answer, answer.body)
         except BudgetExhausted as error:
             await self._queue.release(item.ticket, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
@@ -397,7 +407,7 @@ class Forwarder:
         else:
             if self._faults is not None:
                 self._faults.hit(AFTER_SEND_BEFORE_MARK)
-            await self._store_answer(item, encode_result(answer.body))
+            await self._store_answer(item, stored)
             self._failures = 0
 
     async def _deliver_group(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
@@ -429,26 +439,28 @@ class Forwarder:
             await self._release(group, f"cloud answer is not a group answer: {error}")
             self._failed()
             return
+        # Decoding and encoding 64 answers would hold the event loop for tens of milliseconds
+        # (local answers wait meanwhile); one item's store per loop step is all that stays.
+        stored = await asyncio.to_thread(stored_answers, answers)
         failed = False
-        for item, result in zip(group, answers, strict=True):
-            failed |= not await self._settle_item(item, result)
+        for item, result, ready in zip(group, answers, stored, strict=True):
+            failed |= not await self._settle_item(item, result, ready)
         if not failed:
             self._failures = 0
 
-    async def _settle_item(self, item: QueuedItem, result: GroupItemAnswer) -> bool:
-        """Store or refuse one item of a group as its own answer says; False if it failed."""
-        if result.status == 200 and result.response is not None:
-            try:
-                decode_infer_response(result.response)
-            except InvalidInput as error:
-                await self._queue.release(
-                    item.ticket, f"cloud answer is not a v2 response: {error}"
-                )
-                self._failed()
-                return False
+    async def _settle_item(
+        self, item: QueuedItem, result: GroupItemAnswer, stored: bytes | InvalidInput | None
+    ) -> bool:
+        """Store or refuse one item of a group as its own answer says (`stored`: what
+        `stored_answers` made of it); False if it failed."""
+        if isinstance(stored, InvalidInput):
+            await self._queue.release(item.ticket, f"cloud answer is not a v2 response: {stored}")
+            self._failed()
+            return False
+        if stored is not None:
             if self._faults is not None:
                 self._faults.hit(AFTER_SEND_BEFORE_MARK)
-            await self._store_answer(item, encode_result(result.response))
+            await self._store_answer(item, stored)
             return True
         message = f"cloud answered {result.status} for this item: {result.error[:200]}"
         if 400 <= result.status < 500 and result.status != 429:
@@ -529,6 +541,28 @@ class Forwarder:
     async def _nap(self, seconds: float) -> None:
         """Sleep on the clock, or less if woken."""
         await sleep_or_wake(self._clock, seconds, self._wake)
+
+
+def stored_answer(response: Mapping[str, Any]) -> bytes:
+    """What a delivered ticket keeps of the cloud's v2 `response`; InvalidInput if it does not
+    decode as one (only an answer that decodes is stored)."""
+    decode_infer_response(response)
+    return encode_result(dict(response))
+
+
+def stored_answers(answers: Sequence[GroupItemAnswer]) -> list[bytes | InvalidInput | None]:
+    """`stored_answer` of each item's 200 response, or the InvalidInput it raised; None for
+    an item the cloud answered otherwise. Pure: the forwarder runs it on a worker thread."""
+    out: list[bytes | InvalidInput | None] = []
+    for result in answers:
+        if result.status != 200 or result.response is None:
+            out.append(None)
+            continue
+        try:
+            out.append(stored_answer(result.response))
+        except InvalidInput as error:
+            out.append(error)
+    return out
 
 
 async def housekeep(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -17,14 +18,17 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from model_runtime.errors import InvalidInput
 from model_runtime.infer_group import (
     GROUP_EXTENSION,
     HEADER_LENGTH,
     GroupItem,
+    GroupItemAnswer,
     decode_group_answer,
     encode_group_request,
 )
-from router import LinkState, Router
+from router import LinkState, Router, forwarder
+from router.durable_queue import QueuedItem
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.integration.router.helpers import (
     CLOUD_MODEL,
@@ -96,6 +100,49 @@ async def test_a_backlog_goes_in_groups_each_item_delivered_once(
             router, "edge_agent_router_cloud_sent_bytes_total", path="drain"
         )
     finally:
+        await router.close()
+
+
+async def test_a_groups_answers_are_encoded_off_the_event_loop_which_serves_meanwhile(
+    gateway: Gateway,
+    proxy: FaultProxy,
+    tmp_path: Path,
+    pixels: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sizing a group's body and decoding and encoding its answers take tens of milliseconds
+    for 64 items: done on the event loop, they held every local answer back meanwhile. Here
+    the encoding of the answers is held by the test, and the loop must go on serving."""
+    tickets = await queue_backlog(tmp_path, pixels[:8])
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"sizing": set(), "answers": set()}
+    held, go = threading.Event(), threading.Event()
+    size_group, store_form = forwarder.Forwarder._body_bytes, forwarder.stored_answers
+
+    def sizing(self: forwarder.Forwarder, group: list[QueuedItem]) -> int:
+        threads["sizing"].add(threading.get_ident())
+        return size_group(self, group)
+
+    def answers(results: list[GroupItemAnswer]) -> list[bytes | InvalidInput | None]:
+        threads["answers"].add(threading.get_ident())
+        held.set()
+        if threading.get_ident() != loop_thread:  # on the loop, waiting would hold the test too
+            assert go.wait(30)
+        return store_form(results)
+
+    monkeypatch.setattr(forwarder.Forwarder, "_body_bytes", sizing)
+    monkeypatch.setattr(forwarder, "stored_answers", answers)
+    config = fast_config(proxy.url, gateway.key, tmp_path, drain_group_items=8)
+    router = await Router.open(config, CollectorRegistry())
+    try:
+        assert await asyncio.to_thread(held.wait, 30), "no group was answered"
+        assert loop_thread not in threads["answers"] | threads["sizing"]
+        # The loop serves while the answers are held: a ticket reads as still pending.
+        assert (await router.result(tickets[0])).state == "pending"
+        go.set()
+        assert set((await ended(router, tickets)).values()) == {"delivered"}
+    finally:
+        go.set()
         await router.close()
 
 
