@@ -15,7 +15,8 @@ import gzip
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from model_runtime.errors import InvalidInput
 from model_runtime.fault_points import FaultPlan
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+A = TypeVar("A")
+R = TypeVar("R")
 
 SETUP_STATUSES = frozenset({401, 403, 404, 407})
 """The device's key or the model name is wrong: no item's fault, so items wait (released)."""
@@ -227,6 +230,10 @@ class Forwarder:
             initial_s=config.failure_backoff_s,
             cap_s=max(_STORAGE_RETRY_CAP_S, config.failure_backoff_s),
         )
+        # Encoding groups and their answers (JSON, gzip) is CPU work kept off the event loop,
+        # on one thread of its own: a drain uses at most one core for it, and the local
+        # model's runs never wait in the default pool behind it.
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="drain-encode")
 
     def wake(self) -> None:
         """New items were queued: look at once instead of at the next poll."""
@@ -258,6 +265,10 @@ class Forwarder:
                 task.cancel()
             if self._in_flight:
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
+            self._encoder.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn: Callable[[A], R], arg: A) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, arg)
 
     def _claim_bytes(self) -> int:
         """At most what the cap lets out within a quarter of the lease: claimed items waiting
@@ -289,7 +300,7 @@ class Forwarder:
             await self._slots.acquire()
             try:
                 # Encoding and gzipping a group takes milliseconds: not on the event loop.
-                body_bytes = await asyncio.to_thread(self._body_bytes, group)
+                body_bytes = await self._off_loop(self._body_bytes, group)
                 estimate = body_bytes + self._overhead
                 if self.bucket is not None:
                     await self.bucket.take(estimate)
@@ -389,7 +400,7 @@ class Forwarder:
                     item.model, item.payload, idempotency_key=item.ticket,
                     binary=self.groups.binary,
                 )  # fmt: skip
-            stored = await asyncio.to_thread(stored_answer, answer.body)
+            stored = await self._off_loop(stored_answer, answer.body)
         except BudgetExhausted as error:
             await self._queue.release(item.ticket, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
@@ -441,7 +452,7 @@ class Forwarder:
             return
         # Decoding and encoding 64 answers would hold the event loop for tens of milliseconds
         # (local answers wait meanwhile); one item's store per loop step is all that stays.
-        stored = await asyncio.to_thread(stored_answers, answers)
+        stored = await self._off_loop(stored_answers, answers)
         failed = False
         for item, result, ready in zip(group, answers, stored, strict=True):
             failed |= not await self._settle_item(item, result, ready)
