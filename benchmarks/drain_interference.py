@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._harness import print_table, process_cpu_seconds
+from benchmarks.soak import start_agent
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
 from edge_agent.grpc._generated import grpc_service_pb2_grpc as pb_grpc
 from edge_agent.grpc._generated import router_service_pb2 as rpb
@@ -41,7 +42,7 @@ from model_runtime.demo import HELDOUT
 from tests.integration.conftest import write_device_key
 from tests.integration.gateway.helpers import start_gateway
 from tests.support.fault_proxy import FaultProxy
-from tests.support.processes import Daemon, start_daemon, wait_until
+from tests.support.processes import wait_until
 
 
 @dataclass
@@ -83,11 +84,6 @@ def status(stub: rpb_grpc.RouterServiceStub) -> rpb.StatusResponse:
     return stub.Status(rpb.StatusRequest(), timeout=5.0)
 
 
-def ready(d: Daemon) -> bool:
-    with grpc.insecure_channel(d.address("grpc")) as ch:
-        return bool(pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready)
-
-
 def loop_cpu_s(pid: int) -> float:
     """CPU seconds of a process's main thread (its event loop's) so far, from /proc (Linux)."""
     return process_cpu_seconds(pid, thread=pid)
@@ -121,14 +117,7 @@ def main() -> int:
     proxy = FaultProxy("127.0.0.1", gateway.daemon.ports["http"]).start()
     key_file = write_device_key(work, gateway)
     try:
-        agent = start_daemon(
-            "edge-agent",
-            ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(work / "agent" / "state"),
-             "--cloud-url", proxy.url, "--device-key-file", str(key_file), *args.agent_arg],
-            work / "agent",
-            ready=ready,
-            env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "0.5", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "1"},
-        )  # fmt: skip
+        agent = start_agent(work, proxy, key_file, 0.5, *args.agent_arg)
     except BaseException:
         proxy.close()
         gateway.daemon.stop()

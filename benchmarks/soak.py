@@ -193,6 +193,22 @@ def ready(d: Daemon) -> bool:
         return bool(pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest()).ready)
 
 
+def start_agent(
+    work: Path, proxy: FaultProxy, key_file: Path, probe_interval_s: float, *flags: str
+) -> Daemon:
+    """`edge-agent serve` on ports 0, state in `work`/agent/state, its cloud the gateway behind
+    `proxy`, probing the link every `probe_interval_s` (a probe times out after 1 s)."""
+    return start_daemon(
+        "edge-agent",
+        ["serve", "--port", "0", "--metrics-port", "0", "--state-dir", str(work / "agent" / "state"),
+         "--cloud-url", proxy.url, "--device-key-file", str(key_file), *flags],
+        work / "agent",
+        ready=ready,
+        env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": str(probe_interval_s),
+             "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "1"},
+    )  # fmt: skip
+
+
 def status(agent: Daemon) -> rpb.StatusResponse:
     with grpc.insecure_channel(agent.address("grpc")) as ch:
         return rpb_grpc.RouterServiceStub(ch).Status(rpb.StatusRequest(), timeout=5.0)
@@ -277,14 +293,7 @@ def main() -> int:
     key_file = write_device_key(work, gateway)
     state = work / "agent" / "state"
     try:  # a gateway left running when the agent cannot start would outlive the script
-        agent = start_daemon(
-            "edge-agent",
-            ["serve", "--port", "0", "--metrics-port", "0", "--rest-port", "0", "--state-dir", str(state),
-             "--cloud-url", proxy.url, "--device-key-file", str(key_file)],
-            work / "agent",
-            ready=ready,
-            env={"EDGE_AGENT_PROBE_INTERVAL_SECONDS": "2", "EDGE_AGENT_PROBE_TIMEOUT_SECONDS": "1"},
-        )  # fmt: skip
+        agent = start_agent(work, proxy, key_file, 2, "--rest-port", "0")
     except BaseException:
         proxy.close()
         gateway.daemon.stop()
