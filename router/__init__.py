@@ -60,7 +60,7 @@ from router.pacing import RequestPacer
 from router.policy import BudgetMode, EscalationPolicy
 from router.retrying import LinkBackoff, RetryPolicy
 from router.router import RoutedAnswer, RoutedItem, Router, RouterStatus
-from router.tickets import TICKET_STATES, TicketResult, TicketStore
+from router.tickets import TICKET_STATES, TicketResult, TicketStore, WatchStream
 
 __all__ = [
     "ATTEMPT_OUTCOMES",
@@ -132,5 +132,6 @@ __all__ = [
     "TicketResult",
     "TicketStore",
     "TokenBucket",
+    "WatchStream",
     "load_hard_examples",
 ]

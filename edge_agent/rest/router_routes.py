@@ -22,7 +22,7 @@ from edge_agent.rest.auth import caller_of
 from edge_agent.rest.convert import encode_status, encode_ticket_result
 from edge_agent.rest.errors import error_response
 from model_runtime import InvalidInput, json_codec
-from router import Router, TicketResult
+from router import Router, TicketResult, WatchStream
 
 __all__ = ["RouterRoutes"]
 
@@ -75,13 +75,9 @@ class RouterRoutes:
 class _ResultEvents:
     """One stream's events: the router's watch, read one result ahead, with heartbeats."""
 
-    def __init__(
-        self, watch: AsyncIterator[TicketResult], closing: asyncio.Event, heartbeat_s: float
-    ) -> None:
+    def __init__(self, watch: WatchStream, closing: asyncio.Event, heartbeat_s: float) -> None:
         self._watch = watch
-        # The router counts the watcher from now on, and frees it only when the stream has
-        # started and is closed: start it at once, whatever becomes of the response.
-        self._next = asyncio.ensure_future(anext(watch))
+        self._next: asyncio.Task[TicketResult] | None = None
         self._closing = closing
         self._heartbeat_s = heartbeat_s
 
@@ -90,18 +86,20 @@ class _ResultEvents:
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             while True:
+                if self._next is None:
+                    self._next = asyncio.ensure_future(anext(self._watch))
                 done, _ = await asyncio.wait(
                     {self._next, closing},
                     timeout=self._heartbeat_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if self._next in done:
+                    read, self._next = self._next, None
                     try:
-                        result = self._next.result()
+                        result = read.result()
                     except StopAsyncIteration:  # the router closed
                         return
                     yield _event(result)
-                    self._next = asyncio.ensure_future(anext(self._watch))
                 elif closing in done:
                     return
                 else:
@@ -110,10 +108,12 @@ class _ResultEvents:
             closing.cancel()
 
     async def close(self) -> None:
-        await asyncio.sleep(0)  # a read-ahead made this very turn gets to start the stream
-        self._next.cancel()
-        await asyncio.gather(self._next, return_exceptions=True)
-        await self._watch.aclose()  # type: ignore[attr-defined]
+        """Stop the read ahead and give the watcher's place back, whether or not the stream
+        ever began (WatchStream.aclose frees it either way)."""
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
+        await self._watch.aclose()
 
 
 class _ResultStream(StreamingResponse):

@@ -221,11 +221,11 @@ async def test_watchers_beyond_the_cap_are_refused_and_counted(tmp_path: Path) -
         await asyncio.sleep(0.05)  # let it reach its wait; not a synchronisation
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        await first.aclose()  # type: ignore[attr-defined]
+        await first.aclose()
         assert tickets.watchers == 1
         third = tickets.watch(0)
-        await third.aclose()  # type: ignore[attr-defined]
-        await second.aclose()  # type: ignore[attr-defined]
+        await third.aclose()
+        await second.aclose()
     finally:
         tickets.close()
         await queue.close()
@@ -243,15 +243,15 @@ async def test_a_watcher_closed_before_its_first_read_gives_its_place_back(
         for _ in range(3):
             unread = tickets.watch(0)
             assert tickets.watchers == 1
-            await unread.aclose()  # type: ignore[attr-defined]
+            await unread.aclose()
             assert tickets.watchers == 0
         read = tickets.watch(0)
         waiting = asyncio.ensure_future(anext(read))
         await asyncio.sleep(0)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        await read.aclose()  # type: ignore[attr-defined]
-        await read.aclose()  # type: ignore[attr-defined]  # twice: the place is given back once
+        await read.aclose()
+        await read.aclose()  # twice: the place is given back once
         assert tickets.watchers == 0
     finally:
         tickets.close()
