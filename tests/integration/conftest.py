@@ -156,6 +156,13 @@ def agent_metric(agent: Daemon, name: str, **labels: str) -> float:
     )
 
 
+LINK_WORKS = ("up", "degraded")
+"""Link states in which the agent has reached the cloud and escalates to it. Wait for one of
+these, not for `up` alone: on a busy machine one probe may time out, and the link then reads
+`degraded` until that failure leaves the monitor's last 64 observations (about 20 s of probes
+0.3 s apart, longer when the machine is slow), however well the link works."""
+
+
 def model_runs(gateway: Gateway) -> float:
     """How often the gateway ran the cloud model, from its /metrics."""
     return gateway.metric("cloud_gateway_model_runs_total", model="digits-large")

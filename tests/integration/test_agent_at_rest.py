@@ -18,7 +18,7 @@ import tritonclient.grpc as triton
 
 from tests.integration.conftest import start_agent, start_agent_with_cloud, write_device_key
 from tests.integration.gateway.helpers import Gateway, start_gateway
-from tests.integration.test_audit_agent import UNSURE, X, link_up
+from tests.integration.test_audit_agent import UNSURE, X, link_works
 from tests.integration.test_hard_examples_agent import delivered
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import BIN, Daemon, wait_until
@@ -57,7 +57,7 @@ def ask(agent: Daemon, row: np.ndarray, **parameters: object) -> dict[str, objec
 def queue_and_deliver(agent: Daemon, proxy: FaultProxy, state: Path) -> dict[str, list[bytes]]:
     """The marker row escalated live once, and queued during a cut then delivered once; what
     `clear_bytes` found in `state` while the queued request waited (WAL files included)."""
-    wait_until(lambda: link_up(agent), what="the link to come up")
+    wait_until(lambda: link_works(agent), what="the link to work")
     assert ask(agent, ROW, escalation="always")["route"] == "cloud"
     proxy.cut()
     ticket = str(ask(agent, ROW, escalation="always")["ticket"])
@@ -185,7 +185,7 @@ def test_a_device_key_file_may_end_with_one_newline(tmp_path: Path, gateway: Gat
     key_file.write_text(gateway.key + "\r\n")  # an editor on Windows
     agent = start_agent(tmp_path, "--cloud-url", gateway.url, "--device-key-file", str(key_file))
     try:
-        wait_until(lambda: link_up(agent), what="the link to come up")
+        wait_until(lambda: link_works(agent), what="the link to work")
         x = np.asarray(X[:1], dtype=np.float32)
         given = triton.InferInput("X", list(x.shape), "FP32")
         given.set_data_from_numpy(x)

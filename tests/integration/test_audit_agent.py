@@ -18,7 +18,12 @@ from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from model_runtime.demo import CLOUD_REPOSITORY, EDGE_REPOSITORY, HELDOUT
 from model_runtime.model_config import load_model_config
-from tests.integration.conftest import collect_stream, model_runs, start_agent_with_cloud
+from tests.integration.conftest import (
+    LINK_WORKS,
+    collect_stream,
+    model_runs,
+    start_agent_with_cloud,
+)
 from tests.integration.gateway.helpers import Gateway
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, wait_until
@@ -56,10 +61,10 @@ def metric(agent: Daemon, name: str, **labels: str) -> float:
     )
 
 
-def link_up(agent: Daemon) -> bool:
+def link_works(agent: Daemon) -> bool:
     with grpc.insecure_channel(agent.address("grpc")) as channel:
         status = rpb_grpc.RouterServiceStub(channel).Status(rpb.StatusRequest(), timeout=5)
-    return bool(status.link_state == "up")
+    return status.link_state in LINK_WORKS
 
 
 def audited(agent: Daemon, result: str) -> float:
@@ -76,7 +81,7 @@ def test_confident_answers_are_audited_in_the_background(
     picks = agree + disagree
     agent = start_agent_with_cloud(tmp_path, gateway, proxy, env={"EDGE_AGENT_AUDIT_SHARE": "1"})
     try:
-        wait_until(lambda: link_up(agent), what="the link to come up")
+        wait_until(lambda: link_works(agent), what="the link to work")
         runs = model_runs(gateway)
         for i in picks:
             p = ask(agent, i)

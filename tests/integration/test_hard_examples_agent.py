@@ -17,7 +17,7 @@ from edge_agent.grpc._generated import router_service_pb2 as rpb
 from edge_agent.grpc._generated import router_service_pb2_grpc as rpb_grpc
 from tests.integration.conftest import start_agent_with_cloud
 from tests.integration.gateway.helpers import Gateway
-from tests.integration.test_audit_agent import CLOUD_LABELS, UNSURE, X, ask, link_up, metric
+from tests.integration.test_audit_agent import CLOUD_LABELS, UNSURE, X, ask, link_works, metric
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import wait_until
 
@@ -40,7 +40,7 @@ def test_escalated_inputs_are_kept_with_the_clouds_answers_and_exported(
     state = tmp_path / "state"
     live, later = [int(i) for i in UNSURE[:3]], [int(i) for i in UNSURE[3:5]]
     try:
-        wait_until(lambda: link_up(agent), what="the link to come up")
+        wait_until(lambda: link_works(agent), what="the link to work")
         for i in live:
             assert ask(agent, i)["route"] == "cloud"
         proxy.cut()

@@ -28,6 +28,22 @@ def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[name]}"}
 
 
+def queued_while_cut(rest: httpx.Client, proxy: FaultProxy, **parameters: str) -> str:
+    """Cut the link, wait until the agent sees it down, and queue one request of kiosk-a's
+    (escalation always, with `parameters`): its ticket."""
+    proxy.cut()
+    wait_until(
+        lambda: (
+            rest.get("/router/v1/status", headers=bearer("kiosk-a")).json()["link_state"] == "down"
+        ),
+        timeout=30,
+        what="the link down",
+    )
+    request = body(X[:1], parameters={"escalation": "always", **parameters})
+    facts = rest.post("/v2/models/digits/infer", json=request, headers=bearer("kiosk-a")).json()
+    return str(facts["parameters"]["ticket"])
+
+
 @pytest.fixture
 def agent(
     tmp_path: Path, token_file: Path, gateway: Gateway, proxy: FaultProxy
@@ -76,17 +92,7 @@ def test_every_call_but_health_and_the_page_needs_a_known_token(
 def test_a_result_reaches_only_the_caller_and_client_id_that_queued_it(
     agent: Daemon, rest: httpx.Client, proxy: FaultProxy
 ) -> None:
-    proxy.cut()
-    wait_until(
-        lambda: (
-            rest.get("/router/v1/status", headers=bearer("kiosk-a")).json()["link_state"] == "down"
-        ),
-        timeout=30,
-        what="the link down",
-    )
-    request = body(X[:1], parameters={"escalation": "always", "client_id": "screen-1"})
-    facts = rest.post("/v2/models/digits/infer", json=request, headers=bearer("kiosk-a")).json()
-    ticket = facts["parameters"]["ticket"]
+    ticket = queued_while_cut(rest, proxy, client_id="screen-1")
 
     def get(name: str, client_id: str | None) -> int:
         query = {"client_id": client_id} if client_id else {}
@@ -149,20 +155,7 @@ def test_every_way_a_result_stream_ends_gives_its_place_back(
     wait_until(lambda: watchers() == 0, timeout=30, what="streams never begun to free their places")
 
     # One result of kiosk-a's, delivered: every stream of kiosk-a's from cursor 0 sends it first.
-    proxy.cut()
-    wait_until(
-        lambda: (
-            rest.get("/router/v1/status", headers=bearer("kiosk-a")).json()["link_state"] == "down"
-        ),
-        timeout=30,
-        what="the link down",
-    )
-    queued = rest.post(
-        "/v2/models/digits/infer",
-        json=body(X[:1], parameters={"escalation": "always"}),
-        headers=bearer("kiosk-a"),
-    ).json()
-    ticket = queued["parameters"]["ticket"]
+    ticket = queued_while_cut(rest, proxy)
     proxy.restore()
     wait_until(
         lambda: (
