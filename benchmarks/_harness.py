@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ __all__ = [
     "http_load",
     "print_table",
     "process_cpu_seconds",
+    "read_port_file",
     "rss_mb",
     "serving",
     "summarize",
@@ -86,6 +88,20 @@ def serving(
                 process.send_signal(sig)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(15)
+
+
+def read_port_file(
+    path: Path, process: subprocess.Popen[bytes], name: str, timeout_s: float = 120
+) -> dict[str, int]:
+    """The ports a server wrote to `path` once it listened; RuntimeError if it exits or takes
+    longer than `timeout_s` first."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.05)
+    ports: dict[str, int] = json.loads(path.read_text())
+    return ports
 
 
 def rss_mb(pid: int) -> float:

@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, print_table, rss_mb, serving, summarize
+from _harness import Result, print_table, read_port_file, rss_mb, serving, summarize
 from conformance import CHECKS, run_checks
 from local_path import measure
 
@@ -173,12 +172,7 @@ def start_floors(stack: ExitStack, work: Path, model: Model, agent: Server) -> l
         )
         stack.callback(process.wait)
         stack.callback(process.terminate)
-        deadline = time.monotonic() + 60
-        while not ports.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.05)
-        port = json.loads(ports.read_text())["grpc"]
+        port = read_port_file(ports, process, name, timeout_s=60)["grpc"]
         servers.append(Server(name, f"127.0.0.1:{port}", process.pid))
     return servers
 

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,7 +41,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Result, http_load, print_table, process_cpu_seconds, serving, summarize
+from _harness import (
+    Result,
+    http_load,
+    print_table,
+    process_cpu_seconds,
+    read_port_file,
+    serving,
+    summarize,
+)
 from local_path import measure as grpc_measure
 
 from edge_agent.grpc._generated import grpc_service_pb2 as pb
@@ -176,12 +183,7 @@ def start_agent(
     )
     agent = Daemon(process, {}, work / f"{name}.log")
     stack.callback(agent.stop)
-    deadline = time.monotonic() + 120
-    while not ports.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start")
-        time.sleep(0.1)
-    agent.ports = json.loads(ports.read_text())
+    agent.ports = read_port_file(ports, process, name)
     return agent
 
 
