@@ -214,7 +214,13 @@ class CloudSession:
         """Send, then read the answer while it fits the reservation: the response, its body
         (decoded) and the time to its headers."""
         start = self._clock.monotonic()
-        response = await self._http.send(request, stream=True)
+        try:
+            response = await self._http.send(request, stream=True)
+        except AttributeError as error:
+            # anyio asks a pooled connection's closed transport for its socket, gets None and
+            # calls getpeername() on it: the link cut that connection, which is a network error
+            # (seen under the fault proxy), not the agent's own failure.
+            raise httpx.ReadError(f"connection closed under the client: {error}") from error
         rtt = self._clock.monotonic() - start
         head = _response_head_bytes(response)
         # A chunked answer's framing is counted from the pieces h11 hands over: one per chunk,
