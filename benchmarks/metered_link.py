@@ -160,7 +160,7 @@ async def drain(
     try:
         if not grouped:
             assert router._drain is not None
-            router._drain._http.headers.update(MAIN_HEADERS)
+            router._drain._session._http.headers.update(MAIN_HEADERS)
         delivered = 0
         async for result in router.watch(0):
             assert result.state == "delivered", result
