@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kill_campaign import Campaign, CampaignPlan
-
-# One agent has at most this many requests in flight at the gateway: the forwarder's four
-# calls (drain_concurrency) of up to 64 queued items each (drain_group_items), and one live
-# escalation. A worker's death can cut off at most that many runs before their answers are
-# stored.
-IN_FLIGHT_PER_AGENT = 4 * 64 + 1
+from tests.support.kill_campaign import IN_FLIGHT_PER_AGENT, Campaign, CampaignPlan
 
 
 # Ten agent start-ups (each imports onnxruntime and loads the models) and a drain: 77 s with

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kill_campaign import Campaign, CampaignPlan
+from tests.support.kill_campaign import IN_FLIGHT_PER_AGENT, Campaign, CampaignPlan
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(0)]
-
-IN_FLIGHT_PER_AGENT = 5  # the forwarder's 4 deliveries and one live escalation
 
 
 def test_kill_campaign(tmp_path: Path) -> None:

@@ -33,10 +33,17 @@ from tests.support.ledger import Accounting, Ledger, integrity_check
 from tests.support.processes import Daemon, spawn_daemon, start_daemon, wait_until
 from tests.support.reliability import queue_settled, send_escalations
 
-__all__ = ["AGENT_FILES", "Campaign", "CampaignPlan", "CampaignReport"]
+__all__ = ["AGENT_FILES", "IN_FLIGHT_PER_AGENT", "Campaign", "CampaignPlan", "CampaignReport"]
 
 AGENT_FILES = ("queue.sqlite", "budget.sqlite")
 """The agent's SQLite files checked after every kill."""
+
+
+# One agent has at most this many model runs in flight at the gateway: the forwarder's four
+# calls (drain_concurrency) of up to 64 queued items each (drain_group_items), and one live
+# escalation. A worker's death can cut off at most that many runs before their answers are
+# stored.
+IN_FLIGHT_PER_AGENT = 4 * 64 + 1
 
 
 @dataclass(frozen=True)
@@ -284,7 +291,15 @@ class Campaign:
 
     def _drain(self) -> None:
         """One last life with the link up, until every item has ended; then a clean stop."""
-        wait_until(lambda: len(self.gateway.worker_pids()) == 2, 60, what="both gateway workers")
+        try:
+            wait_until(lambda: len(self.gateway.worker_pids()) == 2, 60, what="both workers")
+        except TimeoutError as exc:  # say what the supervisor saw happen to them
+            process = self.gateway.daemon.process
+            log = self.gateway.daemon.log().splitlines()
+            raise AssertionError(
+                f"{exc} (gateway pid {process.pid}, exit code {process.poll()}); its log ends:\n"
+                + "\n".join(log[-40:])
+            ) from None
         agent = self.start_agent()
         try:
             wait_until(
