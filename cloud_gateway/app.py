@@ -24,7 +24,6 @@ from cloud_gateway.backends.base import Backend
 from cloud_gateway.backends.embedded import EmbeddedBackend
 from cloud_gateway.backends.upstream import UpstreamBackend
 from cloud_gateway.compression import GzipWhenAsked
-from cloud_gateway.connections import STATE_KEY, ConnectionGuard, connection_cap
 from cloud_gateway.idempotency import (
     IdempotencyGuard,
     IdempotencyPolicy,
@@ -43,6 +42,7 @@ from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelRepository
+from model_runtime.connection_guard import STATE_KEY, ConnectionGuard, connection_cap
 from model_runtime.fault_points import FaultPlan
 from model_runtime.v2_json import TensorLimits
 
@@ -149,6 +149,8 @@ def create_app(
         connection_cap(settings.max_connections),
         metrics.connections_closed,
         metrics.accept_errors,
+        log,
+        server="the gateway",
     )
     if connections.max_connections < settings.max_connections:
         log.warning(
@@ -176,7 +178,7 @@ def create_app(
         gc.collect()
         gc.freeze()
         try:
-            yield {STATE_KEY: connections}  # read by every connection (connections.py)
+            yield {STATE_KEY: connections}  # read by every connection (connection_guard)
         finally:
             cleaner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

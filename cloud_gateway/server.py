@@ -28,15 +28,15 @@ from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from cloud_gateway.app import WorkerAppFactory, create_app
-from cloud_gateway.connections import (
+from cloud_gateway.settings import GatewaySettings
+from model_runtime import ModelLoadError
+from model_runtime.command_line import EXIT_USAGE, StartupError
+from model_runtime.connection_guard import (
     ACCEPT_BATCH,
     MAX_HEAD_BYTES,
     GuardedH11Protocol,
     GuardedHttpToolsProtocol,
 )
-from cloud_gateway.settings import GatewaySettings
-from model_runtime import ModelLoadError
-from model_runtime.command_line import EXIT_USAGE, StartupError
 from model_runtime.fault_points import FaultPlan
 from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token, serve_metrics
 from model_runtime.private_files import SecretFileError, private_dir
@@ -47,7 +47,7 @@ __all__ = ["bind_socket", "run", "write_port_file"]
 log = logging.getLogger("cloud_gateway")
 
 # The HTTP stack, chosen by measurement (BENCHMARKS.md, benchmarks/gateway.py): the parser of
-# requests, each with the connection guard (connections.py), and the event loop.
+# requests, each with the connection guard (model_runtime.connection_guard), and the event loop.
 HTTP_PARSER = "httptools"
 EVENT_LOOP = "asyncio"
 _PROTOCOLS: dict[str, type[Any]] = {
@@ -137,7 +137,7 @@ def raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one (workers inherit it); the new soft limit.
 
     systemd's default soft limit is 1,024 however high the hard one, and each client connection
-    takes a descriptor: the cap on connections (connections.py) stays below what is left.
+    takes a descriptor: the cap on connections (model_runtime.connection_guard) stays below what is left.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

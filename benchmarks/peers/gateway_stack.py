@@ -1,6 +1,6 @@
 """`cloud-gateway` on another HTTP stack than the one it ships with, for benchmarks/gateway.py
 only: the measurement behind the choice of parser and event loop (each parser with the
-connection guard, cloud_gateway.connections).
+connection guard, model_runtime.connection_guard).
 
     .venv/bin/python benchmarks/peers/gateway_stack.py {h11,httptools} {asyncio,uvloop} serve [flags]
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_gateway.connections import FD_RESERVE
+from model_runtime.connection_guard import FD_RESERVE
 from cloud_gateway.settings import GatewaySettings
 from edge_agent.settings import AgentSettings
 

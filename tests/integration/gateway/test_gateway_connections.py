@@ -138,3 +138,18 @@ def test_an_endless_request_head_is_cut_off(
     assert gw.daemon.threads_and_rss_kb()[1] - rss_before < 2048
     assert gw.metric("cloud_gateway_connections_closed_total", reason="head_too_large") >= 1
     assert _ready(gw) == 200
+
+
+def test_pipelined_requests_are_not_taken_for_one_large_head(plain_gateway: Gateway) -> None:
+    # 24 small requests (1 KiB heads) in one write, the last one's head cut short: read
+    # together, 24 KiB of bytes end in an incomplete head, which is not a head of 24 KiB.
+    head = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000 + b"\r\n\r\n"
+    requests = 24
+    with socket.create_connection(("127.0.0.1", plain_gateway.daemon.ports["http"])) as sock:
+        sock.settimeout(10.0)
+        sock.sendall(head * (requests - 1) + head[:100])
+        sock.sendall(head[100:])
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < requests and (chunk := sock.recv(65536)):
+            answers += chunk
+    assert answers.count(b"HTTP/1.1 200 ") == requests, answers[:200]

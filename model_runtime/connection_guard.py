@@ -1,13 +1,13 @@
-"""The API's connections: closed when a request's headers do not arrive in time, capped in number
-(503 beyond), request heads bounded in size, and accept errors logged at most once a second.
+"""HTTP/1.1 connections a server can afford: closed when a request's headers do not arrive in
+time, capped in number (503 beyond), request heads bounded (431), accept errors logged once a second.
 
 uvicorn closes idle keep-alive connections, but not one that never sends a request or stops in
 the middle of its headers, and asyncio logs a traceback for every failed accept (up to the
-backlog's 2,048 per wake-up, issue 12: 68 MB in 13 s). `GuardedHttpToolsProtocol` (the one the
-gateway runs, server.py) and `GuardedH11Protocol` are uvicorn's own HTTP/1.1 protocols with a
+backlog's 2,048 per wake-up, issue 12: 68 MB in 13 s). `GuardedHttpToolsProtocol` (the gateway's)
+and `GuardedH11Protocol` (the agent's REST API's) are uvicorn's own HTTP/1.1 protocols with a
 header deadline, the cap and a bounded head; uvicorn takes one as its `http` class. Their
-settings and counters come from the app's lifespan state (`ConnectionGuard`), the channel
-uvicorn hands to every protocol it creates.
+settings and counters come from uvicorn's app state (`ConnectionGuard` under STATE_KEY), the
+channel uvicorn hands to every protocol it creates.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from uvicorn.server import ServerState
 from model_runtime import json_codec
 
 __all__ = [
+    "ACCEPT_BATCH",
+    "FD_RESERVE",
     "MAX_HEAD_BYTES",
     "STATE_KEY",
     "ConnectionGuard",
@@ -38,15 +40,13 @@ __all__ = [
     "connection_cap",
 ]
 
-log = logging.getLogger("cloud_gateway")
-
 STATE_KEY = "connection_guard"
 # Connections asyncio accepts in one go, before any of them is counted (uvicorn's `backlog`,
 # which is also the listen queue's length).
 ACCEPT_BATCH = 256
 # Descriptors kept free below the open-files limit for what is not a counted connection: a
 # batch being accepted, refused connections lingering, SQLite files (3 per connection, one
-# connection per worker thread), Redis, pipes.
+# connection per worker thread), Redis, pipes; in the agent, its gRPC API and cloud link.
 FD_RESERVE = ACCEPT_BATCH + 128
 # An over-capacity connection gets its 503 and this long to read it and hang up, so that its
 # request, if already sent, is read rather than answered with a reset...
@@ -61,15 +61,15 @@ MAX_HEAD_BYTES = 16 * 1024
 
 def connection_cap(max_connections: int) -> int:
     """`max_connections`, lowered if need be to leave FD_RESERVE descriptors under the soft
-    open-files limit, so that the worker never runs out of them (EMFILE) serving clients."""
+    open-files limit, so that the process never runs out of them (EMFILE) serving clients."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return max_connections
     return max(1, min(max_connections, soft - FD_RESERVE))
 
 
-def _over_capacity_response(retry_after_s: int) -> bytes:
-    body = json_codec.dumps({"error": "the gateway has too many open connections; retry later"})
+def _over_capacity_response(server: str, retry_after_s: int) -> bytes:
+    body = json_codec.dumps({"error": f"{server} has too many open connections; retry later"})
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "content-type: application/json\r\n"
@@ -98,19 +98,29 @@ _HEAD_TOO_LARGE = _head_too_large_response()
 
 @dataclass
 class ConnectionGuard:
-    """What every connection of one worker shares: the limits, the counters, the log throttle."""
+    """What every connection of one server (a gateway worker, the agent's REST API) shares:
+    the limits, the counters, the log throttle."""
 
     header_timeout_s: float
     max_connections: int
     closed: Counter
     """by reason: header_timeout, over_capacity, head_too_large"""
     accept_errors: Counter
+    log: logging.Logger
+    """Where accept errors are reported."""
+    server: str = "the server"
+    """Who answers, in the 503's message ("the gateway")."""
+    cap_setting: str = "max_connections"
+    """The setting that caps connections, named in the accept-error line."""
     monotonic: Callable[[], float] = time.monotonic
-    refusal: bytes = field(default_factory=lambda: _over_capacity_response(1))
+    refusal: bytes = field(init=False)
     """What an over-capacity connection is sent."""
     lingering: int = 0
     _unlogged_errors: int = 0
     _last_logged: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        self.refusal = _over_capacity_response(self.server, 1)
 
     def handle_loop_exception(
         self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]
@@ -126,12 +136,13 @@ class ConnectionGuard:
         if now - self._last_logged < 1.0:
             return
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        log.warning(
+        self.log.warning(
             "could not accept %d connection(s): %s (open-files limit %d; raise LimitNOFILE "
-            "or lower max_connections)",
+            "or lower %s)",
             self._unlogged_errors,
             context.get("exception"),
             soft,
+            self.cap_setting,
         )
         self._unlogged_errors = 0
         self._last_logged = now
@@ -236,11 +247,39 @@ class _GuardedProtocol:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
+class _HeadBoundConnection(h11.Connection):
+    """h11's server side, which tells `too_large` when a request head outgrows MAX_HEAD_BYTES
+    instead of raising: uvicorn would answer any parser error with a 400 and a log line."""
+
+    def __init__(self, too_large: Callable[[], None]) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._too_large = too_large
+
+    def next_event(self) -> Any:
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint != 431:
+                raise
+            self._too_large()  # the 431, and the connection closed
+            return h11.NEED_DATA  # uvicorn waits for data that will not come
+
+
 class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
     """uvicorn's h11 protocol, plus: a request's headers must be complete `header_timeout_s`
     after the connection opens or the previous answer ends; connections past the cap get a 503
-    and are closed. h11 itself refuses a head over MAX_HEAD_BYTES (uvicorn's
-    h11_max_incomplete_event_size, set to it)."""
+    and are closed; a head over MAX_HEAD_BYTES gets a 431 (h11 measures the head it buffers
+    itself, pipelined requests one at a time)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn = _HeadBoundConnection(self._guarded.refuse_head)
 
     def data_received(self, data: bytes) -> None:
         if self._guarded.refused:
@@ -260,31 +299,39 @@ class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
 class GuardedHttpToolsProtocol(_GuardedProtocol, HttpToolsProtocol):
     """uvicorn's httptools protocol with the same guard as GuardedH11Protocol, and a bound on
     the request head, which httptools alone does not have: it would buffer a head of any size
-    (issue 16: 48 MB of headers taken in a test, the process growing by as much). The bytes
-    received while a head is incomplete are counted; past MAX_HEAD_BYTES the connection gets a
-    431 and is closed, so a head takes at most that plus one read (64 KiB) of memory."""
+    (issue 16: 48 MB of headers taken in a test, the process growing by as much). The reads
+    that fall wholly inside one incomplete head are counted; past MAX_HEAD_BYTES the connection
+    gets a 431 and is closed. A read in which a head begins after other bytes (a body, requests
+    pipelined before it) is not counted, since where the head begins in it is unknown: counting
+    it whole would refuse heads that are small (issue 12 follow-up). So a head takes at most
+    MAX_HEAD_BYTES plus two reads (asyncio reads up to 256 KiB) of memory."""
 
-    _in_head = True  # until the first request's headers are complete
+    _in_head = True  # from the connection's start or a message's end to the next headers' end
     _head_bytes = 0
+    _head_edges = 0  # how often a head began or ended: did one within a read?
 
     def data_received(self, data: bytes) -> None:
         if self._guarded.refused:
             return  # the request it answers; the connection closes when the client hangs up
+        edges = self._head_edges
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if self._in_head and self._head_edges == edges and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._guarded.refuse_head()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
-
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_edges += 1
         self._guarded.disarm()  # the headers are in: the request runs as long as it needs
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # What follows is the next request's head (a body never follows a message's end).
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_edges += 1
 
     def on_response_complete(self) -> None:
         waiting = bool(self.pipeline)  # a further request, its headers in, starts now

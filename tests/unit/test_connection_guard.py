@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cloud_gateway import connections
-from cloud_gateway.connections import FD_RESERVE, ConnectionGuard, connection_cap
 from cloud_gateway.metrics import GatewayMetrics
+from model_runtime import connection_guard as connections
+from model_runtime.connection_guard import FD_RESERVE, ConnectionGuard, connection_cap
 
 
 def test_the_cap_leaves_descriptors_free_under_the_open_files_limit(
@@ -38,7 +38,12 @@ def test_accept_errors_are_logged_once_a_second_with_their_count(
     metrics = GatewayMetrics(CollectorRegistry())
     now = [100.0]
     guard = ConnectionGuard(
-        10.0, 100, metrics.connections_closed, metrics.accept_errors, monotonic=lambda: now[0]
+        10.0,
+        100,
+        metrics.connections_closed,
+        metrics.accept_errors,
+        logging.getLogger("cloud_gateway"),
+        monotonic=lambda: now[0],
     )
     loop = FakeLoop()
     error = {
