@@ -17,6 +17,7 @@ from edge_agent import __version__
 from edge_agent.access import AccessDenied
 from edge_agent.settings import DEFAULT_DEVICE
 from model_runtime import ModelRepository
+from model_runtime.connection_guard import CLOSE_REASONS
 from model_runtime.loop_metrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
 from router.decision import DEFAULT_TTL_SECONDS
 
@@ -88,6 +89,22 @@ class AgentMetrics:
             "REST calls answered, by endpoint, model and HTTP status code; a result stream "
             "counts when it ends.",
             ["endpoint", "model", "code"],
+            registry=registry,
+        )
+        self.rest_connections_closed = Counter(
+            "edge_agent_rest_connections_closed",
+            "REST connections the agent closed itself, by reason: header_timeout (no complete "
+            "request headers within rest_header_timeout_seconds), over_capacity (503 past "
+            "rest_max_connections) or head_too_large (431: a request line and headers over "
+            "16 KiB).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CLOSE_REASONS:
+            self.rest_connections_closed.labels(reason)
+        self.rest_accept_errors = Counter(
+            "edge_agent_rest_accept_errors",
+            "REST connections the agent could not accept (out of file descriptors or memory).",
             registry=registry,
         )
         self.invalid_requests = Counter(

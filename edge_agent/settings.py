@@ -145,6 +145,15 @@ class AgentSettings(LayeredSettings):
     """Web origins (`https://kiosk.example.org`, `http://127.0.0.1:5173`) whose pages may call
     the REST API from a browser; "*" allows any page. None by default: only pages the agent
     serves itself (the kiosk page) can call it."""
+    rest_header_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """A REST connection whose request line and headers are not complete this long after it
+    opened (or after its previous answer) is closed without an answer: a client that connects
+    and sends nothing, or half a header, cannot hold a connection. With TLS the time starts once
+    the handshake is done (asyncio gives a handshake 60 s)."""
+    rest_max_connections: int = Field(default=256, ge=1, le=65536)
+    """REST connections open at once; one more gets 503 with Retry-After and is closed. Lowered
+    at start to leave 384 file descriptors under the open-files limit (ulimit -n, LimitNOFILE)
+    for the gRPC API, the queue and the cloud link."""
 
     # -- escalation to the cloud (router) ---------------------------------------------------
     allow_plain_http: bool = False

@@ -31,6 +31,7 @@ from model_runtime import json_codec
 
 __all__ = [
     "ACCEPT_BATCH",
+    "CLOSE_REASONS",
     "FD_RESERVE",
     "MAX_HEAD_BYTES",
     "STATE_KEY",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 STATE_KEY = "connection_guard"
+CLOSE_REASONS = ("header_timeout", "over_capacity", "head_too_large")
+"""Why the guard closed a connection: the `reason` label of its `closed` counter."""
 # Connections asyncio accepts in one go, before any of them is counted (uvicorn's `backlog`,
 # which is also the listen queue's length).
 ACCEPT_BATCH = 256
@@ -248,8 +251,8 @@ class _GuardedProtocol:
 
 
 class _HeadBoundConnection(h11.Connection):
-    """h11's server side, which tells `too_large` when a request head outgrows MAX_HEAD_BYTES
-    instead of raising: uvicorn would answer any parser error with a 400 and a log line."""
+    """h11's server side, which calls `too_large` when a request head outgrows MAX_HEAD_BYTES
+    instead of raising: uvicorn would answer that with a 400 and a warning line each time."""
 
     def __init__(self, too_large: Callable[[], None]) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -267,9 +270,10 @@ class _HeadBoundConnection(h11.Connection):
 
 class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
     """uvicorn's h11 protocol, plus: a request's headers must be complete `header_timeout_s`
-    after the connection opens or the previous answer ends; connections past the cap get a 503
-    and are closed; a head over MAX_HEAD_BYTES gets a 431 (h11 measures the head it buffers
-    itself, pipelined requests one at a time)."""
+    after the connection opens, or after the first bytes of a later request arrive (between
+    requests, uvicorn's keep-alive timeout closes an idle connection, so that it may be longer
+    than the header timeout); connections past the cap get a 503 and are closed; a head over
+    MAX_HEAD_BYTES gets a 431 (h11 bounds the head it buffers, pipelined requests one by one)."""
 
     def __init__(
         self,
@@ -284,27 +288,33 @@ class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._guarded.refused:
             return  # the request it answers; the connection closes when the client hangs up
+        if not self._guarded.armed and self.conn.their_state is h11.IDLE:
+            self._guarded.arm()  # a request's first bytes: its head has the time from now
         super().data_received(data)
         if self._guarded.armed and self.conn.their_state is not h11.IDLE:
             self._guarded.disarm()  # the headers are in: the request runs as long as it needs
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            # The next request's headers get the same time (uvicorn's keep-alive timeout
-            # closes an idle connection; this one also a half-sent request).
-            self._guarded.arm()
+        if (
+            not self.transport.is_closing()
+            and self.conn.their_state is h11.IDLE
+            and self.conn.trailing_data[0]
+        ):
+            self._guarded.arm()  # part of the next request came with this one: its time runs
 
 
 class GuardedHttpToolsProtocol(_GuardedProtocol, HttpToolsProtocol):
-    """uvicorn's httptools protocol with the same guard as GuardedH11Protocol, and a bound on
+    """uvicorn's httptools protocol (the gateway's) with the same guard as GuardedH11Protocol,
+    except that a later request's header time runs from the previous answer's end (the
+    gateway's keep-alive timeout, 5 s, closes an idle connection before that), and a bound on
     the request head, which httptools alone does not have: it would buffer a head of any size
     (issue 16: 48 MB of headers taken in a test, the process growing by as much). The reads
     that fall wholly inside one incomplete head are counted; past MAX_HEAD_BYTES the connection
     gets a 431 and is closed. A read in which a head begins after other bytes (a body, requests
-    pipelined before it) is not counted, since where the head begins in it is unknown: counting
-    it whole would refuse heads that are small (issue 12 follow-up). So a head takes at most
-    MAX_HEAD_BYTES plus two reads (asyncio reads up to 256 KiB) of memory."""
+    pipelined before it) is not counted, since where the head begins in it is unknown: counted
+    whole, it made small pipelined heads look large. So a head takes at most MAX_HEAD_BYTES
+    plus two reads (asyncio reads up to 256 KiB at once) of memory."""
 
     _in_head = True  # from the connection's start or a message's end to the next headers' end
     _head_bytes = 0

@@ -118,7 +118,8 @@ class _ResultEvents:
 
 class _ResultStream(StreamingResponse):
     """A results stream whose watcher is released however the response ends: sent whole,
-    cut by the client, or never begun."""
+    cut by the client (as it hangs up: under uvicorn's ASGI 2.3, StreamingResponse listens
+    for `http.disconnect`), or never begun."""
 
     def __init__(self, events: _ResultEvents) -> None:
         # Every event matters and none may wait in a buffer on the way.

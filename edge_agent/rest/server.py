@@ -1,7 +1,8 @@
 """The agent's REST server: uvicorn, on the agent's own event loop beside the gRPC server.
 
 uvicorn is made for owning a process; here it is one part of one, so it neither installs
-signal handlers (the agent's composition root owns SIGTERM) nor configures logging.
+signal handlers (the agent's composition root owns SIGTERM) nor configures logging. Its
+connections are guarded as the gateway's are (model_runtime.connection_guard).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,15 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent.rest.auth import CERTIFICATE_NAME
 from edge_agent.rest.router_routes import RouterRoutes
+from model_runtime.connection_guard import (
+    ACCEPT_BATCH,
+    STATE_KEY,
+    ConnectionGuard,
+    GuardedH11Protocol,
+)
 from model_runtime.sockets import bind_socket
 
 __all__ = ["RestServer", "ServerTls"]
@@ -44,9 +51,10 @@ class ServerTls:
         return options
 
 
-class _NamingH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol that tells the app the name in a client's verified certificate
-    (uvicorn itself does not), so REST names mTLS callers as gRPC does (edge_agent.rest.auth)."""
+class _NamingH11Protocol(GuardedH11Protocol):
+    """uvicorn's h11 protocol, guarded, that tells the app the name in a client's verified
+    certificate (uvicorn itself does not), so REST names mTLS callers as gRPC does
+    (edge_agent.rest.auth)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -76,9 +84,18 @@ def certificate_name(peercert: dict[str, Any] | None) -> str | None:
 
 
 class _EmbeddedServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, connections: ConnectionGuard) -> None:
+        super().__init__(config)
+        self._connections = connections
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # The channel to every connection's protocol; with lifespan off, nothing else is in it.
+        self.lifespan.state[STATE_KEY] = self._connections
+        await super().startup(sockets)
 
 
 class RestServer:
@@ -91,10 +108,13 @@ class RestServer:
         host: str,
         port: int,
         *,
+        connections: ConnectionGuard,
         tls: ServerTls | None = None,
     ) -> None:
-        """With `tls`, HTTPS only (the gRPC API's certificate and key, and its client CA)."""
+        """With `tls`, HTTPS only (the gRPC API's certificate and key, and its client CA);
+        `connections`: the header deadline, the cap and their counters."""
         self._streams = streams
+        self._connections = connections
         self._socket = bind_socket(host, port)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
@@ -103,6 +123,7 @@ class RestServer:
             # headers (48 MB measured) before the app could refuse anything. It is also 1.5-1.7x
             # faster (BENCHMARKS.md), which does not buy that back.
             http=_NamingH11Protocol,
+            backlog=ACCEPT_BATCH,  # accepted in one go, before the cap can count them
             lifespan="off",
             log_config=None,
             log_level="warning",  # its start and stop lines would repeat the agent's own
@@ -117,10 +138,13 @@ class RestServer:
         except BaseException:
             self._socket.close()
             raise
-        self._server = _EmbeddedServer(config)
+        self._server = _EmbeddedServer(config, connections)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Accept errors (out of descriptors) counted and logged once a second, not a traceback
+        # each; the agent's loop has no other handler.
+        asyncio.get_running_loop().set_exception_handler(self._connections.handle_loop_exception)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():  # it failed to start: say why

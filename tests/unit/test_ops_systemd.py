@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from model_runtime.connection_guard import FD_RESERVE
 from cloud_gateway.settings import GatewaySettings
 from edge_agent.settings import AgentSettings
+from model_runtime.connection_guard import FD_RESERVE
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"

@@ -33,6 +33,11 @@ def test_flags_beat_environment_beat_file(tmp_path: Path, monkeypatch: pytest.Mo
         ("prot = 1\n", "prot: unknown setting in"),
         ('log_level = "LOUD"\n', "log_level: must be one of 'debug', 'info'"),
         ("port = [\n", "is not valid TOML"),
+        (
+            "rest_header_timeout_seconds = 0\n",
+            "rest_header_timeout_seconds: must be more than 0.0, got 0",
+        ),
+        ("rest_max_connections = 0\n", "rest_max_connections: must be at least 1, got 0"),
     ],
 )
 def test_invalid_file_names_the_key(tmp_path: Path, text: str, words: str) -> None:

@@ -208,8 +208,12 @@ def test_bad_requests_leave_threads_and_memory_unchanged(agent: Daemon, rest: ht
     agent.assert_steady(burst)
 
 
-def test_an_endless_request_head_is_cut_off(agent: Daemon, rest: httpx.Client) -> None:
+CLOSED = "edge_agent_rest_connections_closed_total"
+
+
+def test_an_endless_request_head_is_cut_off_with_431(agent: Daemon, rest: httpx.Client) -> None:
     _, rss_before = agent.threads_and_rss_kb()
+    closed = agent_metric(agent, CLOSED, reason="head_too_large")
     host, port = agent.address("rest").split(":")
     line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
     sent = 0
@@ -220,7 +224,10 @@ def test_an_endless_request_head_is_cut_off(agent: Daemon, rest: httpx.Client) -
                 sock.sendall(line)
                 sent += len(line)
         with contextlib.suppress(ConnectionError):
-            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+            answer = sock.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer
+            assert b"more than 16384 bytes" in answer
     assert sent < 8 << 20, "the agent read 8 MB of headers"
+    assert agent_metric(agent, CLOSED, reason="head_too_large") == closed + 1
     assert agent.threads_and_rss_kb()[1] - rss_before < 2048
     assert rest.get("/v2/health/ready").status_code == 200
