@@ -147,9 +147,9 @@ class AgentSettings(LayeredSettings):
     serves itself (the kiosk page) can call it."""
     rest_header_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     """A REST connection whose request line and headers are not complete this long after it
-    opened (or after its previous answer) is closed without an answer: a client that connects
-    and sends nothing, or half a header, cannot hold a connection. With TLS the time starts once
-    the handshake is done (asyncio gives a handshake 60 s)."""
+    opened (or after a later request's first bytes) is closed without an answer: a client that
+    connects and sends nothing, or half a header, cannot hold a connection. With HTTPS, its TLS
+    handshake gets as long again."""
     rest_max_connections: int = Field(default=256, ge=1, le=65536)
     """REST connections open at once; one more gets 503 with Retry-After and is closed. Lowered
     at start to leave 384 file descriptors under the open-files limit (ulimit -n, LimitNOFILE)

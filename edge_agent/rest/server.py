@@ -95,7 +95,36 @@ class _EmbeddedServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # The channel to every connection's protocol; with lifespan off, nothing else is in it.
         self.lifespan.state[STATE_KEY] = self._connections
-        await super().startup(sockets)
+        config = self.config
+        if config.ssl is None or not sockets:
+            await super().startup(sockets)
+            return
+        # uvicorn leaves a TLS handshake asyncio's 60 s, and a connection counts (and its
+        # header time runs) only once the handshake is done: listen here instead, giving a
+        # handshake the header timeout, and let uvicorn do the rest of its start-up.
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+            return made
+
+        servers = [
+            await loop.create_server(
+                protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self._connections.header_timeout_s,
+            )
+            for sock in sockets
+        ]
+        await super().startup(sockets=[])
+        self.servers.extend(servers)  # closed by uvicorn's shutdown, as its own are
 
 
 class RestServer:

@@ -6,7 +6,9 @@ certificate and client CA (certificates made here with trustme).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ from tests.integration.rest.helpers import X, body, rest_ready
 from tests.support.fault_proxy import FaultProxy
 from tests.support.processes import Daemon, start_daemon, wait_until
 from tests.support.sse import EventStream
+
+HEADER_TIMEOUT_S = 2.0
 
 
 def bearer(name: str) -> dict[str, str]:
@@ -211,6 +215,7 @@ def test_https_with_the_grpc_apis_certificate_and_client_ca(tmp_path: Path) -> N
         ],
         tmp_path,
         ready=ready,
+        env={"EDGE_AGENT_REST_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT_S)},
     )  # fmt: skip
     try:
         base = f"https://{agent.address('rest')}"
@@ -228,5 +233,21 @@ def test_https_with_the_grpc_apis_certificate_and_client_ca(tmp_path: Path) -> N
             httpx.get(f"{base}/v2/health/ready", verify=context(None))
         with pytest.raises(httpx.TransportError):  # nor plain HTTP
             httpx.get(f"http://{agent.address('rest')}/v2/health/ready")
+
+        # A client that never begins its TLS handshake, and one that sends nothing after it,
+        # are closed after the header timeout (asyncio alone would wait 60 s for a handshake).
+        host, port = agent.address("rest").rsplit(":", 1)
+        with (
+            socket.create_connection((host, int(port))) as silent,
+            context("kiosk-1").wrap_socket(
+                socket.create_connection((host, int(port))), server_hostname=host
+            ) as shook,
+        ):
+            for sock in (silent, shook):
+                sock.settimeout(HEADER_TIMEOUT_S + 8)
+                with contextlib.suppress(ConnectionResetError, ssl.SSLEOFError):
+                    assert sock.recv(1) == b""
+        closed = "edge_agent_rest_connections_closed_total"
+        assert agent_metric(agent, closed, reason="header_timeout") == 1  # the one with TLS
     finally:
         agent.stop()
