@@ -42,7 +42,7 @@ from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
 from model_runtime import ModelRepository
-from model_runtime.connection_guard import STATE_KEY, ConnectionGuard, connection_cap
+from model_runtime.connection_guard import STATE_KEY, ConnectionGuard
 from model_runtime.fault_points import FaultPlan
 from model_runtime.v2_json import TensorLimits
 
@@ -144,20 +144,15 @@ def create_app(
         openapi=document,
     )
 
-    connections = ConnectionGuard(
+    connections = ConnectionGuard.under_open_files_limit(
         settings.header_timeout_s,
-        connection_cap(settings.max_connections),
+        settings.max_connections,
         metrics.connections_closed,
         metrics.accept_errors,
         log,
         server="the gateway",
+        cap_setting="max_connections",
     )
-    if connections.max_connections < settings.max_connections:
-        log.warning(
-            "max_connections lowered to %d per worker, to stay under the open-files limit "
-            "(raise it: LimitNOFILE in the systemd unit, ulimit -n)",
-            connections.max_connections,
-        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -29,7 +29,7 @@ from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.command_line import EXIT_FAILURE, EXIT_USAGE, StartupError
-from model_runtime.connection_guard import ConnectionGuard, connection_cap
+from model_runtime.connection_guard import ConnectionGuard
 from model_runtime.encryption import DataKeyError
 from model_runtime.fault_points import FaultPlan
 from model_runtime.logs import configure_logging, redact
@@ -251,21 +251,15 @@ def _rest_server(
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         tls = ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    connections = ConnectionGuard(
+    connections = ConnectionGuard.under_open_files_limit(
         settings.rest_header_timeout_seconds,
-        connection_cap(settings.rest_max_connections),
+        settings.rest_max_connections,
         metrics.rest_connections_closed,
         metrics.rest_accept_errors,
         log,
         server="the agent",
         cap_setting="rest_max_connections",
     )
-    if connections.max_connections < settings.rest_max_connections:
-        log.warning(
-            "rest_max_connections lowered to %d, to stay under the open-files limit "
-            "(raise it: LimitNOFILE in the systemd unit, ulimit -n)",
-            connections.max_connections,
-        )
     return RestServer(
         app, streams, settings.rest_host, settings.rest_port, connections=connections, tls=tls
     )

@@ -125,6 +125,39 @@ class ConnectionGuard:
     def __post_init__(self) -> None:
         self.refusal = _over_capacity_response(self.server, 1)
 
+    @classmethod
+    def under_open_files_limit(
+        cls,
+        header_timeout_s: float,
+        max_connections: int,
+        closed: Counter,
+        accept_errors: Counter,
+        log: logging.Logger,
+        *,
+        server: str,
+        cap_setting: str,
+    ) -> ConnectionGuard:
+        """A guard whose cap is `max_connections` lowered if need be (connection_cap), and a
+        warning saying so: the operator asked for more than the process can hold."""
+        guard = cls(
+            header_timeout_s,
+            connection_cap(max_connections),
+            closed,
+            accept_errors,
+            log,
+            server=server,
+            cap_setting=cap_setting,
+        )
+        if guard.max_connections < max_connections:
+            log.warning(
+                "%s lowered to %d for %s, to stay under the open-files limit "
+                "(raise it: LimitNOFILE in the systemd unit, ulimit -n)",
+                cap_setting,
+                guard.max_connections,
+                server,
+            )
+        return guard
+
     def handle_loop_exception(
         self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     ) -> None:
@@ -275,14 +308,8 @@ class GuardedH11Protocol(_GuardedProtocol, H11Protocol):
     than the header timeout); connections past the cap get a 503 and are closed; a head over
     MAX_HEAD_BYTES gets a 431 (h11 bounds the head it buffers, pipelined requests one by one)."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.conn = _HeadBoundConnection(self._guarded.refuse_head)
 
     def data_received(self, data: bytes) -> None:

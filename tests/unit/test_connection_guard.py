@@ -63,3 +63,33 @@ def test_accept_errors_are_logged_once_a_second_with_their_count(
     other = {"message": "Task exception was never retrieved"}
     guard.handle_loop_exception(loop, other)  # type: ignore[arg-type]
     assert loop.passed_on == [other]
+
+
+def test_a_cap_lowered_under_the_open_files_limit_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (1024, 1024))
+    metrics = GatewayMetrics(CollectorRegistry())
+    log = logging.getLogger("edge_agent")
+
+    def guard(cap: int) -> ConnectionGuard:
+        return ConnectionGuard.under_open_files_limit(
+            1.0,
+            cap,
+            metrics.connections_closed,
+            metrics.accept_errors,
+            log,
+            server="the agent",
+            cap_setting="rest_max_connections",
+        )
+
+    with caplog.at_level(logging.WARNING, logger="edge_agent"):
+        assert guard(256).max_connections == 256
+        assert caplog.records == []
+        lowered = guard(4096)
+    assert lowered.max_connections == 1024 - FD_RESERVE
+    assert [r.getMessage() for r in caplog.records] == [
+        "rest_max_connections lowered to 640 for the agent, to stay under the open-files limit "
+        "(raise it: LimitNOFILE in the systemd unit, ulimit -n)"
+    ]
+    assert b"the agent has too many open connections" in lowered.refusal
