@@ -134,6 +134,8 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        # Taken by SLOW_CLOSE: their handlers have ended, their sockets close on a timer.
+        self._closing_slowly: set[_Connection] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._cut = False
         self._flowing: asyncio.Event | None = None
@@ -352,8 +354,9 @@ class FaultProxy:
             _close(connection.upstream)
         else:  # SLOW_CLOSE
             connection.closing_slowly = True
+            self._closing_slowly.add(connection)
             asyncio.get_running_loop().call_later(
-                self.close_delay_s, lambda: (_close(connection.client), _close(connection.upstream))
+                self.close_delay_s, self._close_slowly, connection
             )
         raise _Stop()
 
@@ -403,9 +406,16 @@ class FaultProxy:
         connection.responses = connection.requests
         return [(max(1, len(data) // 2), Phase.RESPONSE, connection.last_key)]
 
+    def _close_slowly(self, connection: _Connection) -> None:
+        self._closing_slowly.discard(connection)
+        _close(connection.client)
+        _close(connection.upstream)
+
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        for connection in list(self._closing_slowly):  # their timers would never run
+            self._close_slowly(connection)
         for connection in list(self._connections):
             connection.kill()
         for task in list(self._handlers):
