@@ -1,7 +1,8 @@
 """CloudClient: one v2 REST inference call to the cloud, with auth, idempotency, gzip and retries.
 
 The body is compressed once and sent with the same Idempotency-Key on every attempt, so a retry
-or a redelivery after a restart never runs the cloud model twice. Every exchange, probes
+or a redelivery after a restart never runs the cloud model twice. A CloudRequest is that body
+built ahead (pure CPU work: a caller may build it, and read the answer, on a thread of its own). Every exchange, probes
 included, reserves its bytes in the data budget before it starts and settles what it took
 (router.cloud_session says what a byte is); router.cloud_answers reads what came back.
 """
@@ -13,6 +14,7 @@ import gzip
 import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -50,6 +52,7 @@ __all__ = [
     "CallObserver",
     "CloudAnswer",
     "CloudClient",
+    "CloudRequest",
     "CloudTls",
     "encode_body",
 ]
@@ -78,14 +81,74 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return json_codec.dumps(body)
 
 
-@dataclass(slots=True)
-class _Call:
-    """One infer call's fixed request and its running totals over attempts."""
+@dataclass(frozen=True, slots=True)
+class CloudRequest:
+    """A call's request as it goes on the wire, every attempt the same: its body final (binary
+    tensors, group framing and gzip done), so its length is the body's bytes on the wire."""
 
+    method: str
     path: str
     payload: bytes
-    headers: dict[str, str]
-    method: str = "POST"
+    headers: Mapping[str, str]
+
+
+def infer_request(
+    model: str,
+    body: Mapping[str, Any] | bytes,
+    *,
+    idempotency_key: str,
+    version: str | None = None,
+    binary: bool = False,
+    compress: bool = True,
+) -> CloudRequest:
+    """The request of `CloudClient.infer` (which says what the arguments mean); ValueError for
+    a bad key or model name."""
+    _check_key(idempotency_key)
+    payload = body if isinstance(body, bytes) else encode_body(body)
+    headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+    if binary:
+        payload, header_length = json_to_binary(payload)
+        headers.update(_framed_headers(header_length))
+    return _finished("POST", _model_path(model, version, "infer"), payload, headers, compress)
+
+
+def group_request(
+    model: str,
+    items: Sequence[GroupItem],
+    *,
+    version: str | None = None,
+    binary: bool = False,
+    compress: bool = True,
+) -> CloudRequest:
+    """One request of the infer_group extension (model_runtime.infer_group) for `items` (v2
+    JSON bodies, each under its Idempotency-Key), their tensors as bytes if `binary`. The
+    answer's `body` is the group's answer: read it with `decode_group_answer`. ValueError for
+    no items, a bad key or model name."""
+    if not items:
+        raise ValueError("items: a group needs at least one item")
+    for item in items:
+        _check_key(item.key)
+    if binary:
+        items = [GroupItem(i.key, *json_to_binary(i.body)) for i in items]
+    payload, header_length = encode_group_request(items)
+    path = _model_path(model, version, GROUP_EXTENSION)
+    return _finished("POST", path, payload, _framed_headers(header_length), compress)
+
+
+def _finished(
+    method: str, path: str, payload: bytes, headers: dict[str, str], compress: bool
+) -> CloudRequest:
+    if payload and compress:
+        payload = gzip.compress(payload, mtime=0)  # mtime=0: equal bodies, equal bytes
+        headers["Content-Encoding"] = "gzip"
+    return CloudRequest(method, path, payload, headers)
+
+
+@dataclass(slots=True)
+class _Call:
+    """One call's fixed request and its running totals over attempts."""
+
+    request: CloudRequest
     sent: int = 0
     received: int = 0
     attempts: int = 0
@@ -184,6 +247,11 @@ class CloudClient:
             raise CloudUnavailable(why, status=status)
         return True
 
+    @property
+    def compress(self) -> bool:
+        """Whether request bodies are gzipped: what `infer_request` and `group_request` take."""
+        return self._compress
+
     async def infer(
         self,
         model: str,
@@ -201,60 +269,32 @@ class CloudClient:
         Raises CloudRejected for a 4xx other than 429, CloudUnavailable when the cloud cannot
         answer in time (CircuitOpen when the breaker holds the call back).
         """
-        _check_key(idempotency_key)
-        payload = body if isinstance(body, bytes) else encode_body(body)
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        if binary:
-            payload, header_length = json_to_binary(payload)
-            headers.update(_framed_headers(header_length))
-        return await self._call(
-            "POST", _model_path(model, version, "infer"), payload, headers, deadline
-        )
-
-    async def infer_group(
-        self,
-        model: str,
-        items: Sequence[GroupItem],
-        *,
-        deadline: float | None = None,
-        version: str | None = None,
-        binary: bool = False,
-    ) -> CloudAnswer:
-        """POST `items` (v2 JSON bodies, each under its Idempotency-Key) as one request of the
-        infer_group extension (model_runtime.infer_group), their tensors as bytes if `binary`.
-        The answer's `body` is the group's answer: read it with `decode_group_answer`. Raises
-        as `infer` does for the group."""
-        if not items:
-            raise ValueError("items: a group needs at least one item")
-        for item in items:
-            _check_key(item.key)
-        if binary:
-            items = [GroupItem(i.key, *json_to_binary(i.body)) for i in items]
-        payload, header_length = encode_group_request(items)
-        path = _model_path(model, version, GROUP_EXTENSION)
-        return await self._call("POST", path, payload, _framed_headers(header_length), deadline)
+        request = infer_request(
+            model, body, idempotency_key=idempotency_key, version=version, binary=binary,
+            compress=self._compress,
+        )  # fmt: skip
+        return await self.send(request, deadline=deadline)
 
     async def server_metadata(self, *, deadline: float | None = None) -> dict[str, Any]:
         """GET /v2: the server's name, version and `extensions` (what it can do beyond v2)."""
-        answer = await self._call("GET", SERVER_PATH, b"", {}, deadline)
+        answer = await self.send(CloudRequest("GET", SERVER_PATH, b"", {}), deadline=deadline)
         return answer.body
 
-    async def _call(
+    async def send(
         self,
-        method: str,
-        path: str,
-        payload: bytes,
-        headers: dict[str, str],
-        deadline: float | None,
+        request: CloudRequest,
+        *,
+        deadline: float | None = None,
+        reader: Executor | None = None,
     ) -> CloudAnswer:
-        if payload and self._compress:
-            payload = gzip.compress(payload, mtime=0)  # mtime=0: equal bodies, equal bytes
-            headers["Content-Encoding"] = "gzip"
-        call = _Call(path, payload, headers, method)
+        """Send `request` (built by `infer_request` or `group_request` with this client's
+        `compress`) as it is, with retries; raises as `infer` does. `reader`: where each
+        answer's body is parsed (JSON) instead of the event loop, for large answers."""
+        call = _Call(request)
         started = self._clock.monotonic()
 
         async def attempt(limit_s: float) -> Reply:
-            return await self._attempt(call, limit_s)
+            return await self._attempt(call, limit_s, reader)
 
         reply = await retry_call(attempt, policy=self.retry, clock=self._clock, deadline=deadline)
         return CloudAnswer(
@@ -268,16 +308,19 @@ class CloudClient:
             attempts=call.attempts,
         )
 
-    async def _attempt(self, call: _Call, limit_s: float) -> Reply:
+    async def _attempt(self, call: _Call, limit_s: float, reader: Executor | None) -> Reply:
         if self.pacer is not None:  # RateLimited if the rate would start it too late
             now = self._clock.monotonic()
             limit_s -= await self.pacer.acquire(latest=now + limit_s - self.retry.min_attempt_s)
-        request = self._session.request(call.method, call.path, call.payload, call.headers, limit_s)
-        exchange = self._session.open(call.path, request, len(call.payload))
+        fixed = call.request
+        request = self._session.request(
+            fixed.method, fixed.path, fixed.payload, fixed.headers, limit_s
+        )
+        exchange = self._session.open(fixed.path, request, len(fixed.payload))
         start = self._clock.monotonic()
         observer = self.observer
         if observer is not None and not observer.allow_call():
-            self._session.close(call.path, exchange, "breaker_open", None, start)
+            self._session.close(fixed.path, exchange, "breaker_open", None, start)
             raise CircuitOpen()
         call.attempts += 1
         try:
@@ -296,7 +339,17 @@ class CloudClient:
         except asyncio.CancelledError:
             self._finish(call, exchange, "cancelled", None, start, None)
             raise
-        kind, outcome = read_answer(response, raw, rtt, self._clock)
+        if reader is None:
+            kind, outcome = read_answer(response, raw, rtt, self._clock)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                kind, outcome = await loop.run_in_executor(
+                    reader, read_answer, response, raw, rtt, self._clock
+                )
+            except asyncio.CancelledError:
+                self._finish(call, exchange, "cancelled", None, start, None)
+                raise
         self._finish(call, exchange, kind, response.status_code, start, rtt)
         if isinstance(outcome, CloudError):
             if self.pacer is not None and outcome.retry_after is not None and kind != "rejected":
@@ -316,7 +369,7 @@ class CloudClient:
     ) -> None:
         """Settle and report the attempt, add it to the call's totals, and give the observer
         its verdict."""
-        record = self._session.close(call.path, exchange, kind, status, start)
+        record = self._session.close(call.request.path, exchange, kind, status, start)
         call.sent += record.bytes_sent
         call.received += record.bytes_received
         self._watch_key(status)

@@ -11,26 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 from model_runtime.errors import InvalidInput
 from model_runtime.fault_points import FaultPlan
-from model_runtime.infer_group import (
-    GroupItem,
-    GroupItemAnswer,
-    decode_group_answer,
-    encode_group_request,
-)
+from model_runtime.infer_group import GroupItem, GroupItemAnswer, decode_group_answer
 from model_runtime.v2_json import decode_infer_response
 from router.breaker import CircuitBreaker
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, sleep_or_wake
-from router.cloud_client import CloudClient
+from router.cloud_client import CloudClient, CloudRequest, group_request, infer_request
 from router.config import AFTER_SEND_BEFORE_MARK, RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
@@ -55,12 +50,13 @@ __all__ = [
     "TokenBucket",
     "housekeep",
     "open_cloud",
+    "request_for",
     "stored_answer",
     "stored_answers",
+    "stored_group",
 ]
 
 log = logging.getLogger(__name__)
-A = TypeVar("A")
 R = TypeVar("R")
 
 SETUP_STATUSES = frozenset({401, 403, 404, 407})
@@ -230,9 +226,10 @@ class Forwarder:
             initial_s=config.failure_backoff_s,
             cap_s=max(_STORAGE_RETRY_CAP_S, config.failure_backoff_s),
         )
-        # Encoding groups and their answers (JSON, gzip) is CPU work kept off the event loop,
-        # on one thread of its own: a drain uses at most one core for it, and the local
-        # model's runs never wait in the default pool behind it.
+        # Building a call's request (binary tensors, group framing, gzip) and reading its answer
+        # (JSON parse, decode, encoding for storage) is CPU work kept off the event loop, on
+        # one thread of its own: a drain uses at most one core for it, and the local model's
+        # runs never wait in the default pool behind it.
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="drain-encode")
 
     def wake(self) -> None:
@@ -267,8 +264,8 @@ class Forwarder:
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
             self._encoder.shutdown(wait=False, cancel_futures=True)
 
-    async def _off_loop(self, fn: Callable[[A], R], arg: A) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, arg)
+    async def _off_loop(self, fn: Callable[[], R]) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, fn)
 
     def _claim_bytes(self) -> int:
         """At most what the cap lets out within a quarter of the lease: claimed items waiting
@@ -299,14 +296,17 @@ class Forwarder:
         for i, group in enumerate(groups):
             await self._slots.acquire()
             try:
-                # Encoding and gzipping a group takes milliseconds: not on the event loop.
-                body_bytes = await self._off_loop(self._body_bytes, group)
-                estimate = body_bytes + self._overhead
-                if self.bucket is not None:
-                    await self.bucket.take(estimate)
+                request = await self._request(group)
+                if request is not None:
+                    estimate = len(request.payload) + self._overhead
+                    if self.bucket is not None:
+                        await self.bucket.take(estimate)
             except BaseException:
                 self._slots.release()
                 raise
+            if request is None:
+                self._slots.release()
+                continue
             why = self._blocked(estimate)
             if why is not None:
                 self._slots.release()
@@ -315,7 +315,7 @@ class Forwarder:
                 rest = [item for later in groups[i:] for item in later]
                 await self._release(rest, f"not sent: {why}", sent=False)
                 return
-            task = asyncio.create_task(self._send(group, body_bytes, estimate))
+            task = asyncio.create_task(self._send(group, request, estimate))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -360,21 +360,31 @@ class Forwarder:
             return "data budget spent"
         return None
 
-    def _body_bytes(self, group: Sequence[QueuedItem]) -> int:
-        """The body's size as the client will send it (the same gzip, so the same bytes); for
-        binary tensors, an estimate from the JSON (no smaller), settled once sent."""
-        if len(group) == 1:
-            body = group[0].payload
-        else:
-            body = encode_group_request([GroupItem(i.ticket, i.payload) for i in group])[0]
-        return len(gzip.compress(body, mtime=0)) if self._config.compress else len(body)
+    async def _request(self, group: list[QueuedItem]) -> CloudRequest | None:
+        """The very bytes the client will send for `group`, built once off the event loop
+        (milliseconds for a group of 64), which also size the call; None, and the items
+        rejected, if they cannot be built (never so for items this agent queued)."""
+        build = partial(
+            request_for, group, binary=self.groups.binary, compress=self._client.compress
+        )
+        try:
+            return await self._off_loop(build)
+        except (ValueError, InvalidInput) as error:
+            tickets = [item.ticket for item in group]
+            log.error("cannot build the cloud request for tickets %s: %s", tickets, error)
+            try:
+                for item in group:
+                    await self._queue.mark_rejected(item.ticket, f"cannot be sent: {error}")
+            except StorageError as failure:  # still claimed: the lease brings them back
+                log.warning("could not reject tickets %s: %s", tickets, failure)
+            return None
 
-    async def _send(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
+    async def _send(self, group: list[QueuedItem], request: CloudRequest, estimate: int) -> None:
         try:
             if len(group) == 1:
-                await self._deliver(group[0], body_bytes, estimate)
+                await self._deliver(group[0], request, estimate)
             else:
-                await self._deliver_group(group, body_bytes, estimate)
+                await self._deliver_group(group, request, estimate)
         except Exception:  # a failed SQLite write must not kill the forwarder; the lease saves it
             log.exception("could not record the outcome of tickets %s", [i.ticket for i in group])
         finally:
@@ -393,14 +403,11 @@ class Forwarder:
                 if tally.attempts == 1 and tally.sent:
                     self._overhead = max(0, tally.sent - body_bytes)
 
-    async def _deliver(self, item: QueuedItem, body_bytes: int, estimate: int) -> None:
+    async def _deliver(self, item: QueuedItem, request: CloudRequest, estimate: int) -> None:
         try:
-            with self._drain_call(body_bytes, estimate):
-                answer = await self._client.infer(
-                    item.model, item.payload, idempotency_key=item.ticket,
-                    binary=self.groups.binary,
-                )  # fmt: skip
-            stored = await self._off_loop(stored_answer, answer.body)
+            with self._drain_call(len(request.payload), estimate):
+                answer = await self._client.send(request, reader=self._encoder)
+            stored = await self._off_loop(partial(stored_answer, answer.body))
         except BudgetExhausted as error:
             await self._queue.release(item.ticket, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
@@ -421,17 +428,19 @@ class Forwarder:
             await self._store_answer(item, stored)
             self._failures = 0
 
-    async def _deliver_group(self, group: list[QueuedItem], body_bytes: int, estimate: int) -> None:
+    async def _deliver_group(
+        self, group: list[QueuedItem], request: CloudRequest, estimate: int
+    ) -> None:
         """One infer_group call for `group`; then each item as its own answer says. A group
         that fails as a whole leaves every item as a single call failing so would."""
         keys = [item.ticket for item in group]
         try:
-            with self._drain_call(body_bytes, estimate):
-                answer = await self._client.infer_group(
-                    group[0].model, [GroupItem(item.ticket, item.payload) for item in group],
-                    binary=self.groups.binary,
-                )  # fmt: skip
-            answers = decode_group_answer(answer.body, keys)
+            with self._drain_call(len(request.payload), estimate):
+                answer = await self._client.send(request, reader=self._encoder)
+            # Decoding 64 answers and encoding them for storage would hold the event loop for
+            # tens of milliseconds (local answers wait meanwhile); one item's store per loop
+            # step is all that stays.
+            answers, stored = await self._off_loop(partial(stored_group, answer.body, keys))
         except BudgetExhausted as error:
             await self._release(group, f"not sent: {error}", sent=False)
             self._hold(self._config.idle_poll_s, "budget")
@@ -450,9 +459,6 @@ class Forwarder:
             await self._release(group, f"cloud answer is not a group answer: {error}")
             self._failed()
             return
-        # Decoding and encoding 64 answers would hold the event loop for tens of milliseconds
-        # (local answers wait meanwhile); one item's store per loop step is all that stays.
-        stored = await self._off_loop(stored_answers, answers)
         failed = False
         for item, result, ready in zip(group, answers, stored, strict=True):
             failed |= not await self._settle_item(item, result, ready)
@@ -552,6 +558,28 @@ class Forwarder:
     async def _nap(self, seconds: float) -> None:
         """Sleep on the clock, or less if woken."""
         await sleep_or_wake(self._clock, seconds, self._wake)
+
+
+def request_for(group: Sequence[QueuedItem], *, binary: bool, compress: bool) -> CloudRequest:
+    """The cloud request delivering `group`: one item's own infer call, or an infer_group call.
+    Pure: the forwarder runs it on its worker thread."""
+    if len(group) == 1:
+        item = group[0]
+        return infer_request(
+            item.model, item.payload, idempotency_key=item.ticket, binary=binary,
+            compress=compress,
+        )  # fmt: skip
+    items = [GroupItem(item.ticket, item.payload) for item in group]
+    return group_request(group[0].model, items, binary=binary, compress=compress)
+
+
+def stored_group(
+    answer: Mapping[str, Any], keys: Sequence[str]
+) -> tuple[list[GroupItemAnswer], list[bytes | InvalidInput | None]]:
+    """A group's answer read for `keys` (InvalidInput if it is not one for them) and what
+    `stored_answers` makes of it. Pure: the forwarder runs it on its worker thread."""
+    answers = decode_group_answer(answer, keys)
+    return answers, stored_answers(answers)
 
 
 def stored_answer(response: Mapping[str, Any]) -> bytes:

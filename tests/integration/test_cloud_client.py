@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ from starlette.routing import Route
 
 from model_runtime.demo import HELDOUT
 from model_runtime.v2_json import encode_infer_request
+from router import cloud_client
 from router.breaker import CircuitBreaker
 from router.budget import BudgetPeriod, DataBudget
 from router.clock import SystemClock
-from router.cloud_client import AttemptRecord, CloudClient
+from router.cloud_client import AttemptRecord, CloudClient, infer_request
 from router.connectivity import ConnectivityMonitor
 from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
 from router.retrying import RetryPolicy
@@ -228,6 +230,37 @@ async def test_502_and_503_are_retried(cloud: ScriptedCloud, attempts: Attempts)
         answer = await client.infer("m", BODY, idempotency_key="t-5xx", deadline=deadline_in(5))
     assert answer.attempts == 4
     assert attempts.outcomes == ["unavailable"] * 3 + ["ok"]
+
+
+async def test_a_request_built_ahead_goes_as_it_is_and_its_answer_is_read_by_the_reader(
+    cloud: ScriptedCloud, attempts: Attempts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwarder builds a drain call's bytes and reads its answer on a thread of its own:
+    the client sends those bytes unchanged on every attempt, counts them as `infer` would,
+    and parses each answer on the `reader` it is given, not on the event loop."""
+    cloud.script = [Action(503)]
+    readers: list[str] = []
+    read = cloud_client.read_answer
+
+    def reading(*args: Any) -> Any:
+        readers.append(threading.current_thread().name)
+        return read(*args)
+
+    monkeypatch.setattr(cloud_client, "read_answer", reading)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="reader")
+    try:
+        async with client_for(f"http://127.0.0.1:{cloud.port}", attempts) as client:
+            request = infer_request("m", BODY, idempotency_key="t-built", compress=client.compress)
+            answer = await client.send(request, deadline=deadline_in(5), reader=reader)
+            live = await client.infer("m", BODY, idempotency_key="t-built")
+    finally:
+        reader.shutdown()
+    assert [s.raw for s in cloud.seen] == [request.payload] * 3  # both attempts, and `infer`
+    assert attempts.outcomes == ["unavailable", "ok", "ok"]
+    assert answer.attempts == 2
+    assert answer.response().outputs["probabilities"].shape == (1, 300)
+    assert answer.bytes_sent == 2 * live.bytes_sent  # the same bytes as `infer` sends, twice
+    assert [name.startswith("reader") for name in readers] == [True, True, False]
 
 
 async def test_400_is_rejected_at_once(cloud: ScriptedCloud, attempts: Attempts) -> None:

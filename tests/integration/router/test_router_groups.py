@@ -9,9 +9,10 @@ import asyncio
 import gzip
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,7 +28,9 @@ from model_runtime.infer_group import (
     decode_group_answer,
     encode_group_request,
 )
-from router import LinkState, Router, forwarder
+from router import LinkState, Router, cloud_client, forwarder
+from router.clock import Clock
+from router.cloud_client import CloudRequest
 from router.durable_queue import QueuedItem
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.integration.router.helpers import (
@@ -110,18 +113,28 @@ async def test_a_groups_answers_are_encoded_off_the_event_loop_which_serves_mean
     pixels: np.ndarray,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Sizing a group's body and decoding and encoding its answers take tens of milliseconds
-    for 64 items: done on the event loop, they held every local answer back meanwhile. Here
-    the encoding of the answers is held by the test, and the loop must go on serving."""
+    """Building a group's request (binary tensors, framing, gzip), parsing its answer, and
+    decoding and encoding the items' answers take tens of milliseconds for 64 items: done on
+    the event loop, they held every local answer back meanwhile. Here the encoding of the
+    answers is held by the test, and the loop must go on serving."""
     tickets = await queue_backlog(tmp_path, pixels[:8])
     loop_thread = threading.get_ident()
-    threads: dict[str, set[int]] = {"sizing": set(), "answers": set()}
+    threads: dict[str, set[int]] = {"request": set(), "parse": set(), "answers": set()}
     held, go = threading.Event(), threading.Event()
-    size_group, store_form = forwarder.Forwarder._body_bytes, forwarder.stored_answers
+    build, parse, store_form = (
+        forwarder.request_for,
+        cloud_client.read_answer,
+        forwarder.stored_answers,
+    )
 
-    def sizing(self: forwarder.Forwarder, group: list[QueuedItem]) -> int:
-        threads["sizing"].add(threading.get_ident())
-        return size_group(self, group)
+    def request(group: Sequence[QueuedItem], *, binary: bool, compress: bool) -> CloudRequest:
+        threads["request"].add(threading.get_ident())
+        return build(group, binary=binary, compress=compress)
+
+    def read(response: httpx.Response, raw: bytes, rtt: float, clock: Clock) -> Any:
+        if response.request.url.path.endswith(GROUP_EXTENSION):
+            threads["parse"].add(threading.get_ident())
+        return parse(response, raw, rtt, clock)
 
     def answers(results: list[GroupItemAnswer]) -> list[bytes | InvalidInput | None]:
         threads["answers"].add(threading.get_ident())
@@ -130,13 +143,15 @@ async def test_a_groups_answers_are_encoded_off_the_event_loop_which_serves_mean
             assert go.wait(30)
         return store_form(results)
 
-    monkeypatch.setattr(forwarder.Forwarder, "_body_bytes", sizing)
+    monkeypatch.setattr(forwarder, "request_for", request)
+    monkeypatch.setattr(cloud_client, "read_answer", read)
     monkeypatch.setattr(forwarder, "stored_answers", answers)
     config = fast_config(proxy.url, gateway.key, tmp_path, drain_group_items=8)
     router = await Router.open(config, CollectorRegistry())
     try:
         assert await asyncio.to_thread(held.wait, 30), "no group was answered"
-        assert loop_thread not in threads["answers"] | threads["sizing"]
+        assert all(threads.values()), threads
+        assert loop_thread not in set().union(*threads.values())
         # The loop serves while the answers are held: a ticket reads as still pending.
         assert (await router.result(tickets[0])).state == "pending"
         go.set()
