@@ -456,9 +456,9 @@ def report(
     print("| figure | value |\n|---|---|")
     for name, value in figures.items():
         print(f"| growth of {name} after warm-up | {value * 100:+.1f} % |")
-    for route, label in (("edge", "local"), ("cloud", "cloud-answered"), ("queue", "queued")):
+    for route, label in (("edge", "local (edge)"), ("cloud", "cloud"), ("queue", "queued")):
         figures_ms = ", ".join("-" if p is None else f"{p:.1f}" for p in p99s[route])
-        print(f"| {label} answers' p99 per 5-min window (ms) | {figures_ms} |")
+        print(f"| p99 of {label} answers per 5-min window (ms) | {figures_ms} |")
     print(f"| requests, errors | {load.requests}, {len(load.errors)} |")
     print(f"| routes | {load.routes} |")
     print(f"| tickets and how they ended | {len(load.tickets)}: {ends} |")
