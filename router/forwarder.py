@@ -362,22 +362,36 @@ class Forwarder:
 
     async def _request(self, group: list[QueuedItem]) -> CloudRequest | None:
         """The very bytes the client will send for `group`, built once off the event loop
-        (milliseconds for a group of 64), which also size the call; None, and the items
-        rejected, if they cannot be built (never so for items this agent queued)."""
-        build = partial(
-            request_for, group, binary=self.groups.binary, compress=self._client.compress
-        )
+        (milliseconds for a group of 64), which also size the call. None if they cannot be
+        built (never so for items this agent queued): the items that cannot be built alone are
+        rejected, the others go back to pending to be grouped without them."""
         try:
-            return await self._off_loop(build)
+            return await self._off_loop(self._build(group))
         except (ValueError, InvalidInput) as error:
-            tickets = [item.ticket for item in group]
-            log.error("cannot build the cloud request for tickets %s: %s", tickets, error)
+            problems: list[Exception | None] = [error]
+            if len(group) > 1:
+                problems = [await self._build_error(item) for item in group]
             try:
-                for item in group:
-                    await self._queue.mark_rejected(item.ticket, f"cannot be sent: {error}")
+                for item, problem in zip(group, problems, strict=True):
+                    if problem is None:
+                        await self._queue.release(item.ticket, "regrouped", sent=False)
+                    else:
+                        log.error("cannot build a request for ticket %s: %s", item.ticket, problem)
+                        await self._queue.mark_rejected(item.ticket, f"cannot be sent: {problem}")
             except StorageError as failure:  # still claimed: the lease brings them back
-                log.warning("could not reject tickets %s: %s", tickets, failure)
+                log.warning("could not settle unbuildable tickets: %s", failure)
             return None
+
+    def _build(self, group: Sequence[QueuedItem]) -> Callable[[], CloudRequest]:
+        binary, compress = self.groups.binary, self._client.compress
+        return partial(request_for, group, binary=binary, compress=compress)
+
+    async def _build_error(self, item: QueuedItem) -> Exception | None:
+        try:
+            await self._off_loop(self._build([item]))
+        except (ValueError, InvalidInput) as error:
+            return error
+        return None
 
     async def _send(self, group: list[QueuedItem], request: CloudRequest, estimate: int) -> None:
         try:

@@ -29,9 +29,10 @@ from model_runtime.infer_group import (
     encode_group_request,
 )
 from router import LinkState, Router, cloud_client, forwarder
-from router.clock import Clock
+from router.clock import Clock, SystemClock
 from router.cloud_client import CloudRequest
-from router.durable_queue import QueuedItem
+from router.config import QUEUE_FILE
+from router.durable_queue import DurableQueue, QueuedItem
 from tests.integration.gateway.helpers import Gateway, start_gateway
 from tests.integration.router.helpers import (
     CLOUD_MODEL,
@@ -242,6 +243,28 @@ async def test_a_bad_item_fails_alone_in_its_group(
         assert "400" in error
         assert "X: shape [1, 60]" in error
         assert gateway_count(gateway, GROUP_EXTENSION) - groups == 1
+    finally:
+        await router.close()
+
+
+async def test_an_item_whose_request_cannot_be_built_is_rejected_and_its_group_goes_on(
+    gateway: Gateway, proxy: FaultProxy, tmp_path: Path, pixels: np.ndarray
+) -> None:
+    """A queued payload that is not JSON (never one this agent queues: a damaged file) cannot
+    be turned into binary tensors: that item ends rejected, the others are delivered."""
+    tickets = await queue_backlog(tmp_path, pixels[60:64])
+    queue = await DurableQueue.open(tmp_path / QUEUE_FILE, clock=SystemClock())
+    try:
+        await queue.enqueue("damaged-1", CLOUD_MODEL, b"{not json", ttl_s=3600)
+    finally:
+        await queue.close()
+    config = fast_config(proxy.url, gateway.key, tmp_path, drain_group_items=8)
+    router = await Router.open(config, CollectorRegistry())
+    try:
+        states = await ended(router, [*tickets, "damaged-1"])
+        assert [states[t] for t in tickets] == ["delivered"] * 4
+        assert states["damaged-1"] == "rejected"
+        assert "cannot be sent" in (await router.result("damaged-1")).error
     finally:
         await router.close()
 
