@@ -41,6 +41,7 @@ from cloud_gateway.rate_limit import DeviceRateLimiter, RedisRateLimiter
 from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
+from cloud_gateway.worker_threads import start_worker_threads
 from model_runtime import ModelRepository
 from model_runtime.connection_guard import STATE_KEY, ConnectionGuard
 from model_runtime.fault_points import FaultPlan
@@ -86,6 +87,7 @@ def make_store_and_limiter(
             on_evicted=evicted,
             retry_after_s=settings.retry_after_s,
             faults=faults,
+            connections=settings.blocking_threads,
         )
         return store, RateLimiter(rate, burst)
     url = settings.idempotency_store
@@ -110,7 +112,7 @@ def create_app(
     offloader = Offloader()  # one heavy thread for the worker's parsing and encoding
     backend = make_backend(settings, offloader)
     store, limiter = make_store_and_limiter(settings, metrics, faults)
-    keys = KeyStore(settings.key_db_path)
+    keys = KeyStore(settings.key_db_path, connections=settings.blocking_threads)
     guard = IdempotencyGuard(
         store,
         IdempotencyPolicy(
@@ -156,7 +158,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        asyncio.get_running_loop().set_exception_handler(connections.handle_loop_exception)
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(connections.handle_loop_exception)
+        threads = start_worker_threads(loop, settings.blocking_threads)
         await backend.start()
         cleaner = asyncio.create_task(
             _purge_periodically(store, settings.idempotency_cleanup_interval_s)
@@ -182,6 +186,7 @@ def create_app(
             await backend.aclose()
             await store.aclose()
             keys.close()
+            threads.shutdown(wait=True)
 
     return Starlette(
         routes=routes.routes(),

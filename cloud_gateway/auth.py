@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import anyio.to_thread
-
 from cloud_gateway.errors import AuthenticationFailed
 from cloud_gateway.keys import KeyStore, check_secret, split_token
+from cloud_gateway.worker_threads import run_blocking
 
 __all__ = ["Authenticator"]
 
@@ -51,7 +50,7 @@ class Authenticator:
         cached = self._cache.get(key_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        found = await anyio.to_thread.run_sync(self._keys.lookup, key_id)
+        found = await run_blocking(self._keys.lookup, key_id)
         if self._cache_s > 0:
             if len(self._cache) >= self._max_cached:
                 # Guessed ids could fill memory; dropping everything is rare and only costs lookups.

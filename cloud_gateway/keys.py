@@ -67,11 +67,15 @@ def _digest(secret: str) -> bytes:
 class KeyStore:
     """Device keys in one SQLite file; thread-safe (a pool of connections, ConnectionPool)."""
 
-    def __init__(self, path: Path, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, now: Callable[[], float] = time.time, connections: int = 1
+    ) -> None:
+        """`connections`: as many as threads may look keys up at once (the gateway's worker
+        threads); the `keys` commands need one."""
         self.path = path
         self._now = now
-        self._pool = ConnectionPool(self._open)
         private_file(private_dir(path.parent) / path.name)
+        self._pool = ConnectionPool(self._open, connections)
         with self._pool.connection() as db:
             db.executescript(_SCHEMA)
 

@@ -9,11 +9,11 @@ stay on the loop: the hop to a thread costs more than their parse.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-import anyio
-import anyio.to_thread
+from cloud_gateway.worker_threads import run_blocking
 
 __all__ = ["INLINE_MAX_BYTES", "JSON_BYTES_PER_VALUE", "Offloader"]
 
@@ -25,12 +25,16 @@ JSON_BYTES_PER_VALUE = 10
 
 
 class Offloader:
+    """Heavy work on one of the worker's threads (worker_threads.py), one job at a time."""
+
     def __init__(self, *, inline_max_bytes: int = INLINE_MAX_BYTES, threads: int = 1) -> None:
         self._inline_max_bytes = inline_max_bytes
-        self._limiter = anyio.CapacityLimiter(threads)
+        self._limiter = asyncio.Semaphore(threads)
 
     async def run(self, size_bytes: int, work: Callable[[], T]) -> T:
-        """`work()`, on the loop when the bytes it handles are few, else in the heavy thread."""
+        """`work()`, on the loop when the bytes it handles are few, else on a worker thread
+        once no other heavy job runs."""
         if size_bytes <= self._inline_max_bytes:
             return work()
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        async with self._limiter:
+            return await run_blocking(work)

@@ -69,6 +69,10 @@ class GatewaySettings(LayeredSettings):
     """Port of `/metrics`; 0 picks a free one."""
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes sharing the API socket."""
+    blocking_threads: int = Field(default=8, ge=1, le=256)
+    """Threads each worker runs its blocking work on (model runs, key lookups, SQLite waits,
+    large bodies' parsing): all started with the worker and kept, never more; more jobs at
+    once wait for one. Each SQLite file also gets this many connections per worker."""
     log_level: LogLevel = "info"
     """debug, info, warning, error or critical, in any case."""
     access_log: bool = False

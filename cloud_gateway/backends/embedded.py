@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
 from cloud_gateway.openapi import ServedModel
+from cloud_gateway.worker_threads import run_blocking
 from model_runtime import ModelRepository, OnnxModel
 from model_runtime.v2_json import InferRequest, InferResponse, ModelSignature, model_metadata
 
@@ -98,9 +98,7 @@ class EmbeddedBackend:
             took = self._perf_counter() - start
         else:
             # onnxruntime blocks (and releases the GIL): a worker thread keeps the loop free.
-            outputs, took = await anyio.to_thread.run_sync(
-                _timed_run, model, request, self._perf_counter
-            )
+            outputs, took = await run_blocking(_timed_run, model, request, self._perf_counter)
         self._run_s[key] = took if expected is None else 0.8 * expected + 0.2 * took
         return self._response(model, outputs, request)
 

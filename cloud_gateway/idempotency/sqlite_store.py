@@ -34,18 +34,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import anyio.to_thread
-
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
 from cloud_gateway.sqlite_pool import ConnectionPool
+from cloud_gateway.worker_threads import run_blocking
 from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
 
@@ -135,21 +133,18 @@ class SqliteIdempotencyStore:
         now: Callable[[], float] = time.time,
         retry_after_s: float = 5.0,
         faults: FaultPlan | None = None,
+        connections: int = 1,
     ) -> None:
         """`on_evicted(reason, n)` counts deleted records: reason `expired` (the periodic
-        purge) or `full` (deleted to make room for a claim). `faults`: tests only, at the
-        points `idempotency.commit` and `idempotency.mid_checkpoint`."""
+        purge) or `full` (deleted to make room for a claim). `connections`: as many as threads
+        may wait on the file at once (the gateway's worker threads). `faults`: tests only, at
+        the points `idempotency.commit` and `idempotency.mid_checkpoint`."""
         self.path = path
         self._faults = faults
         self.bounds = bounds or StoreBounds()
         self._on_evicted = on_evicted or (lambda reason, n: None)
         self._retry_after_s = retry_after_s
         self._now = now
-        self._pool = ConnectionPool(
-            lambda: _connect(path, self.bounds, busy_timeout_ms=10_000, autocheckpoint=True)
-        )
-        self._lock = threading.Lock()
-        self._all: list[sqlite3.Connection] = []  # the checkpoint's own connection
         private_file(private_dir(path.parent) / path.name)
         with contextlib.closing(
             _connect(
@@ -163,11 +158,20 @@ class SqliteIdempotencyStore:
             self._page_size = int(setup.execute("PRAGMA page_size").fetchone()[0])
         self._max_pages = _max_pages(self.bounds, self._page_size)
         self._loop_db = _connect(path, self.bounds, busy_timeout_ms=0, autocheckpoint=False)
+        # Checkpoints have their own connection with a short busy timeout: this worker's writes
+        # may be waiting for one, so it gives up soon when other workers keep the lock, and
+        # tries again after the next _CHECKPOINT_EVERY commits.
+        self._checkpoint_db = _connect(
+            path, self.bounds, busy_timeout_ms=_CHECKPOINT_WAIT_MS, autocheckpoint=False
+        )
+        self._pool = ConnectionPool(
+            lambda: _connect(path, self.bounds, busy_timeout_ms=10_000, autocheckpoint=True),
+            connections,
+        )
         self._batch: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
-        self._checkpoint_db: sqlite3.Connection | None = None
         self._holding = False  # a checkpoint is holding this worker's writes back
         # Claims of this process whose answers are not stored yet, as (scope, owner): a claim
         # whose answer could not be stored is both completed and released, and counts once.
@@ -217,7 +221,7 @@ class SqliteIdempotencyStore:
     async def _flush_in_thread(self, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
         ops = [op for op, _ in batch]
         try:
-            results = await anyio.to_thread.run_sync(
+            results = await run_blocking(
                 lambda: self._in_pool(lambda db: _apply(db, ops, self._faults))
             )
         except sqlite3.Error as exc:
@@ -246,13 +250,13 @@ class SqliteIdempotencyStore:
     async def _wal_checkpoint(self) -> None:
         try:
             # First the bulk of the copying, while this worker goes on writing...
-            await anyio.to_thread.run_sync(self._checkpoint_now, "PASSIVE")
+            await run_blocking(self._checkpoint_now, "PASSIVE")
             if self._faults is not None:
                 self._faults.hit(MID_CHECKPOINT)
             # ...then what was written meanwhile, with its writes held back so that the
             # checkpoint can finish and the next commit start the WAL over.
             self._holding = True
-            await anyio.to_thread.run_sync(self._checkpoint_now, "RESTART")
+            await run_blocking(self._checkpoint_now, "RESTART")
         except sqlite3.Error:
             pass  # the next one catches up; a failed checkpoint loses nothing
         finally:
@@ -262,16 +266,6 @@ class SqliteIdempotencyStore:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     def _checkpoint_now(self, mode: str) -> None:
-        # Its own connection with a short busy timeout: this worker's writes may be waiting
-        # for the checkpoint, so it gives up soon when other workers keep the lock, and tries
-        # again after the next _CHECKPOINT_EVERY commits.
-        if self._checkpoint_db is None:
-            db = _connect(
-                self.path, self.bounds, busy_timeout_ms=_CHECKPOINT_WAIT_MS, autocheckpoint=False
-            )
-            with self._lock:
-                self._all.append(db)
-            self._checkpoint_db = db
         self._checkpoint_db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
     # -- the protocol ----------------------------------------------------------------------------
@@ -344,7 +338,7 @@ class SqliteIdempotencyStore:
         # Possibly many rows: always in a thread.
         try:
             now = self._now()
-            purged: int = await anyio.to_thread.run_sync(
+            purged: int = await run_blocking(
                 lambda: self._in_pool(
                     lambda db: _execute(db, "DELETE FROM idempotency WHERE expires_at <= ?", (now,))
                 )
@@ -366,10 +360,7 @@ class SqliteIdempotencyStore:
             await self._checkpoint
         for task in list(self._tasks):
             await task
-        with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
+        self._checkpoint_db.close()
         self._pool.close()
         self._loop_db.close()
 

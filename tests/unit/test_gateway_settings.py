@@ -51,6 +51,8 @@ def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         ({"upstream": "ftp://x"}, "upstream: must be an http:// or https:// URL"),
         ({"idempotency_store": "memcached://x"}, "idempotency_store: must be 'sqlite' or a"),
         ({"workers": 0}, "workers: must be at least 1, got 0"),
+        ({"blocking_threads": 0}, "blocking_threads: must be at least 1, got 0"),
+        ({"blocking_threads": 1000}, "blocking_threads: must be at most 256, got 1000"),
     ],
 )
 def test_bad_flags_name_the_key_and_where_to_set_it(flags: dict[str, object], words: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,29 @@ class Gateway:
         pid = self.daemon.process.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return [int(c) for c in children if "spawn_main" in _cmdline(int(c))]
+
+
+def serving_pid(gateway: Gateway, response: httpx.Response) -> int:
+    """The worker that holds the connection `response` came on (from /proc)."""
+    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    server_port = gateway.daemon.ports["http"]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
+            client_port
+        ):
+            inode = fields[9]
+    assert inode is not None, "connection not found in /proc/net/tcp"
+    for pid in gateway.worker_pids():
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the connection")
 
 
 def _cmdline(pid: int) -> str:

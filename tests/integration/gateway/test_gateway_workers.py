@@ -8,13 +8,12 @@ import json
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.integration.gateway.helpers import Gateway, infer_body, start_gateway
+from tests.integration.gateway.helpers import Gateway, infer_body, serving_pid, start_gateway
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,29 +36,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     yield gw
     code = gw.daemon.stop()
     assert code == 0, gw.daemon.log()[-4000:]
-
-
-def serving_pid(gateway: Gateway, response: httpx.Response) -> int:
-    """The worker that holds the connection `response` came on (from /proc)."""
-    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    server_port = gateway.daemon.ports["http"]
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = fields[1], fields[2]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
-            client_port
-        ):
-            inode = fields[9]
-    assert inode is not None, "connection not found in /proc/net/tcp"
-    for pid in gateway.worker_pids():
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                continue
-    raise AssertionError("no worker holds the connection")
 
 
 def test_a_replay_is_served_by_another_worker(
