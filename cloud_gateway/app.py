@@ -41,7 +41,7 @@ from cloud_gateway.rate_limit import DeviceRateLimiter, RedisRateLimiter
 from cloud_gateway.routes import V2Routes, exception_handlers
 from cloud_gateway.service import GatewayService
 from cloud_gateway.settings import GatewaySettings
-from cloud_gateway.worker_threads import start_worker_threads
+from cloud_gateway.worker_threads import ThreadMetrics, start_worker_threads
 from model_runtime import ModelRepository
 from model_runtime.connection_guard import STATE_KEY, ConnectionGuard
 from model_runtime.fault_points import FaultPlan
@@ -160,7 +160,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(connections.handle_loop_exception)
-        threads = start_worker_threads(loop, settings.blocking_threads)
+        threads = start_worker_threads(
+            loop,
+            settings.blocking_threads,
+            ThreadMetrics(
+                metrics.blocking_threads,
+                metrics.blocking_busy_seconds,
+                metrics.blocking_wait_seconds,
+            ),
+        )
         await backend.start()
         cleaner = asyncio.create_task(
             _purge_periodically(store, settings.idempotency_cleanup_interval_s)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -171,6 +171,29 @@ class GatewayMetrics:
         self.accept_errors = Counter(
             "accept_errors",
             "Connections the worker could not accept (out of file descriptors or memory).",
+            namespace=ns,
+            registry=registry,
+        )
+
+        self.blocking_threads = Gauge(
+            "blocking_threads",
+            "Threads the workers run blocking work on (model runs, key lookups, SQLite waits): "
+            "blocking_threads per live worker.",
+            namespace=ns,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.blocking_busy_seconds = Counter(
+            "blocking_busy_seconds",
+            "Seconds those threads spent running jobs; its rate over cloud_gateway_blocking_threads "
+            "is the share of them in use.",
+            namespace=ns,
+            registry=registry,
+        )
+        self.blocking_wait_seconds = Counter(
+            "blocking_wait_seconds",
+            "Seconds jobs waited for a free thread, summed over jobs; a steady rate means "
+            "blocking_threads is too few for the load.",
             namespace=ns,
             registry=registry,
         )

@@ -15,11 +15,15 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
-__all__ = ["run_blocking", "start_worker_threads"]
+from prometheus_client import Counter, Gauge
+
+__all__ = ["ThreadMetrics", "run_blocking", "start_worker_threads"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -27,16 +31,57 @@ P = ParamSpec("P")
 _START_TIMEOUT_S = 30.0
 
 
-def start_worker_threads(loop: asyncio.AbstractEventLoop, threads: int) -> ThreadPoolExecutor:
+@dataclass(frozen=True)
+class ThreadMetrics:
+    """Where the pool counts itself (GatewayMetrics): its size, and seconds busy and waited."""
+
+    threads: Gauge
+    busy_seconds: Counter
+    wait_seconds: Counter
+
+
+class _MeteredPool(ThreadPoolExecutor):
+    def __init__(self, threads: int, metrics: ThreadMetrics | None) -> None:
+        super().__init__(max_workers=threads, thread_name_prefix="cloud-gateway-blocking")
+        self._metrics = metrics
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if self._metrics is None:
+            return super().submit(fn, *args, **kwargs)
+        return super().submit(_metered, self._metrics, time.perf_counter(), fn, args, kwargs)
+
+
+def _metered(
+    metrics: ThreadMetrics,
+    submitted: float,
+    fn: Callable[..., T],
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+) -> T:
+    started = time.perf_counter()
+    metrics.wait_seconds.inc(started - submitted)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        metrics.busy_seconds.inc(time.perf_counter() - started)
+
+
+def start_worker_threads(
+    loop: asyncio.AbstractEventLoop, threads: int, metrics: ThreadMetrics | None = None
+) -> ThreadPoolExecutor:
     """Start `threads` threads now and make them `loop`'s default executor; shut it down with
     `shutdown(wait=True)` once nothing runs on it."""
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cloud-gateway-blocking")
+    pool = _MeteredPool(threads, metrics)
     # ThreadPoolExecutor adds a thread per job while none is idle: jobs that all wait for each
-    # other hold every thread until the last one has started.
+    # other hold every thread until the last one has started. (Not metered: they are not work.)
     everyone = threading.Barrier(threads)
-    started = [pool.submit(everyone.wait, _START_TIMEOUT_S) for _ in range(threads)]
+    started = [
+        ThreadPoolExecutor.submit(pool, everyone.wait, _START_TIMEOUT_S) for _ in range(threads)
+    ]
     for job in started:
         job.result()
+    if metrics is not None:
+        metrics.threads.set(threads)
     loop.set_default_executor(pool)
     return pool
 

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.sqlite_pool import ConnectionPool
-from cloud_gateway.worker_threads import run_blocking, start_worker_threads
+from cloud_gateway.worker_threads import ThreadMetrics, run_blocking, start_worker_threads
 
 THREADS = 3
 
@@ -41,7 +43,16 @@ def test_every_thread_starts_with_the_pool_and_jobs_beyond_them_wait_for_one() -
             return threading.current_thread().name
 
         before = threading.active_count()
-        pool = start_worker_threads(asyncio.get_running_loop(), THREADS)
+        metrics = GatewayMetrics(registry)
+        pool = start_worker_threads(
+            asyncio.get_running_loop(),
+            THREADS,
+            ThreadMetrics(
+                metrics.blocking_threads,
+                metrics.blocking_busy_seconds,
+                metrics.blocking_wait_seconds,
+            ),
+        )
         try:
             assert threading.active_count() == before + THREADS
             jobs = [asyncio.ensure_future(run_blocking(held)) for _ in range(4 * THREADS)]
@@ -50,6 +61,8 @@ def test_every_thread_starts_with_the_pool_and_jobs_beyond_them_wait_for_one() -
             # Nothing finishes until released: a job beyond the threads can only wait.
             assert len(running) == THREADS
             assert threading.active_count() == before + THREADS
+            assert registry.get_sample_value("cloud_gateway_blocking_threads") == THREADS
+            assert registry.get_sample_value("cloud_gateway_blocking_busy_seconds_total") == 0
             release.set()
             names = await asyncio.gather(*jobs)
             assert len(set(names)) == THREADS
@@ -60,7 +73,11 @@ def test_every_thread_starts_with_the_pool_and_jobs_beyond_them_wait_for_one() -
             pool.shutdown(wait=True)
         assert threading.active_count() == before
 
+    registry = CollectorRegistry()
     asyncio.run(main())
+    # The jobs beyond the threads waited for the held ones, which ran until released.
+    assert registry.get_sample_value("cloud_gateway_blocking_wait_seconds_total") > 0
+    assert registry.get_sample_value("cloud_gateway_blocking_busy_seconds_total") > 0
 
 
 def test_a_cancelled_caller_sees_the_cancellation_only_once_its_job_has_ended() -> None:

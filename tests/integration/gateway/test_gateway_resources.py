@@ -135,3 +135,5 @@ def test_bursts_leave_a_workers_threads_and_open_files_where_start_up_left_them(
     assert burst(gateway, heldout[0][:4], 32 * THREADS, "second") == {200: 32 * THREADS}
     assert settled() == after_first
     assert {pid: threads(pid) for pid in pids} == at_start
+    assert gateway.metric("cloud_gateway_blocking_threads") == 2 * THREADS
+    assert gateway.metric("cloud_gateway_blocking_busy_seconds_total") > 0
