@@ -109,7 +109,7 @@ def create_app(
 ) -> Starlette:
     """The gateway as an ASGI app; metrics go to `registry`. `faults`: tests only."""
     metrics = GatewayMetrics(registry)
-    offloader = Offloader()  # one heavy thread for the worker's parsing and encoding
+    offloader = Offloader()  # one heavy parse or encoding at a time, on the worker's threads
     backend = make_backend(settings, offloader)
     store, limiter = make_store_and_limiter(settings, metrics, faults)
     keys = KeyStore(settings.key_db_path, connections=settings.blocking_threads)
