@@ -311,13 +311,15 @@ class DurableQueue:
             needs.append(len(payload) + ROW_OVERHEAD_BYTES)
         if self.cap_bytes is not None and self._used + sum(needs) > self.cap_bytes:
             return False
-        last_seq = conn.execute("SELECT MAX(seq) FROM items").fetchone()[0] or 0
         added = conn.executemany(_INSERT_NEW, rows).rowcount
         if added == len(rows):
             new = first
-        else:  # rows take seqs above every existing one, so the new ones are those above last_seq
+        else:  # a new row's seq is above every existing one: the new rows hold the top seqs
             new = {
-                r[0] for r in conn.execute("SELECT ticket FROM items WHERE seq > ?", (last_seq,))
+                r[0]
+                for r in conn.execute(
+                    "SELECT ticket FROM items ORDER BY seq DESC LIMIT ?", (added,)
+                )
             }
         used = sum(need for row, need in zip(rows, needs, strict=True) if row[0] in new)
         for a in batch:
