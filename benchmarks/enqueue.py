@@ -18,14 +18,15 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import persistqueue
 
 from benchmarks._harness import Result, print_table, summarize
-from router.durable_queue import _INSERT, DurableQueue
+from router.durable_queue import DurableQueue
+from router.queue_admission import INSERT
 from router.queue_schema import QUEUE_MIGRATIONS
 from router.sqlite_files import open_database
 
@@ -37,9 +38,11 @@ class Load:
     payload: bytes
 
 
-async def durable_queue(directory: Path, load: Load) -> Result:
-    """`concurrency` tasks enqueue in a loop; each await returns after its commit is durable."""
-    queue = await DurableQueue.open(directory / "durable.sqlite3")
+async def in_tasks(
+    load: Load, one: Callable[[int, int], Awaitable[object]]
+) -> tuple[list[float], float]:
+    """`concurrency` tasks each await `one(task, i)` in a loop for `seconds`: the latencies and
+    the time elapsed."""
     latencies: list[float] = []
     stop = time.perf_counter() + load.seconds
 
@@ -47,13 +50,23 @@ async def durable_queue(directory: Path, load: Load) -> Result:
         i = 0
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            await queue.enqueue(f"c{c}-{i}", "digits", load.payload, ttl_s=3600)
+            await one(c, i)
             latencies.append(time.perf_counter() - t)
             i += 1
 
     start = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(load.concurrency)))
-    elapsed = time.perf_counter() - start
+    return latencies, time.perf_counter() - start
+
+
+async def durable_queue(directory: Path, load: Load) -> Result:
+    """`concurrency` tasks enqueue in a loop; each await returns after its commit is durable."""
+    queue = await DurableQueue.open(directory / "durable.sqlite3")
+
+    def enqueue(c: int, i: int) -> Awaitable[bool]:
+        return queue.enqueue(f"c{c}-{i}", "digits", load.payload, ttl_s=3600)
+
+    latencies, elapsed = await in_tasks(load, enqueue)
     per_commit = len(latencies) / max(1, queue.commits)
     await queue.close()
     name = f"DurableQueue enqueue, concurrency {load.concurrency} ({per_commit:.1f} per commit)"
@@ -63,22 +76,13 @@ async def durable_queue(directory: Path, load: Load) -> Result:
 async def durable_queue_cycle(directory: Path, load: Load) -> Result:
     """The full life of an item, as persist-queue's put+get+ack: enqueue, claim, mark delivered."""
     queue = await DurableQueue.open(directory / "cycle.sqlite3")
-    latencies: list[float] = []
-    stop = time.perf_counter() + load.seconds
 
-    async def client(c: int) -> None:
-        i = 0
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            await queue.enqueue(f"c{c}-{i}", "digits", load.payload, ttl_s=3600)
-            for item in await queue.claim_batch(1, len(load.payload)):
-                await queue.mark_delivered(item.ticket, b"answer")
-            latencies.append(time.perf_counter() - t)
-            i += 1
+    async def cycle(c: int, i: int) -> None:
+        await queue.enqueue(f"c{c}-{i}", "digits", load.payload, ttl_s=3600)
+        for item in await queue.claim_batch(1, len(load.payload)):
+            await queue.mark_delivered(item.ticket, b"answer")
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(load.concurrency)))
-    elapsed = time.perf_counter() - start
+    latencies, elapsed = await in_tasks(load, cycle)
     await queue.close()
     return Result("DurableQueue enqueue+claim+deliver", len(latencies), elapsed, latencies)
 
@@ -132,7 +136,7 @@ def commit_per_insert(directory: Path, load: Load) -> Result:
         row = _row(load, c, i)
         with lock:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_INSERT, row)
+            conn.execute(INSERT, row)
             conn.execute("COMMIT")
 
     result = in_threads(
@@ -152,7 +156,7 @@ def rows_per_commit(directory: Path, load: Load) -> Result:
     while time.perf_counter() < stop:
         t = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT, [_row(load, c, rows) for c in range(load.concurrency)])
+        conn.executemany(INSERT, [_row(load, c, rows) for c in range(load.concurrency)])
         conn.execute("COMMIT")
         latencies.append(time.perf_counter() - t)
         rows += load.concurrency
@@ -185,32 +189,23 @@ async def hand_off_floor(directory: Path, load: Load) -> Result:
                 if open_group and open_group[0] is group:
                     open_group.clear()
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT, [row for _, row in group])
+            conn.executemany(INSERT, [row for _, row in group])
             conn.execute("COMMIT")
             loop.call_soon_threadsafe(settle, group)
 
+    def insert(c: int, i: int) -> asyncio.Future[None]:
+        future = loop.create_future()
+        with lock:
+            if not open_group:
+                open_group.append([])
+                groups.put(open_group[0])
+            open_group[0].append((future, _row(load, c, i)))
+        return future
+
     thread = threading.Thread(target=writer)
     thread.start()
-    latencies: list[float] = []
-    stop = time.perf_counter() + load.seconds
-
-    async def client(c: int) -> None:
-        i = 0
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            future = loop.create_future()
-            with lock:
-                if not open_group:
-                    open_group.append([])
-                    groups.put(open_group[0])
-                open_group[0].append((future, _row(load, c, i)))
-            await future
-            latencies.append(time.perf_counter() - t)
-            i += 1
-
-    start = time.perf_counter()
     try:
-        await asyncio.gather(*(client(c) for c in range(load.concurrency)))
+        latencies, elapsed = await in_tasks(load, insert)
     finally:
         groups.put(None)
         await asyncio.to_thread(thread.join)
@@ -218,7 +213,7 @@ async def hand_off_floor(directory: Path, load: Load) -> Result:
     name = (
         f"the hand-off floor: the ceiling's SQL on a thread, asyncio callers, c{load.concurrency}"
     )
-    return Result(name, len(latencies), time.perf_counter() - start, latencies)
+    return Result(name, len(latencies), elapsed, latencies)
 
 
 def persist_queue(directory: Path, load: Load) -> Result:
