@@ -90,6 +90,10 @@ def _log_config(level: str) -> dict[str, Any]:
     for handler in config["handlers"].values():
         handler["filters"] = ["redact_secrets"]
     config["root"] = {"handlers": ["default"], "level": level.upper()}
+    # httpx logs every upstream call at INFO; per-call lines belong to DEBUG, as on the agent.
+    per_call = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
+    for name in ("httpx", "httpcore"):
+        config["loggers"][name] = {"level": per_call}
     return config
 
 
