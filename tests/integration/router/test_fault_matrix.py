@@ -10,19 +10,25 @@ seeded requests in each cell. What must hold whatever the machine's speed:
 - a request cut after the gateway ran it is answered from the gateway's store (a replay).
 
 FAULT_MATRIX_REQUESTS (default 20) requests per cell. With FAULT_MATRIX_REPORT=<file> each
-cell's figures (the local answers' p50 against the no-fault cell's, attempts, replays) are
-written there as JSON lines, for RELIABILITY.md (scripts/fault_matrix_table.py prints them).
+cell's figures (attempts, replays, the local answers' p50 against its control's) are written
+there as JSON lines, for RELIABILITY.md (scripts/fault_matrix_table.py prints them). For that
+figure a cell also streams confident requests through its fault, and runs the same traffic
+without a fault before and after it (its control); the proxy runs in a process of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import statistics
+import threading
 import time
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,8 @@ from tests.integration.router.helpers import (
     local_answer,
     until,
 )
-from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase
+from tests.support.fault_proxy import ConnectionFault, Phase
+from tests.support.fault_proxy_process import FaultProxyProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -51,6 +58,11 @@ LIVE = RetryPolicy(max_attempts=3, attempt_timeout_s=0.5, backoff_initial_s=0.05
 LIVE_TIMEOUT_S = 0.8
 # How late, after a call's deadline, the proxy may read an attempt the router began in time.
 READ_LAG_S = 0.5
+# The local answers' figure (with REPORT only: the default suite keeps its time): a confident
+# request every STREAM_INTERVAL_S beside each round's seeded ones, and a control round (the same
+# traffic, no fault) of at most CONTROL_MAX_S before and after the cell's.
+STREAM_INTERVAL_S = 0.005
+CONTROL_MAX_S = 5.0
 
 # Link faults, as FaultProxy.at() takes them; connection faults, as FaultProxy.on() takes them.
 LINK_FAULTS = {
@@ -84,6 +96,36 @@ class Sent:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@pytest.fixture(scope="module")
+def proxy_process(gateway: Gateway) -> Iterator[FaultProxyProcess]:
+    with FaultProxyProcess("127.0.0.1", gateway.daemon.ports["http"]) as p:
+        yield p
+
+
+@pytest.fixture
+def proxy(proxy_process: FaultProxyProcess) -> Iterator[FaultProxyProcess]:
+    """The link of one cell: the module's proxy process, with no fault and empty logs.
+
+    In its own process, the proxy's slicing, throttling and delays take no time from the
+    Router measured here (a FaultProxy thread would hold this process's GIL while it works).
+    """
+    proxy_process.restore()
+    proxy_process.forget()
+    yield proxy_process
+    proxy_process.restore()
+
+
+def plan_of(
+    rng: random.Random, spacing_s: float, pixels: np.ndarray
+) -> tuple[list[Sent], list[float]]:
+    """REQUESTS seeded items, half unsure, and when each leaves (exponential gaps)."""
+    plan = [
+        Sent(unsure=rng.random() < 0.5, row=rng.randrange(len(pixels))) for _ in range(REQUESTS)
+    ]
+    offsets = np.cumsum([rng.expovariate(1 / spacing_s) for _ in plan])
+    return plan, [float(d) for d in offsets]
+
+
 def config() -> dict[str, Any]:
     return {
         "live_retry": LIVE,
@@ -95,7 +137,7 @@ def config() -> dict[str, Any]:
     }
 
 
-def arm(proxy: FaultProxy, fault: str, phase: Phase) -> None:
+def arm(proxy: FaultProxyProcess, fault: str, phase: Phase) -> None:
     proxy.close_delay_s = 0.5
     if fault in LINK_FAULTS:
         proxy.at(phase, LINK_FAULTS[fault])
@@ -120,13 +162,100 @@ async def send(router: Router, pixels: np.ndarray, sent: Sent, delay_s: float) -
     sent.outputs = {k: v[0] for k, v in answer.outputs.items()}
 
 
+def stream(
+    router: Router, loop: asyncio.AbstractEventLoop, pixels: np.ndarray, stop: threading.Event
+) -> list[float]:
+    """Confident requests one after another, from this thread onto the router's loop, until
+    `stop`: how long each took from its submission to its local answer.
+
+    As an agent's transport hands a request to its loop, the time it waits for the loop (busy
+    with the cell's retries, probes and deliveries) is counted with the answer's own."""
+    seconds = []
+    row = 0
+    while not stop.is_set():
+        sent = Sent(unsure=False, row=row % len(pixels))
+        start = time.monotonic()
+        asyncio.run_coroutine_threadsafe(send(router, pixels, sent, 0.0), loop).result(TIME_LEFT_S)
+        seconds.append(time.monotonic() - start)
+        assert sent.route is Route.EDGE
+        row += 1
+        stop.wait(STREAM_INTERVAL_S)
+    return seconds
+
+
+class Streaming:
+    """`stream` on a thread of its own for as long as the `async with` block lasts."""
+
+    def __init__(self, router: Router, pixels: np.ndarray) -> None:
+        self._args = (router, pixels)
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream")
+        self._future: asyncio.Future[list[float]] | None = None
+        self.seconds: list[float] = []
+
+    async def __aenter__(self) -> Streaming:
+        router, pixels = self._args
+        loop = asyncio.get_running_loop()
+        self._future = loop.run_in_executor(self._pool, stream, router, loop, pixels, self._stop)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        assert self._future is not None
+        try:
+            self.seconds = await self._future
+        finally:
+            self._pool.shutdown()
+
+
+async def all_ended(router: Router, tickets: set[str], within_s: float) -> dict[str, TicketResult]:
+    """Each ticket's result once none is pending; fails after `within_s`."""
+    results: dict[str, TicketResult] = {}
+    deadline = time.monotonic() + within_s
+    while True:
+        for t in tickets - set(results):
+            r = await router.result(t)
+            if r.state != "pending":
+                results[t] = r
+        if len(results) == len(tickets):
+            return results
+        assert time.monotonic() < deadline, f"not delivered: {tickets - set(results)}"
+        await asyncio.sleep(0.05)
+
+
+async def control(
+    router: Router, gateway: Gateway, pixels: np.ndarray, seed: str, spacing_s: float, for_s: float
+) -> list[float]:
+    """The same traffic as a cell's, for `for_s`, with no fault: its local answers' times.
+
+    What it sends is over (answered, delivered, counted by the gateway) when it returns, so the
+    cell's own counts start from zero."""
+    plan, offsets = plan_of(random.Random(zlib.crc32(seed.encode())), spacing_s, pixels)
+    kept = [(s, d) for s, d in zip(plan, offsets, strict=True) if d < for_s]
+    runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
+    async with Streaming(router, pixels) as streaming:
+        started = time.monotonic()
+        await asyncio.gather(*(send(router, pixels, s, d) for s, d in kept))
+        await asyncio.sleep(max(0.0, for_s - (time.monotonic() - started)))
+    await all_ended(router, {s.ticket for s, _ in kept if s.ticket is not None}, 30)
+    unsure = sum(s.unsure for s, _ in kept)
+    await until(
+        lambda: (
+            gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL) - runs >= unsure
+        ),
+        10,
+        "the gateway's metrics",
+    )
+    return streaming.seconds
+
+
 @pytest.mark.parametrize(("fault", "phase"), CELLS, ids=[f"{f}@{p}" for f, p in CELLS])
 async def test_fault_cell(
     fault: str,
     phase: Phase,
     make_router: RouterFactory,
     gateway: Gateway,
-    proxy: FaultProxy,
+    proxy: FaultProxyProcess,
     pixels: np.ndarray,
 ) -> None:
     router = await make_router(**config())
@@ -135,41 +264,38 @@ async def test_fault_cell(
     assert router.monitor is not None
     monitor = router.monitor
     monitor.add_listener(states.append)
-    runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
     rng = random.Random(zlib.crc32(f"{fault}@{phase}".encode()))
-    plan = [
-        Sent(unsure=rng.random() < 0.5, row=rng.randrange(len(pixels))) for _ in range(REQUESTS)
-    ]
     spacing = 0.15 if fault.startswith("flapping") else 0.03
-    offsets = np.cumsum([rng.expovariate(1 / spacing) for _ in plan])
-
-    arm(proxy, fault, phase)
-    started = time.monotonic()
-    await asyncio.gather(
-        *(send(router, pixels, s, float(d)) for s, d in zip(plan, offsets, strict=True))
-    )
+    plan, offsets = plan_of(rng, spacing, pixels)
     # Let a flapping link go through a few flaps, and every failing fault open the breaker.
-    hold = max(3.0 if fault.startswith("flapping") else 0.5, 0.0) - (time.monotonic() - started)
-    if fault in ALL_FAIL:
-        await link_is(router, LinkState.DOWN, within_s=15)
-    await asyncio.sleep(max(0.0, hold))
+    least_s = 3.0 if fault.startswith("flapping") else 0.5
+    control_s = min(CONTROL_MAX_S, max(offsets[-1], least_s))  # as long as the fault round
+    controls = []
+    if REPORT:
+        controls.append(
+            await control(router, gateway, pixels, f"{fault}@{phase}/before", spacing, control_s)
+        )
+        proxy.forget()
+    runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
+
+    proxy_cpu_s = proxy.cpu_seconds()
+    arm(proxy, fault, phase)
+    async with contextlib.AsyncExitStack() as round_:
+        local = await round_.enter_async_context(Streaming(router, pixels)) if REPORT else None
+        started = time.monotonic()
+        await asyncio.gather(
+            *(send(router, pixels, s, d) for s, d in zip(plan, offsets, strict=True))
+        )
+        hold = least_s - (time.monotonic() - started)
+        if fault in ALL_FAIL:
+            await link_is(router, LinkState.DOWN, within_s=15)
+        await asyncio.sleep(max(0.0, hold))
+    proxy_cpu_s, round_s = proxy.cpu_seconds() - proxy_cpu_s, time.monotonic() - started
     proxy.restore()
 
     # -- nothing lost: answered, delivered once the link is back, the cloud model's answer -----
     tickets = {s.ticket for s in plan if s.ticket is not None}
-    results: dict[str, TicketResult] = {}
-
-    async def ended() -> bool:
-        for t in tickets - set(results):
-            r = await router.result(t)
-            if r.state != "pending":
-                results[t] = r
-        return len(results) == len(tickets)
-
-    deadline = time.monotonic() + 30
-    while not await ended():
-        assert time.monotonic() < deadline, f"not delivered: {tickets - set(results)}"
-        await asyncio.sleep(0.05)
+    results = await all_ended(router, tickets, 30)
     await link_is(router, LinkState.UP, LinkState.DEGRADED, within_s=15)  # the breaker closed
 
     unsure = [s for s in plan if s.unsure]
@@ -230,22 +356,31 @@ async def test_fault_cell(
         assert LinkState.DOWN in states  # the breaker opened ...
     # ... and closed: link_is(UP) above
 
-    confident = [s.seconds for s in plan if not s.unsure]
+    if local is None:
+        return
+    controls.append(
+        await control(router, gateway, pixels, f"{fault}@{phase}/after", spacing, control_s)
+    )
     record = {
         "fault": fault,
         "phase": phase.value,
         "requests": len(plan),
         "unsure": len(unsure),
         "queued": len(tickets),
-        "local_p50_ms": statistics.median(confident) * 1000 if confident else None,
+        "local_answers": len(local.seconds),
+        "local_p50_ms": statistics.median(local.seconds) * 1000,
+        "control_answers": sum(map(len, controls)),
+        "control_p50_ms": statistics.median([t for c in controls for t in c]) * 1000,
+        "control_p50s_ms": [statistics.median(c) * 1000 for c in controls],
         "max_live_attempts": max(live_attempts, default=0),
         "max_drain_attempts": max(drain_attempts, default=0),
         "replays": len(replayed),
         "breaker_opened": LinkState.DOWN in states,
         "model_runs": len(unsure),
+        "round_s": round_s,
+        "proxy_cpu_s": proxy_cpu_s,
     }
-    if REPORT:
-        await asyncio.to_thread(_append, Path(REPORT), json.dumps(record))
+    await asyncio.to_thread(_append, Path(REPORT), json.dumps(record))
 
 
 def _append(path: Path, line: str) -> None:
