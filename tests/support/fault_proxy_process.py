@@ -7,7 +7,6 @@ it slices, throttles and delays; here that work cannot slow what the test measur
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase, SeenRequest
+from tests.support.processes import process_cpu_seconds
 
 __all__ = ["FaultProxyProcess"]
 
@@ -80,12 +80,9 @@ class FaultProxyProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float:
-        """The CPU time the proxy's process has used so far (user and system, from /proc)."""
+        """The CPU time (user and system) the proxy's process has used so far."""
         assert self._process is not None, "not started"
-        stat = Path(f"/proc/{self._process.pid}/stat").read_text()
-        # fields after the command's closing parenthesis: utime and stime are the 12th and 13th
-        user, system = stat.rpartition(")")[2].split()[11:13]
-        return (int(user) + int(system)) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self._process.pid)
 
     # --- what the fault matrix calls --------------------------------------------------------
 

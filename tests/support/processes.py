@@ -57,6 +57,10 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the daemon and its worker processes have used so far."""
+        return process_cpu_seconds(self.process.pid)
+
     def threads_and_rss_kb(self) -> tuple[int, int]:
         """The process's thread count and resident memory in kB, from /proc (Linux)."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -167,3 +171,19 @@ def _wait_strict(condition: Callable[[], bool], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and of its live descendants so far, from /proc
+    (Linux): what it and the workers it started have used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        children = [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    except FileNotFoundError:  # it has ended
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(child) for child in children)

@@ -126,6 +126,28 @@ def plan_of(
     return plan, [float(d) for d in offsets]
 
 
+class Meter:
+    """How long a round lasted and the CPU time used in it by the test's process (the Router
+    and the stream), the gateway and the proxy: where a slower local answer may come from."""
+
+    def __init__(self, gateway: Gateway, proxy: FaultProxyProcess) -> None:
+        self._sources = {
+            "seconds": time.monotonic,
+            "router_cpu_s": time.process_time,
+            "gateway_cpu_s": gateway.daemon.cpu_seconds,
+            "proxy_cpu_s": proxy.cpu_seconds,
+        }
+        self._start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> Meter:
+        self._start = {name: read() for name, read in self._sources.items()}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.used = {name: read() - self._start[name] for name, read in self._sources.items()}
+
+
 def config() -> dict[str, Any]:
     return {
         "live_retry": LIVE,
@@ -164,9 +186,10 @@ async def send(router: Router, pixels: np.ndarray, sent: Sent, delay_s: float) -
 
 def stream(
     router: Router, loop: asyncio.AbstractEventLoop, pixels: np.ndarray, stop: threading.Event
-) -> list[float]:
+) -> list[tuple[float, float]]:
     """Confident requests one after another, from this thread onto the router's loop, until
-    `stop`: how long each took from its submission to its local answer.
+    `stop`: how long each took from its submission to its local answer, and of that, how long
+    `Router.route` took.
 
     As an agent's transport hands a request to its loop, the time it waits for the loop (busy
     with the cell's retries, probes and deliveries) is counted with the answer's own."""
@@ -176,7 +199,7 @@ def stream(
         sent = Sent(unsure=False, row=row % len(pixels))
         start = time.monotonic()
         asyncio.run_coroutine_threadsafe(send(router, pixels, sent, 0.0), loop).result(TIME_LEFT_S)
-        seconds.append(time.monotonic() - start)
+        seconds.append((time.monotonic() - start, sent.seconds))
         assert sent.route is Route.EDGE
         row += 1
         stop.wait(STREAM_INTERVAL_S)
@@ -190,8 +213,11 @@ class Streaming:
         self._args = (router, pixels)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream")
-        self._future: asyncio.Future[list[float]] | None = None
+        self._future: asyncio.Future[list[tuple[float, float]]] | None = None
         self.seconds: list[float] = []
+        """From each request's submission to its answer."""
+        self.in_router: list[float] = []
+        """Of that, in `Router.route`."""
 
     async def __aenter__(self) -> Streaming:
         router, pixels = self._args
@@ -203,7 +229,8 @@ class Streaming:
         self._stop.set()
         assert self._future is not None
         try:
-            self.seconds = await self._future
+            timed = await self._future
+            self.seconds, self.in_router = [t for t, _ in timed], [r for _, r in timed]
         finally:
             self._pool.shutdown()
 
@@ -224,19 +251,27 @@ async def all_ended(router: Router, tickets: set[str], within_s: float) -> dict[
 
 
 async def control(
-    router: Router, gateway: Gateway, pixels: np.ndarray, seed: str, spacing_s: float, for_s: float
-) -> list[float]:
-    """The same traffic as a cell's, for `for_s`, with no fault: its local answers' times.
+    router: Router,
+    gateway: Gateway,
+    proxy: FaultProxyProcess,
+    pixels: np.ndarray,
+    seed: str,
+    spacing_s: float,
+    for_s: float,
+) -> tuple[Streaming, dict[str, float]]:
+    """The same traffic as a cell's, for `for_s`, with no fault: its local answers' times
+    (Streaming), and what the round used (Meter).
 
     What it sends is over (answered, delivered, counted by the gateway) when it returns, so the
     cell's own counts start from zero."""
     plan, offsets = plan_of(random.Random(zlib.crc32(seed.encode())), spacing_s, pixels)
     kept = [(s, d) for s, d in zip(plan, offsets, strict=True) if d < for_s]
     runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
-    async with Streaming(router, pixels) as streaming:
-        started = time.monotonic()
-        await asyncio.gather(*(send(router, pixels, s, d) for s, d in kept))
-        await asyncio.sleep(max(0.0, for_s - (time.monotonic() - started)))
+    with Meter(gateway, proxy) as meter:
+        async with Streaming(router, pixels) as streaming:
+            started = time.monotonic()
+            await asyncio.gather(*(send(router, pixels, s, d) for s, d in kept))
+            await asyncio.sleep(max(0.0, for_s - (time.monotonic() - started)))
     await all_ended(router, {s.ticket for s, _ in kept if s.ticket is not None}, 30)
     unsure = sum(s.unsure for s, _ in kept)
     await until(
@@ -246,7 +281,7 @@ async def control(
         10,
         "the gateway's metrics",
     )
-    return streaming.seconds
+    return streaming, meter.used
 
 
 @pytest.mark.parametrize(("fault", "phase"), CELLS, ids=[f"{f}@{p}" for f, p in CELLS])
@@ -273,14 +308,17 @@ async def test_fault_cell(
     controls = []
     if REPORT:
         controls.append(
-            await control(router, gateway, pixels, f"{fault}@{phase}/before", spacing, control_s)
+            await control(
+                router, gateway, proxy, pixels, f"{fault}@{phase}/before", spacing, control_s
+            )
         )
         proxy.forget()
     runs = gateway.metric("cloud_gateway_model_runs_total", model=CLOUD_MODEL)
 
-    proxy_cpu_s = proxy.cpu_seconds()
     arm(proxy, fault, phase)
+    meter = Meter(gateway, proxy)
     async with contextlib.AsyncExitStack() as round_:
+        round_.enter_context(meter)
         local = await round_.enter_async_context(Streaming(router, pixels)) if REPORT else None
         started = time.monotonic()
         await asyncio.gather(
@@ -290,7 +328,6 @@ async def test_fault_cell(
         if fault in ALL_FAIL:
             await link_is(router, LinkState.DOWN, within_s=15)
         await asyncio.sleep(max(0.0, hold))
-    proxy_cpu_s, round_s = proxy.cpu_seconds() - proxy_cpu_s, time.monotonic() - started
     proxy.restore()
 
     # -- nothing lost: answered, delivered once the link is back, the cloud model's answer -----
@@ -359,7 +396,7 @@ async def test_fault_cell(
     if local is None:
         return
     controls.append(
-        await control(router, gateway, pixels, f"{fault}@{phase}/after", spacing, control_s)
+        await control(router, gateway, proxy, pixels, f"{fault}@{phase}/after", spacing, control_s)
     )
     record = {
         "fault": fault,
@@ -369,16 +406,20 @@ async def test_fault_cell(
         "queued": len(tickets),
         "local_answers": len(local.seconds),
         "local_p50_ms": statistics.median(local.seconds) * 1000,
-        "control_answers": sum(map(len, controls)),
-        "control_p50_ms": statistics.median([t for c in controls for t in c]) * 1000,
-        "control_p50s_ms": [statistics.median(c) * 1000 for c in controls],
+        "local_in_router_p50_ms": statistics.median(local.in_router) * 1000,
+        "control_answers": sum(len(c.seconds) for c, _ in controls),
+        "control_p50_ms": statistics.median([t for c, _ in controls for t in c.seconds]) * 1000,
+        "control_p50s_ms": [statistics.median(c.seconds) * 1000 for c, _ in controls],
+        "control_in_router_p50_ms": (
+            statistics.median([t for c, _ in controls for t in c.in_router]) * 1000
+        ),
         "max_live_attempts": max(live_attempts, default=0),
         "max_drain_attempts": max(drain_attempts, default=0),
         "replays": len(replayed),
         "breaker_opened": LinkState.DOWN in states,
         "model_runs": len(unsure),
-        "round_s": round_s,
-        "proxy_cpu_s": proxy_cpu_s,
+        "used": meter.used,
+        "control_used": [used for _, used in controls],
     }
     await asyncio.to_thread(_append, Path(REPORT), json.dumps(record))
 
