@@ -20,9 +20,9 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
-__all__ = ["ConnectionFault", "FaultProxy", "Phase", "SeenRequest"]
+__all__ = ["ConnectionFault", "FaultProxy", "Phase", "ProxyEnds", "SeenRequest"]
 
 T = TypeVar("T")
 UP, DOWN = "to_target", "to_client"
@@ -100,7 +100,30 @@ class _Connection:
             self.handler.cancel()
 
 
-class FaultProxy:
+class ProxyEnds:
+    """What a proxy in this thread and one in a process of its own share: the URL of the port
+    it listens on, and `with` to start and close it."""
+
+    port: int
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class FaultProxy(ProxyEnds):
     """Forward 127.0.0.1:<port> to `target`, with faults switched on and off at run time.
 
     - `cut()`: existing connections are reset and new ones are reset as soon as accepted.
@@ -153,7 +176,7 @@ class FaultProxy:
 
     # --- life cycle, from the test's thread -------------------------------------------------
 
-    def start(self) -> FaultProxy:
+    def start(self) -> Self:
         self._thread.start()
         self._call(self._start())
         return self
@@ -164,16 +187,6 @@ class FaultProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self._loop.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def bytes_to_target(self) -> int:

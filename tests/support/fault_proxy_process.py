@@ -13,9 +13,9 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase, SeenRequest
+from tests.support.fault_proxy import ConnectionFault, FaultProxy, Phase, ProxyEnds, SeenRequest
 from tests.support.processes import process_cpu_seconds
 
 __all__ = ["FaultProxyProcess"]
@@ -24,7 +24,7 @@ _STOP = "stop"
 _ROOT = Path(__file__).resolve().parents[2]
 
 
-class FaultProxyProcess:
+class FaultProxyProcess(ProxyEnds):
     """A `FaultProxy` in a child process, with the methods the fault matrix uses.
 
     Each call is sent over a socket pair and waited for (a fraction of a millisecond), as a call
@@ -38,7 +38,7 @@ class FaultProxyProcess:
         self._pipe: Connection | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> FaultProxyProcess:
+    def start(self) -> Self:
         ours, theirs = socket.socketpair()
         # A plain child (python -m), not multiprocessing: no resource tracker outlives the tests.
         self._process = subprocess.Popen(
@@ -68,16 +68,6 @@ class FaultProxyProcess:
         if self._pipe is not None:
             self._pipe.close()
         self._process = None
-
-    def __enter__(self) -> FaultProxyProcess:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float:
         """The CPU time (user and system) the proxy's process has used so far."""
