@@ -393,8 +393,9 @@ async def test_fault_cell(
         assert LinkState.DOWN in states  # the breaker opened ...
     # ... and closed: link_is(UP) above
 
-    if local is None:
+    if local is None:  # no report asked for
         return
+    assert REPORT is not None
     controls.append(
         await control(router, gateway, proxy, pixels, f"{fault}@{phase}/after", spacing, control_s)
     )
