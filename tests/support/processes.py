@@ -6,6 +6,7 @@ Daemons are started with `--port-file F`: once every socket is bound they write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -175,15 +176,15 @@ def _wait_strict(condition: Callable[[], bool], timeout: float, what: str) -> No
 
 def process_cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process and of its live descendants so far, from /proc
-    (Linux): what it and the workers it started have used."""
+    (Linux): what it and the workers it started have used; 0 once it has ended."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        children = [
-            int(child)
-            for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()
-        ]
-    except FileNotFoundError:  # it has ended
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
         return 0.0
+    children = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            children += [int(child) for child in (task / "children").read_text().split()]
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return own + sum(process_cpu_seconds(child) for child in children)
