@@ -296,7 +296,15 @@ class CloudClient:
         async def attempt(limit_s: float) -> Reply:
             return await self._attempt(call, limit_s, reader)
 
-        reply = await retry_call(attempt, policy=self.retry, clock=self._clock, deadline=deadline)
+        pacer = self.pacer
+        reply = await retry_call(
+            attempt,
+            policy=self.retry,
+            clock=self._clock,
+            deadline=deadline,
+            # RateLimited if the rate would start the attempt too late for the deadline
+            before_attempt=None if pacer is None else lambda latest: pacer.acquire(latest),
+        )
         return CloudAnswer(
             body=reply.body,
             status=reply.status,
@@ -309,9 +317,6 @@ class CloudClient:
         )
 
     async def _attempt(self, call: _Call, limit_s: float, reader: Executor | None) -> Reply:
-        if self.pacer is not None:  # RateLimited if the rate would start it too late
-            now = self._clock.monotonic()
-            limit_s -= await self.pacer.acquire(latest=now + limit_s - self.retry.min_attempt_s)
         fixed = call.request
         request = self._session.request(
             fixed.method, fixed.path, fixed.payload, fixed.headers, limit_s

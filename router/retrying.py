@@ -201,13 +201,16 @@ async def retry_call(
     policy: RetryPolicy,
     clock: Clock,
     deadline: float | None = None,
+    before_attempt: Callable[[float], Awaitable[object]] | None = None,
 ) -> T:
     """Run `attempt(timeout_s)` until it succeeds, fails for good, or the time is up.
 
     `deadline` is an absolute `clock.monotonic()` time. Each attempt gets
     min(policy.attempt_timeout_s, time left). A non-retryable error propagates as it is; when
     retries give up, CloudUnavailable is raised from the last failure, keeping its status and
-    Retry-After.
+    Retry-After. `before_attempt(latest)` is awaited before each attempt (a rate's turn, to
+    come by the `clock.monotonic()` time `latest`, or raise): its wait comes out of the time
+    left, not out of the attempt's own timeout, which starts after it.
     """
     end = clock.monotonic() + policy.max_total_s
     if deadline is not None:
@@ -217,6 +220,8 @@ async def retry_call(
         raise CloudUnavailable(f"no time for a cloud call: {max(0.0, left):.3f} s left")
 
     async def one() -> T:
+        if before_attempt is not None:
+            await before_attempt(end - policy.min_attempt_s)
         return await attempt(min(policy.attempt_timeout_s, end - clock.monotonic()))
 
     retrying = AsyncRetrying(

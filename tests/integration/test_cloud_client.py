@@ -42,6 +42,7 @@ from router.clock import SystemClock
 from router.cloud_client import AttemptRecord, CloudClient, infer_request
 from router.connectivity import ConnectivityMonitor
 from router.errors import BudgetExhausted, CircuitOpen, CloudRejected, CloudUnavailable
+from router.pacing import RequestPacer
 from router.retrying import RetryPolicy
 from tests.integration.router.helpers import until
 from tests.support.fault_proxy import FaultProxy
@@ -222,6 +223,29 @@ async def test_429_with_retry_after_is_honoured_with_the_same_key(
     assert attempts.outcomes == ["rate_limited", "ok", "ok"]
     assert {s.headers["idempotency-key"] for s in cloud.seen} == {"t-429"}
     assert len({s.raw for s in cloud.seen}) == 1  # byte-identical bodies on every attempt
+
+
+async def test_a_call_waiting_for_its_turn_keeps_its_whole_attempt_timeout(
+    cloud: ScriptedCloud, attempts: Attempts
+) -> None:
+    # One call a second, attempts of 0.5 s: the second call's turn comes after a wait longer
+    # than an attempt. It waits for it within its deadline, then gets its whole attempt (it
+    # used to be refused at once as rate limited, since the wait was taken out of the attempt).
+    async with client_for(
+        f"http://127.0.0.1:{cloud.port}", attempts, attempt_timeout_s=0.5
+    ) as client:
+        client.pacer = RequestPacer(1.0, 1, SystemClock())
+        start = time.monotonic()
+        first, second = await asyncio.gather(
+            *(
+                client.infer("m", BODY, idempotency_key=f"t-turn-{i}", deadline=deadline_in(10))
+                for i in range(2)
+            )
+        )
+        waited = time.monotonic() - start
+    assert first.status == second.status == 200
+    assert waited >= 0.9  # the second call waited for its turn
+    assert "rate_limited" not in attempts.outcomes
 
 
 async def test_502_and_503_are_retried(cloud: ScriptedCloud, attempts: Attempts) -> None:

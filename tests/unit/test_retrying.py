@@ -149,6 +149,30 @@ async def test_attempts_stop_at_the_deadline_and_never_overrun_it() -> None:
     assert len(script.starts) >= 2
 
 
+async def test_a_wait_for_a_turn_before_an_attempt_leaves_the_attempt_its_whole_timeout() -> None:
+    # A paced call may wait for its turn up to the deadline; its attempt's own timeout starts
+    # once the wait is over (it used to be what the wait left of it: a call that waited 9.9 s
+    # of 10 got 0.1 s to be answered, and timed out).
+    clock = FakeClock()
+    start = clock.monotonic()
+    deadline = start + 60.0
+    policy = RetryPolicy(attempt_timeout_s=10.0, max_total_s=30.0, min_attempt_s=0.05)
+    latest: list[float] = []
+
+    async def turn(by: float) -> None:
+        latest.append(by)
+        await clock.sleep(12.0)  # longer than one attempt's timeout
+
+    script = Script(clock, [])
+    assert (
+        await retry_call(script, policy=policy, clock=clock, deadline=deadline, before_attempt=turn)
+        == "ok"
+    )
+    assert latest == [pytest.approx(start + 30.0 - 0.05)]  # the call's end, not the attempt's
+    assert script.starts == [pytest.approx(start + 12.0)]
+    assert script.limits == [pytest.approx(10.0)]
+
+
 async def test_total_time_is_bounded_without_a_caller_deadline() -> None:
     clock = FakeClock()
     start = clock.monotonic()
