@@ -104,7 +104,11 @@ class CountingUpstream:
                     send_json(self, 404, {"error": f"unknown path {self.path}"})
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if len(body) < length:  # its sender died mid-request (a worker killed)
+                    self.close_connection = True
+                    return
                 if not self.path.startswith(f"/v2/models/{MODEL}") or not self.path.endswith(
                     "/infer"
                 ):
