@@ -151,6 +151,7 @@ def create_app(
         settings.max_connections,
         metrics.connections_closed,
         metrics.accept_errors,
+        metrics.malformed_requests,
         log,
         server="the gateway",
         cap_setting="max_connections",

@@ -16,6 +16,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_runtime.connection_guard import MALFORMED_REASONS
+
 __all__ = ["GatewayMetrics", "RequestMetricsMiddleware"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -174,6 +176,16 @@ class GatewayMetrics:
             namespace=ns,
             registry=registry,
         )
+        self.malformed_requests = Counter(
+            "malformed_requests",
+            "Requests that were not HTTP/1.1, by reason: invalid_http (400, the connection "
+            "closed) or unsupported_upgrade (an Upgrade header, ignored: served as plain HTTP).",
+            ["reason"],
+            namespace=ns,
+            registry=registry,
+        )
+        for reason in MALFORMED_REASONS:
+            self.malformed_requests.labels(reason)
 
         self.blocking_threads = Gauge(
             "blocking_threads",

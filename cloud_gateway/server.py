@@ -103,6 +103,9 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
         factory=factory,
         http=_PROTOCOLS[HTTP_PARSER],
         loop=EVENT_LOOP,
+        # No WebSocket route: an Upgrade is ignored and counted (connection_guard), whatever
+        # WebSocket library happens to be installed beside uvicorn.
+        ws="none",
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         backlog=ACCEPT_BATCH,
         workers=settings.workers,

@@ -256,6 +256,7 @@ def _rest_server(
         settings.rest_max_connections,
         metrics.rest_connections_closed,
         metrics.rest_accept_errors,
+        metrics.rest_malformed_requests,
         log,
         server="the agent",
         cap_setting="rest_max_connections",

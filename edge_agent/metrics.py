@@ -17,7 +17,7 @@ from edge_agent import __version__
 from edge_agent.access import AccessDenied
 from edge_agent.settings import DEFAULT_DEVICE
 from model_runtime import ModelRepository
-from model_runtime.connection_guard import CLOSE_REASONS
+from model_runtime.connection_guard import CLOSE_REASONS, MALFORMED_REASONS
 from model_runtime.loop_metrics import CounterChild, HistogramChild, LoopCounter, LoopHistogram
 from router.decision import DEFAULT_TTL_SECONDS
 
@@ -107,6 +107,15 @@ class AgentMetrics:
             "REST connections the agent could not accept (out of file descriptors or memory).",
             registry=registry,
         )
+        self.rest_malformed_requests = Counter(
+            "edge_agent_rest_malformed_requests",
+            "REST requests that were not HTTP/1.1, by reason: invalid_http (400, the connection "
+            "closed) or unsupported_upgrade (an Upgrade header, ignored: served as plain HTTP).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in MALFORMED_REASONS:
+            self.rest_malformed_requests.labels(reason)
         self.invalid_requests = Counter(
             "edge_agent_invalid_requests",
             "Inference requests refused as invalid, by model and what was wrong.",

@@ -1,11 +1,14 @@
 """HTTP/1.1 connections a server can afford: closed when a request's headers do not arrive in
-time, capped in number (503 beyond), request heads bounded (431), accept errors logged once a second.
+time, capped in number (503 beyond), request heads bounded (431), accept errors and malformed
+requests counted and logged once a second.
 
 uvicorn closes idle keep-alive connections, but not one that never sends a request or stops in
 the middle of its headers, and asyncio logs a traceback for every failed accept (up to the
 backlog's 2,048 per wake-up, issue 12: 68 MB in 13 s). `GuardedHttpToolsProtocol` (the gateway's)
 and `GuardedH11Protocol` (the agent's REST API's) are uvicorn's own HTTP/1.1 protocols with a
-header deadline, the cap and a bounded head; uvicorn takes one as its `http` class. Their
+header deadline, the cap and a bounded head; uvicorn takes one as its `http` class. uvicorn
+would also write a warning line for every malformed request (anyone who can connect could fill
+the disk with them): here they are counted, and summed up in one line a second at most. Their
 settings and counters come from uvicorn's app state (`ConnectionGuard` under STATE_KEY), the
 channel uvicorn hands to every protocol it creates.
 """
@@ -28,11 +31,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from model_runtime import json_codec
+from model_runtime.log_throttle import LogThrottle
 
 __all__ = [
     "ACCEPT_BATCH",
     "CLOSE_REASONS",
     "FD_RESERVE",
+    "MALFORMED_REASONS",
     "MAX_HEAD_BYTES",
     "STATE_KEY",
     "ConnectionGuard",
@@ -44,6 +49,10 @@ __all__ = [
 STATE_KEY = "connection_guard"
 CLOSE_REASONS = ("header_timeout", "over_capacity", "head_too_large")
 """Why the guard closed a connection: the `reason` label of its `closed` counter."""
+MALFORMED_REASONS = ("invalid_http", "unsupported_upgrade")
+"""What was wrong with a request uvicorn could not take (the `reason` label of the guard's
+`malformed` counter): not HTTP/1.1 (answered 400, the connection closed), or an Upgrade header
+to a protocol the server does not speak (the request is served as plain HTTP)."""
 # Connections asyncio accepts in one go, before any of them is counted (uvicorn's `backlog`,
 # which is also the listen queue's length).
 ACCEPT_BATCH = 256
@@ -60,6 +69,9 @@ _MAX_LINGERING = 64
 _ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message
 # A request's line and headers: h11's own default bound, for either parser.
 MAX_HEAD_BYTES = 16 * 1024
+# uvicorn's logger and its line for each malformed request, which the guard's count replaces.
+_UVICORN_LOG = "uvicorn.error"
+_INVALID_REQUEST_LINE = "Invalid HTTP request received."
 
 
 def connection_cap(max_connections: int) -> int:
@@ -99,18 +111,26 @@ def _head_too_large_response() -> bytes:
 _HEAD_TOO_LARGE = _head_too_large_response()
 
 
+def _drop_invalid_request_line(record: logging.LogRecord) -> bool:
+    """A filter for uvicorn's logger: its line for each malformed request goes, since the guard
+    counts those requests (every one, whatever the log level) and sums them up itself."""
+    return record.msg != _INVALID_REQUEST_LINE
+
+
 @dataclass
 class ConnectionGuard:
     """What every connection of one server (a gateway worker, the agent's REST API) shares:
-    the limits, the counters, the log throttle."""
+    the limits, the counters, the log throttles."""
 
     header_timeout_s: float
     max_connections: int
     closed: Counter
     """by reason: header_timeout, over_capacity, head_too_large"""
     accept_errors: Counter
+    malformed: Counter
+    """by reason: MALFORMED_REASONS"""
     log: logging.Logger
-    """Where accept errors are reported."""
+    """Where accept errors and malformed requests are reported."""
     server: str = "the server"
     """Who answers, in the 503's message ("the gateway")."""
     cap_setting: str = "max_connections"
@@ -119,11 +139,17 @@ class ConnectionGuard:
     refusal: bytes = field(init=False)
     """What an over-capacity connection is sent."""
     lingering: int = 0
-    _unlogged_errors: int = 0
-    _last_logged: float = float("-inf")
+    _accept_log: LogThrottle = field(init=False)
+    _last_accept_error: object = None
+    _malformed_log: LogThrottle = field(init=False)
+    _last_malformed_from: str = "?"
 
     def __post_init__(self) -> None:
         self.refusal = _over_capacity_response(self.server, 1)
+        self._accept_log = LogThrottle(self._report_accept_errors, self.monotonic)
+        self._malformed_log = LogThrottle(self._report_malformed, self.monotonic)
+        # Idempotent: a process may build several guards (a test, several servers).
+        logging.getLogger(_UVICORN_LOG).addFilter(_drop_invalid_request_line)
 
     @classmethod
     def under_open_files_limit(
@@ -132,6 +158,7 @@ class ConnectionGuard:
         max_connections: int,
         closed: Counter,
         accept_errors: Counter,
+        malformed: Counter,
         log: logging.Logger,
         *,
         server: str,
@@ -144,6 +171,7 @@ class ConnectionGuard:
             connection_cap(max_connections),
             closed,
             accept_errors,
+            malformed,
             log,
             server=server,
             cap_setting=cap_setting,
@@ -167,21 +195,38 @@ class ConnectionGuard:
             loop.default_exception_handler(context)
             return
         self.accept_errors.inc()
-        self._unlogged_errors += 1
-        now = self.monotonic()
-        if now - self._last_logged < 1.0:
-            return
+        self._last_accept_error = context.get("exception")
+        self._accept_log.note(loop, "accept")
+
+    def malformed_request(
+        self, loop: asyncio.AbstractEventLoop, reason: str, client: str | None
+    ) -> None:
+        """A request uvicorn could not take (`reason`: one of MALFORMED_REASONS), from the
+        `client` address: counted, and logged once a second with how many there were."""
+        self.malformed.labels(reason).inc()
+        if client is not None:
+            self._last_malformed_from = client
+        self._malformed_log.note(loop, reason)
+
+    def _report_accept_errors(self, counts: dict[str, int]) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.log.warning(
             "could not accept %d connection(s): %s (open-files limit %d; raise LimitNOFILE "
             "or lower %s)",
-            self._unlogged_errors,
-            context.get("exception"),
+            counts["accept"],
+            self._last_accept_error,
             soft,
             self.cap_setting,
         )
-        self._unlogged_errors = 0
-        self._last_logged = now
+
+    def _report_malformed(self, counts: dict[str, int]) -> None:
+        self.log.warning(
+            "malformed HTTP request(s), last from %s (counted, logged once a second at most): %s",
+            self._last_malformed_from,
+            ", ".join(
+                f"{counts[reason]} {reason}" for reason in MALFORMED_REASONS if reason in counts
+            ),
+        )
 
 
 class _Guard:
@@ -236,6 +281,9 @@ class _Guard:
         self._transport.write(_HEAD_TOO_LARGE)
         self._transport.close()
 
+    def malformed(self, reason: str, client: tuple[str, int] | None) -> None:
+        self._guard.malformed_request(self._loop, reason, None if client is None else client[0])
+
     def lost(self) -> None:
         if self.refused and self._timer is not None:
             self._guard.lingering -= 1
@@ -252,12 +300,14 @@ class _Guard:
 
 class _GuardedProtocol:
     """What both protocols below add to uvicorn's, ahead of it in their bases: a `_Guard` per
-    connection, the cap checked as it opens, a refused one closed when its client hangs up."""
+    connection, the cap checked as it opens, a refused one closed when its client hangs up,
+    malformed requests counted rather than logged one by one."""
 
     # Set by uvicorn's protocol, which follows this class in the bases.
     loop: asyncio.AbstractEventLoop
     connections: set[Any]
     transport: asyncio.Transport
+    client: tuple[str, int] | None
 
     def __init__(
         self,
@@ -281,6 +331,15 @@ class _GuardedProtocol:
     def connection_lost(self, exc: Exception | None) -> None:
         self._guarded.lost()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to what its parser refused, right after its (filtered) log line.
+        self._guarded.malformed("invalid_http", self.client)
+        super().send_400_response(msg)  # type: ignore[misc]
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # In place of uvicorn's one or two lines; the request is then served as plain HTTP.
+        self._guarded.malformed("unsupported_upgrade", self.client)
 
 
 class _HeadBoundConnection(h11.Connection):

@@ -153,6 +153,9 @@ class RestServer:
             # faster (BENCHMARKS.md), which does not buy that back.
             http=_NamingH11Protocol,
             backlog=ACCEPT_BATCH,  # accepted in one go, before the cap can count them
+            # No WebSocket route: an Upgrade is ignored and counted (connection_guard), whatever
+            # WebSocket library happens to be installed beside uvicorn.
+            ws="none",
             lifespan="off",
             log_config=None,
             log_level="warning",  # its start and stop lines would repeat the agent's own

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,8 @@ import pytest
 
 from tests.integration.conftest import agent_metric
 from tests.integration.rest.helpers import X, body
-from tests.support.processes import Daemon
+from tests.support.malformed_requests import NOT_HTTP, UPGRADE_TO_H2C, LogTail, status_lines
+from tests.support.processes import Daemon, wait_until
 
 JSON = {"Content-Type": "application/json"}
 
@@ -230,4 +232,29 @@ def test_an_endless_request_head_is_cut_off_with_431(agent: Daemon, rest: httpx.
     assert sent < 8 << 20, "the agent read 8 MB of headers"
     assert agent_metric(agent, CLOSED, reason="head_too_large") == closed + 1
     assert agent.threads_and_rss_kb()[1] - rss_before < 2048
+    assert rest.get("/v2/health/ready").status_code == 200
+
+
+def test_a_burst_of_malformed_requests_is_counted_and_summed_up_in_a_line_or_two(
+    agent: Daemon, rest: httpx.Client
+) -> None:
+    host, port = agent.address("rest").split(":")
+    malformed = "edge_agent_rest_malformed_requests_total"
+    invalid_before = agent_metric(agent, malformed, reason="invalid_http")
+    upgrades_before = agent_metric(agent, malformed, reason="unsupported_upgrade")
+    log = LogTail(agent.log_path)
+    started = time.monotonic()
+    answers = status_lines((host, int(port)), NOT_HTTP, 200)
+    upgrades = status_lines((host, int(port)), UPGRADE_TO_H2C, 10)
+    burst_s = time.monotonic() - started
+    assert answers == [b"HTTP/1.1 400 Bad Request"] * 200
+    assert upgrades == [b"HTTP/1.1 200 OK"] * 10  # served, the Upgrade ignored
+    assert agent_metric(agent, malformed, reason="invalid_http") == invalid_before + 200
+    assert agent_metric(agent, malformed, reason="unsupported_upgrade") == upgrades_before + 10
+    # The last count is written when its second ends.
+    wait_until(lambda: log.summed("unsupported_upgrade") == 10, what="the summing-up line")
+    assert log.summed("invalid_http") == 200
+    assert len(log.summaries()) <= 2 + burst_s  # one a second, and the first at once
+    assert "Invalid HTTP request" not in log.text()
+    assert "upgrade request" not in log.text()
     assert rest.get("/v2/health/ready").status_code == 200
