@@ -46,8 +46,11 @@ class FakeLoop:
             callback()
 
 
-def _guard(metrics: GatewayMetrics, now: list[float]) -> ConnectionGuard:
-    return ConnectionGuard(
+def _guard() -> tuple[ConnectionGuard, GatewayMetrics, list[float], FakeLoop]:
+    """A guard, its counters, its clock (now[0], moved by the test) and a loop."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    now = [100.0]
+    guard = ConnectionGuard(
         10.0,
         100,
         metrics.connections_closed,
@@ -56,15 +59,13 @@ def _guard(metrics: GatewayMetrics, now: list[float]) -> ConnectionGuard:
         logging.getLogger("cloud_gateway"),
         monotonic=lambda: now[0],
     )
+    return guard, metrics, now, FakeLoop()
 
 
 def test_accept_errors_are_logged_once_a_second_with_their_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    metrics = GatewayMetrics(CollectorRegistry())
-    now = [100.0]
-    guard = _guard(metrics, now)
-    loop = FakeLoop()
+    guard, metrics, now, loop = _guard()
     error = {
         "message": "socket.accept() out of system resource",
         "exception": OSError(24, "Too many open files"),
@@ -92,10 +93,7 @@ def test_accept_errors_are_logged_once_a_second_with_their_count(
 def test_malformed_requests_are_counted_each_and_logged_once_a_second(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    metrics = GatewayMetrics(CollectorRegistry())
-    now = [100.0]
-    guard = _guard(metrics, now)
-    loop = FakeLoop()
+    guard, metrics, now, loop = _guard()
     with caplog.at_level(logging.WARNING, logger="cloud_gateway"):
         for i in range(300):
             reason = "unsupported_upgrade" if i % 3 == 0 else "invalid_http"
@@ -118,7 +116,7 @@ def test_malformed_requests_are_counted_each_and_logged_once_a_second(
 def test_uvicorn_s_own_line_for_each_malformed_request_is_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _guard(GatewayMetrics(CollectorRegistry()), [0.0])
+    _guard()
     uvicorn_log = logging.getLogger("uvicorn.error")
     with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
         uvicorn_log.warning("Invalid HTTP request received.")

@@ -19,6 +19,7 @@ from model_runtime import ModelRepository
 from model_runtime.demo import CLOUD_REPOSITORY
 from tests.integration.gateway.helpers import Gateway, add_key, infer_body, start_gateway
 from tests.support.processes import BIN, wait_until
+from tests.support.raw_http import status_line
 
 pytestmark = pytest.mark.integration
 
@@ -287,13 +288,7 @@ def _head(gateway: Gateway, *extra: str) -> bytes:
 
 
 def _status(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return int(data.split(b" ", 2)[1])
+    return int(status_line(sock).split(b" ", 2)[1])
 
 
 def test_a_declared_oversize_body_gets_413_before_it_is_sent(gateway: Gateway) -> None:

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from tests.integration.gateway.helpers import Gateway, start_gateway
-from tests.support.malformed_requests import NOT_HTTP, UPGRADE_TO_H2C, LogTail, status_lines
-from tests.support.processes import wait_until
+from tests.support.raw_http import check_a_malformed_burst
 
 pytestmark = pytest.mark.integration
 
@@ -161,23 +160,9 @@ def test_a_burst_of_malformed_requests_is_counted_and_summed_up_in_a_line_or_two
     plain_gateway: Gateway,
 ) -> None:
     gw = plain_gateway
-    address = ("127.0.0.1", gw.daemon.ports["http"])
-    malformed = "cloud_gateway_malformed_requests_total"
-    invalid_before = gw.metric(malformed, reason="invalid_http")
-    upgrades_before = gw.metric(malformed, reason="unsupported_upgrade")
-    log = LogTail(gw.daemon.log_path)
-    started = time.monotonic()
-    answers = status_lines(address, NOT_HTTP, 200)
-    upgrades = status_lines(address, UPGRADE_TO_H2C, 10)
-    burst_s = time.monotonic() - started
-    assert answers == [b"HTTP/1.1 400 Bad Request"] * 200
-    assert upgrades == [b"HTTP/1.1 200 OK"] * 10  # served, the Upgrade ignored
-    assert gw.metric(malformed, reason="invalid_http") == invalid_before + 200
-    assert gw.metric(malformed, reason="unsupported_upgrade") == upgrades_before + 10
-    # The last count is written when its second ends.
-    wait_until(lambda: log.summed("unsupported_upgrade") == 10, what="the summing-up line")
-    assert log.summed("invalid_http") == 200
-    assert len(log.summaries()) <= 2 + burst_s  # one a second, and the first at once
-    assert "Invalid HTTP request" not in log.text()
-    assert "upgrade request" not in log.text()
+    check_a_malformed_burst(
+        ("127.0.0.1", gw.daemon.ports["http"]),
+        lambda reason: gw.metric("cloud_gateway_malformed_requests_total", reason=reason),
+        gw.daemon.log_path,
+    )
     assert _ready(gw) == 200

@@ -12,7 +12,6 @@ import contextlib
 import http.client
 import json
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +21,8 @@ import pytest
 
 from tests.integration.conftest import agent_metric
 from tests.integration.rest.helpers import X, body
-from tests.support.malformed_requests import NOT_HTTP, UPGRADE_TO_H2C, LogTail, status_lines
-from tests.support.processes import Daemon, wait_until
+from tests.support.processes import Daemon
+from tests.support.raw_http import check_a_malformed_burst
 
 JSON = {"Content-Type": "application/json"}
 
@@ -239,22 +238,11 @@ def test_a_burst_of_malformed_requests_is_counted_and_summed_up_in_a_line_or_two
     agent: Daemon, rest: httpx.Client
 ) -> None:
     host, port = agent.address("rest").split(":")
-    malformed = "edge_agent_rest_malformed_requests_total"
-    invalid_before = agent_metric(agent, malformed, reason="invalid_http")
-    upgrades_before = agent_metric(agent, malformed, reason="unsupported_upgrade")
-    log = LogTail(agent.log_path)
-    started = time.monotonic()
-    answers = status_lines((host, int(port)), NOT_HTTP, 200)
-    upgrades = status_lines((host, int(port)), UPGRADE_TO_H2C, 10)
-    burst_s = time.monotonic() - started
-    assert answers == [b"HTTP/1.1 400 Bad Request"] * 200
-    assert upgrades == [b"HTTP/1.1 200 OK"] * 10  # served, the Upgrade ignored
-    assert agent_metric(agent, malformed, reason="invalid_http") == invalid_before + 200
-    assert agent_metric(agent, malformed, reason="unsupported_upgrade") == upgrades_before + 10
-    # The last count is written when its second ends.
-    wait_until(lambda: log.summed("unsupported_upgrade") == 10, what="the summing-up line")
-    assert log.summed("invalid_http") == 200
-    assert len(log.summaries()) <= 2 + burst_s  # one a second, and the first at once
-    assert "Invalid HTTP request" not in log.text()
-    assert "upgrade request" not in log.text()
+    check_a_malformed_burst(
+        (host, int(port)),
+        lambda reason: agent_metric(
+            agent, "edge_agent_rest_malformed_requests_total", reason=reason
+        ),
+        agent.log_path,
+    )
     assert rest.get("/v2/health/ready").status_code == 200

@@ -1,17 +1,24 @@
-"""Requests uvicorn cannot take as HTTP/1.1, sent in bursts on raw sockets, and the lines in
-which a daemon's connection guard sums them up (model_runtime.connection_guard).
+"""HTTP/1.1 on raw sockets, for what a client library would not send: requests uvicorn cannot
+take, in bursts, and the lines in which a daemon's connection guard sums them up
+(model_runtime.connection_guard).
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from tests.support.processes import wait_until
 
 __all__ = [
     "NOT_HTTP",
     "UPGRADE_TO_H2C",
     "LogTail",
+    "check_a_malformed_burst",
+    "status_line",
     "status_lines",
 ]
 
@@ -37,14 +44,15 @@ def status_lines(
         try:
             for sock in sockets:
                 sock.sendall(request)
-            answers.extend(_status_line(sock) for sock in sockets)
+            answers.extend(status_line(sock) for sock in sockets)
         finally:
             for sock in sockets:
                 sock.close()
     return answers
 
 
-def _status_line(sock: socket.socket) -> bytes:
+def status_line(sock: socket.socket) -> bytes:
+    """The first line of the answer on `sock` (b"" if it closed without one)."""
     received = b""
     while b"\r\n" not in received:
         chunk = sock.recv(4096)
@@ -75,3 +83,29 @@ class LogTail:
         return sum(
             int(n) for line in self.summaries() for n in re.findall(rf"(\d+) {reason}\b", line)
         )
+
+
+def check_a_malformed_burst(
+    address: tuple[str, int], counted: Callable[[str], float], log_path: Path
+) -> None:
+    """200 requests that are not HTTP and 10 asking to upgrade, to the server at `address`:
+    each not-HTTP one answered 400, each upgrade served, every one counted (`counted`: the
+    malformed-requests counter by reason), summed up in the log (`log_path`) at most once a
+    second, and uvicorn's line for each not written."""
+    invalid_before = counted("invalid_http")
+    upgrades_before = counted("unsupported_upgrade")
+    log = LogTail(log_path)
+    started = time.monotonic()
+    answers = status_lines(address, NOT_HTTP, 200)
+    upgrades = status_lines(address, UPGRADE_TO_H2C, 10)
+    burst_s = time.monotonic() - started
+    assert answers == [b"HTTP/1.1 400 Bad Request"] * 200
+    assert upgrades == [b"HTTP/1.1 200 OK"] * 10  # served, the Upgrade ignored
+    assert counted("invalid_http") == invalid_before + 200
+    assert counted("unsupported_upgrade") == upgrades_before + 10
+    # The last count is written when its second ends.
+    wait_until(lambda: log.summed("unsupported_upgrade") == 10, what="the summing-up line")
+    assert log.summed("invalid_http") == 200
+    assert len(log.summaries()) <= 2 + burst_s  # one a second, and the first at once
+    assert "Invalid HTTP request" not in log.text()
+    assert "upgrade request" not in log.text()
