@@ -575,10 +575,16 @@ async def test_every_byte_each_way_is_counted_as_the_proxy_carried_it(
     ]  # fmt: skip
     sent = sum(a.bytes_sent for a in attempts)
     received = sum(a.bytes_received for a in attempts)
-    await until(
-        lambda: (proxy.bytes_to_target, proxy.bytes_to_client) == (sent, received),
-        what=f"the proxy to have passed on {sent} bytes up and {received} down",
-    )
+    try:
+        await until(
+            lambda: (proxy.bytes_to_target, proxy.bytes_to_client) == (sent, received),
+            what=f"the proxy to have passed on {sent} bytes up and {received} down",
+        )
+    except TimeoutError as exc:  # say what it did pass on, and over how many connections
+        raise AssertionError(
+            f"{exc}; it passed on {proxy.bytes_to_target} up and {proxy.bytes_to_client} down "
+            f"over {proxy.connections_accepted} connection(s)"
+        ) from None
     assert used(budget) == sent + received
     assert budget.reserved_bytes == 0
 
