@@ -32,6 +32,7 @@ from router.queue_schema import ItemState
 from router.sqlite_files import SqliteWorker
 
 TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""What a ticket may be: 1-128 of A-Z a-z 0-9 . _ : - (router.tickets checks callers' by it too)."""
 INSERT = (
     "INSERT INTO items (ticket, model, priority, enqueued_at, expires_at, state, payload,"
     " payload_bytes, owner) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"

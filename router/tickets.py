@@ -14,7 +14,6 @@ import asyncio
 import gzip
 import json
 import logging
-import re
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -35,6 +34,7 @@ from model_runtime.v2_json import decode_infer_response, encode_infer_request
 from router.cloud_client import encode_body
 from router.durable_queue import ROW_OVERHEAD_BYTES, DurableQueue, FullPolicy, ItemState, ItemStatus
 from router.errors import QueueFull, TicketNotFound, TooManyWatchers
+from router.queue_admission import TICKET
 
 __all__ = [
     "AUDIT_PREFIX",
@@ -62,7 +62,6 @@ _INBOX_LIMIT = 1000
 MAX_CURSOR = 2**63 - 1
 """The largest cursor there can be (SQLite's integers are signed 64-bit)."""
 MAX_WATCHED_TICKETS = 1000
-_TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 AUDIT_PREFIX = "audit-"
 """Tickets of audit items (router.audit): internal, so WatchResults never shows them."""
@@ -77,7 +76,7 @@ def check_ticket(ticket: object, field: str = "ticket") -> str:
     message gives its length but never echoes it (it could be a megabyte)."""
     if not isinstance(ticket, str) or not ticket:
         raise InvalidInput(field, "is empty; give the ticket of a queued request")
-    if not _TICKET.fullmatch(ticket):
+    if not TICKET.fullmatch(ticket):
         raise InvalidInput(
             field,
             f"is not a ticket: tickets are 1-128 of A-Z a-z 0-9 . _ : - (got {len(ticket)} characters)",
