@@ -141,7 +141,25 @@ def _line(
     return f"{key}: {problem_words(err)} (set as {where})"
 
 
-_NUMBER_KINDS = {"int_parsing", "int_type", "int_from_float", "float_parsing", "float_type"}
+# pydantic's error type -> the bound in its context, and our words for it.
+_BOUND_WORDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be more than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+# pydantic's error type -> our words for a value of the wrong kind.
+_KIND_WORDS = {
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "path_type": "must be a path",
+}
 
 
 def problem_words(err: ErrorDetails) -> str:
@@ -149,25 +167,13 @@ def problem_words(err: ErrorDetails) -> str:
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     kind = err["type"]
     given = f", got {err['input']!r}" if "input" in err else ""
-    if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']}{given}"
-    if kind == "greater_than":
-        return f"must be more than {ctx['gt']}{given}"
-    if kind == "less_than_equal":
-        return f"must be at most {ctx['le']}{given}"
-    if kind == "less_than":
-        return f"must be less than {ctx['lt']}{given}"
-    if kind in _NUMBER_KINDS:
-        whole = kind.startswith("int")
-        return f"must be {'a whole number' if whole else 'a number'}{given}"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"must be true or false{given}"
+    if kind in _BOUND_WORDS:
+        bound, words = _BOUND_WORDS[kind]
+        return f"{words} {ctx[bound]}{given}"
+    if kind in _KIND_WORDS:
+        return f"{_KIND_WORDS[kind]}{given}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}{given}"
-    if kind == "string_type":
-        return f"must be text{given}"
-    if kind == "path_type":
-        return f"must be a path{given}"
     if kind == "missing":
         return "is required"
     if kind == "value_error":
