@@ -8,7 +8,6 @@ Exit codes, for every command: 0 done; 1 failed while running; 2 usage or config
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -35,23 +34,21 @@ from model_runtime.command_line import (
     MetricsTokenFileOption,
     StartupError,
     command_flags,
+    daemon_app,
+    exit_usage,
+    fault_plan,
     format_settings,
-    run_command_line,
+    run_daemon,
     setting_rows,
 )
-from model_runtime.fault_points import FaultPlan, FaultSpecError
-from model_runtime.private_files import restrict_umask
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="The cloud gateway: the Open Inference Protocol v2 over REST for edge devices, "
-    "one model run per request.",
-    epilog=EXIT_CODES_HELP,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help, and click's one-line usage errors
+PROGRAM = "cloud-gateway"
+
+app = daemon_app(
+    "The cloud gateway: the Open Inference Protocol v2 over REST for edge devices, "
+    "one model run per request."
 )
 keys_app = typer.Typer(
     no_args_is_help=True, help="Device keys: add, list, revoke.", rich_markup_mode=None
@@ -77,7 +74,7 @@ KeyDbOpt = Annotated[
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"cloud-gateway: {message}", err=True)
+    typer.echo(f"{PROGRAM}: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -87,9 +84,7 @@ def _settings(
     try:
         return load_settings(config, flags, flags_of=flags_of)
     except SettingsError as exc:
-        for problem in exc.problems[:-1]:
-            typer.echo(f"cloud-gateway: {problem}", err=True)
-        _fail(exc.problems[-1], EXIT_USAGE)
+        exit_usage(PROGRAM, exc.problems)
 
 
 def _key_store(settings: GatewaySettings) -> KeyStore:
@@ -170,11 +165,7 @@ def serve(
     )
     if port_file is not None and not port_file.parent.is_dir():
         _fail(f"port_file: its directory {port_file.parent} does not exist", EXIT_USAGE)
-    try:
-        # Tests only (RELIABILITY.md): crash or fail a write at the k-th hit of a named point.
-        faults = FaultPlan.from_environ(os.environ, FAULTS_VARIABLE, FAULT_POINTS)
-    except FaultSpecError as exc:
-        _fail(str(exc), EXIT_USAGE)
+    faults = fault_plan(PROGRAM, FAULTS_VARIABLE, FAULT_POINTS)
     try:
         code = run(settings, port_file=port_file, faults=faults)
     except StartupError as exc:
@@ -274,5 +265,4 @@ def serve_flags() -> dict[str, str]:
 
 
 def main() -> None:
-    restrict_umask()  # every file and directory the gateway makes is its own (0600 / 0700)
-    raise SystemExit(run_command_line(app, "cloud-gateway"))
+    run_daemon(app, PROGRAM)

@@ -19,24 +19,21 @@ from edge_agent.settings import FAULTS_VARIABLE, AgentSettings, SettingsError, l
 from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
 from model_runtime.command_line import (
     EXIT_CODES_HELP,
-    EXIT_USAGE,
     MetricsInsecureOption,
     MetricsTokenFileOption,
     command_flags,
-    run_command_line,
+    daemon_app,
+    exit_usage,
+    fault_plan,
+    run_daemon,
 )
-from model_runtime.fault_points import FaultPlan, FaultSpecError
-from model_runtime.private_files import restrict_umask
 from router.config import FAULT_POINTS
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="The edge agent: serve a model repository over the Open Inference Protocol (gRPC), "
-    "escalate unsure requests to the cloud.",
-    epilog=EXIT_CODES_HELP,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help, and click's one-line usage errors
+PROGRAM = "edge-agent"
+
+app = daemon_app(
+    "The edge agent: serve a model repository over the Open Inference Protocol (gRPC), "
+    "escalate unsure requests to the cloud."
 )
 
 
@@ -200,16 +197,8 @@ def serve(
             **router,
         )
     except SettingsError as exc:
-        for problem in exc.problems:
-            typer.echo(f"edge-agent: {problem}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    try:
-        # Tests only (RELIABILITY.md): crash or fail a write at the k-th hit of a named point.
-        faults = FaultPlan.from_environ(os.environ, FAULTS_VARIABLE, FAULT_POINTS)
-    except FaultSpecError as exc:
-        typer.echo(f"edge-agent: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    raise typer.Exit(run(settings, faults))
+        exit_usage(PROGRAM, exc.problems)
+    raise typer.Exit(run(settings, fault_plan(PROGRAM, FAULTS_VARIABLE, FAULT_POINTS)))
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -242,5 +231,4 @@ app.add_typer(config_app, name="config")
 
 
 def main() -> None:
-    restrict_umask()  # every file and directory the agent makes is its own (0600 / 0700)
-    raise SystemExit(run_command_line(app, "edge-agent"))
+    run_daemon(app, PROGRAM)

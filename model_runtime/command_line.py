@@ -1,20 +1,24 @@
-"""What the command lines of both daemons share: exit codes, the start-up error, and the listing
-of every setting that `config show --all` prints.
+"""What the command lines of both daemons share: the top command and its entry point, exit codes,
+usage errors, the start-up error, and the listing of every setting that `config show --all` prints.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import typer.core
 import typer.main
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
+
+from model_runtime.fault_points import FaultPlan, FaultSpecError
+from model_runtime.private_files import restrict_umask
 
 __all__ = [
     "EXIT_CODES_HELP",
@@ -25,8 +29,12 @@ __all__ = [
     "MetricsTokenFileOption",
     "StartupError",
     "command_flags",
+    "daemon_app",
+    "exit_usage",
+    "fault_plan",
     "format_settings",
     "run_command_line",
+    "run_daemon",
     "setting_rows",
 ]
 
@@ -63,6 +71,35 @@ MetricsInsecureOption = Annotated[
     ),
 ]
 """`serve --metrics-insecure` of both daemons."""
+
+
+def daemon_app(help: str) -> typer.Typer:
+    """The top command of a daemon: its help ends with the exit codes, in plain text, and a
+    usage error is one line (see run_command_line)."""
+    return typer.Typer(
+        no_args_is_help=True,
+        add_completion=False,
+        help=help,
+        epilog=EXIT_CODES_HELP,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # plain help, and click's one-line usage errors
+    )
+
+
+def exit_usage(program: str, problems: Sequence[str]) -> NoReturn:
+    """Each problem on a line of its own (`program: problem`), then exit code EXIT_USAGE."""
+    for problem in problems:
+        typer.echo(f"{program}: {problem}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def fault_plan(program: str, variable: str, points: Mapping[str, bool]) -> FaultPlan | None:
+    """The faults the environment variable `variable` asks for (tests only, RELIABILITY.md:
+    crash or fail a write at the k-th hit of a named point); a bad one is a usage error."""
+    try:
+        return FaultPlan.from_environ(os.environ, variable, points)
+    except FaultSpecError as exc:
+        exit_usage(program, [str(exc)])
 
 
 class StartupError(Exception):
@@ -176,3 +213,10 @@ def _usage_words(exc: Any) -> str:
                 return f"{opts[0]}: {ours}"
         return f"{opts[0]}: {message}"
     return str(exc.format_message())
+
+
+def run_daemon(app: typer.Typer, program: str) -> NoReturn:
+    """A daemon's console script: every file and directory it makes is its own (0600 / 0700),
+    then `app` runs and its exit code ends the process."""
+    restrict_umask()
+    raise SystemExit(run_command_line(app, program))

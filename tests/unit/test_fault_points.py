@@ -1,13 +1,18 @@
-"""The tests' fault switch: its grammar, which hits it acts at, and what it raises."""
+"""The tests' fault switch: its grammar, which hits it acts at, what it raises, and each daemon
+refusing a bad one at start."""
 
 from __future__ import annotations
 
 import pickle
 import sqlite3
+from pathlib import Path
 
 import pytest
 
+from cloud_gateway.cli import app as gateway_app
 from cloud_gateway.settings import FAULT_POINTS as GATEWAY_POINTS
+from edge_agent.cli import app as agent_app
+from model_runtime.command_line import EXIT_USAGE, run_command_line
 from model_runtime.fault_points import Action, Fault, FaultPlan, FaultSpecError, sqlite_error
 from router.config import FAULT_POINTS as AGENT_POINTS
 
@@ -98,3 +103,26 @@ def test_each_daemon_names_its_points() -> None:
         "idempotency.mid_checkpoint": False,
         "idempotency.commit": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("program", "variable"),
+    [("edge-agent", "EDGE_AGENT_FAULTS"), ("cloud-gateway", "CLOUD_GATEWAY_FAULTS")],
+)
+def test_serve_with_a_bad_switch_stops_at_once_with_exit_code_2(
+    program: str,
+    variable: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(variable, "queue.commit")
+    monkeypatch.setenv("GRPC_VERBOSITY", "NONE")  # the agent's serve would set it for good
+    app = agent_app if program == "edge-agent" else gateway_app
+    code = run_command_line(app, program, ["serve", "--state-dir", str(tmp_path / "state")])
+    assert code == EXIT_USAGE
+    assert (
+        capsys.readouterr().err
+        == f"{program}: {variable}: 'queue.commit' is not <point>:<k>[+|-<m>][:crash|eio|enospc]\n"
+    )
+    assert not (tmp_path / "state").exists()  # nothing started
