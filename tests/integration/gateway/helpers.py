@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_gateway.keys import KeyStore
@@ -149,6 +150,28 @@ def start_gateway(
         preexec_fn=preexec_fn,
     )
     return Gateway(daemon, key, key_db)
+
+
+def module_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *args: str,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[Gateway]:
+    """The body of a module fixture (`yield from` it): `start_gateway` in a new directory
+    `name` (with `workers` worker processes, every one started), yielded to the module's tests,
+    then stopped, which must exit 0 (else the tail of its log says why)."""
+    if workers > 1:
+        args = (*args, "--workers", str(workers))
+    gw = start_gateway(tmp_path_factory.mktemp(name), *args, env=env)
+    try:
+        if workers > 1:  # one worker serves in the supervisor's own process
+            wait_until(lambda: len(gw.worker_pids()) == workers, 30.0, what=f"{workers} workers")
+        yield gw
+    finally:
+        code = gw.daemon.stop()
+    assert code == 0, gw.daemon.log()[-4000:]
 
 
 def infer_body(x: np.ndarray, request_id: str | None = None, **kwargs: Any) -> bytes:

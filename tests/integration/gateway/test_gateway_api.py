@@ -17,7 +17,14 @@ import pytest
 
 from model_runtime import ModelRepository
 from model_runtime.demo import CLOUD_REPOSITORY
-from tests.integration.gateway.helpers import Gateway, add_key, infer_body, start_gateway
+from tests.integration.gateway.helpers import (
+    UNLIMITED_RATE,
+    Gateway,
+    add_key,
+    infer_body,
+    module_gateway,
+    start_gateway,
+)
 from tests.support.processes import BIN, wait_until
 from tests.support.raw_http import status_line
 
@@ -30,22 +37,15 @@ MARKER = "payload-marker-5f1c"  # must never reach a log
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("gateway"),
-        # Everything a log could show: access lines, debug messages.
-        "--access-log",
-        "--log-level",
-        "debug",
-        env={
-            "CLOUD_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
-            "CLOUD_GATEWAY_MAX_DECOMPRESSED_BYTES": str(1024 * 1024),
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
-            "CLOUD_GATEWAY_KEY_CACHE_S": "0.2",
-        },
-    )
-    yield gw
-    assert gw.daemon.stop() == 0
+    env = {
+        **UNLIMITED_RATE,
+        "CLOUD_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
+        "CLOUD_GATEWAY_MAX_DECOMPRESSED_BYTES": str(1024 * 1024),
+        "CLOUD_GATEWAY_KEY_CACHE_S": "0.2",
+    }
+    # Everything a log could show: access lines, debug messages.
+    debug = ("--access-log", "--log-level", "debug")
+    yield from module_gateway(tmp_path_factory, "gateway", *debug, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from model_runtime.infer_group import (
 )
 from model_runtime.v2_binary import BINARY_EXTENSION, json_to_binary
 from model_runtime.v2_json import encode_infer_request
-from tests.integration.gateway.helpers import Gateway, infer_body, start_gateway
+from tests.integration.gateway.helpers import UNLIMITED_RATE, Gateway, infer_body, module_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,8 @@ MAX_ITEMS = 8
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("gateway"),
-        env={
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
-            "CLOUD_GATEWAY_MAX_ITEMS_PER_REQUEST": str(MAX_ITEMS),
-        },
-    )
-    yield gw
-    assert gw.daemon.stop() == 0
+    env = {**UNLIMITED_RATE, "CLOUD_GATEWAY_MAX_ITEMS_PER_REQUEST": str(MAX_ITEMS)}
+    yield from module_gateway(tmp_path_factory, "gateway", env=env)
 
 
 def item(x: np.ndarray, key: str | None = None) -> GroupItem:

@@ -17,7 +17,13 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.gateway.helpers import Gateway, add_key, infer_body, start_gateway
+from tests.integration.gateway.helpers import (
+    UNLIMITED_RATE,
+    Gateway,
+    add_key,
+    infer_body,
+    module_gateway,
+)
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,15 +33,7 @@ INFER = "/v2/models/digits-large/infer"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("gateway"),
-        env={
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
-        },
-    )
-    yield gw
-    assert gw.daemon.stop() == 0
+    yield from module_gateway(tmp_path_factory, "gateway", env=UNLIMITED_RATE)
 
 
 def post(gw: Gateway, body: bytes, path: str = INFER, **headers: str) -> httpx.Response:
@@ -112,20 +110,15 @@ def test_the_parser_edges_left_no_traceback(gateway: Gateway) -> None:
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway with tiny limits, so that each one can be met with small requests."""
-    gw = start_gateway(
-        tmp_path_factory.mktemp("tight"),
-        env={
-            "CLOUD_GATEWAY_MAX_ITEMS_PER_REQUEST": "8",
-            "CLOUD_GATEWAY_MAX_TENSOR_ELEMENTS": "200",
-            "CLOUD_GATEWAY_MAX_ANSWER_BYTES": "1024",
-            "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "2",
-            "CLOUD_GATEWAY_MAX_IN_FLIGHT": "3",
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
-        },
-    )
-    yield gw
-    assert gw.daemon.stop() == 0
+    env = {
+        **UNLIMITED_RATE,
+        "CLOUD_GATEWAY_MAX_ITEMS_PER_REQUEST": "8",
+        "CLOUD_GATEWAY_MAX_TENSOR_ELEMENTS": "200",
+        "CLOUD_GATEWAY_MAX_ANSWER_BYTES": "1024",
+        "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "2",
+        "CLOUD_GATEWAY_MAX_IN_FLIGHT": "3",
+    }
+    yield from module_gateway(tmp_path_factory, "tight", env=env)
 
 
 def rows(n: int) -> np.ndarray:
@@ -234,17 +227,12 @@ def test_requests_in_flight_are_bounded_per_device_then_in_total(tight: Gateway)
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("small-store"),
-        env={
-            "CLOUD_GATEWAY_IDEMPOTENCY_MAX_BYTES": str(8 * 1024 * 1024),
-            "CLOUD_GATEWAY_MAX_ANSWER_BYTES": str(256 * 1024),
-            "CLOUD_GATEWAY_RATE_LIMIT_PER_S": "1000",
-            "CLOUD_GATEWAY_RATE_LIMIT_BURST": "1000",
-        },
-    )
-    yield gw
-    assert gw.daemon.stop() == 0
+    env = {
+        **UNLIMITED_RATE,
+        "CLOUD_GATEWAY_IDEMPOTENCY_MAX_BYTES": str(8 * 1024 * 1024),
+        "CLOUD_GATEWAY_MAX_ANSWER_BYTES": str(256 * 1024),
+    }
+    yield from module_gateway(tmp_path_factory, "small-store", env=env)
 
 
 def test_stored_answers_stay_within_the_store_bytes(small_store: Gateway) -> None:

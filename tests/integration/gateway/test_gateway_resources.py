@@ -18,8 +18,8 @@ from tests.integration.gateway.helpers import (
     UNLIMITED_RATE,
     Gateway,
     infer_body,
+    module_gateway,
     serving_pid,
-    start_gateway,
 )
 from tests.support.processes import wait_until
 
@@ -31,25 +31,15 @@ INFER = "/v2/models/digits-large/infer"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("resources"),
-        "--workers",
-        "2",
-        env={
-            **UNLIMITED_RATE,
-            "CLOUD_GATEWAY_BLOCKING_THREADS": str(THREADS),
-            # Every request's key lookup and model run goes to a thread.
-            "CLOUD_GATEWAY_KEY_CACHE_S": "0",
-            "CLOUD_GATEWAY_INLINE_RUN_BUDGET_US": "0",
-            "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64",
-        },
-    )
-    try:
-        wait_until(lambda: len(gw.worker_pids()) == 2, 30.0, what="both workers")
-        yield gw
-    finally:
-        code = gw.daemon.stop()
-    assert code == 0, gw.daemon.log()[-4000:]
+    env = {
+        **UNLIMITED_RATE,
+        "CLOUD_GATEWAY_BLOCKING_THREADS": str(THREADS),
+        # Every request's key lookup and model run goes to a thread.
+        "CLOUD_GATEWAY_KEY_CACHE_S": "0",
+        "CLOUD_GATEWAY_INLINE_RUN_BUDGET_US": "0",
+        "CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64",
+    }
+    yield from module_gateway(tmp_path_factory, "resources", workers=2, env=env)
 
 
 def warm_up(gateway: Gateway, x: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.gateway.helpers import Gateway, infer_body, serving_pid, start_gateway
+from tests.integration.gateway.helpers import Gateway, infer_body, module_gateway, serving_pid
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -24,18 +24,10 @@ INFER = "/v2/models/digits-large/infer"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
-        tmp_path_factory.mktemp("workers"),
-        "--workers",
-        str(WORKERS),
-        # 50 concurrent duplicates from one device below, more than it may have in flight at
-        # once by default (an agent keeps at most 4 connections).
-        env={"CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64"},
-    )
-    wait_until(lambda: len(gw.worker_pids()) == WORKERS, 30.0, what="all workers")
-    yield gw
-    code = gw.daemon.stop()
-    assert code == 0, gw.daemon.log()[-4000:]
+    # 50 concurrent duplicates from one device below, more than it may have in flight at
+    # once by default (an agent keeps at most 4 connections).
+    env = {"CLOUD_GATEWAY_MAX_IN_FLIGHT_PER_DEVICE": "64"}
+    yield from module_gateway(tmp_path_factory, "workers", workers=WORKERS, env=env)
 
 
 def test_a_replay_is_served_by_another_worker(
