@@ -12,8 +12,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from router import Router
 
 __all__ = [
     "Result",
@@ -24,6 +28,7 @@ __all__ = [
     "rss_mb",
     "serving",
     "summarize",
+    "until_delivered",
 ]
 
 
@@ -117,6 +122,17 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 total_kb += int(line.split()[1])
     return total_kb / 1024
+
+
+async def until_delivered(router: Router, count: int) -> None:
+    """Return once a watcher of `router` has heard of `count` ended tickets, every one of them
+    delivered (AssertionError on any other end): a drained backlog, as its owner would see it."""
+    delivered = 0
+    async for result in router.watch(0):
+        assert result.state == "delivered", result
+        delivered += 1
+        if delivered == count:
+            return
 
 
 async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:

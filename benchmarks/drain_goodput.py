@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import print_table  # beside this script
+from _harness import print_table, until_delivered  # beside this script
 
 from model_runtime.demo import HELDOUT
 from model_runtime.v2_json import encode_infer_request
@@ -105,12 +105,7 @@ async def drain(case: Case, gateway: Gateway, rows: np.ndarray, state: Path) -> 
             router.monitor.add_listener(
                 lambda s: up_at.append(time.monotonic()) if s is not LinkState.DOWN else None
             )
-            delivered = 0
-            async for result in router.watch(0):
-                assert result.state == "delivered", result
-                delivered += 1
-                if delivered == len(rows):
-                    break
+            await until_delivered(router, len(rows))
             end = time.monotonic()
             window = end - up_at[0]
             sent = registry.get_sample_value(

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
-from _harness import print_table  # beside this script
+from _harness import print_table, until_delivered  # beside this script
 
 from model_runtime.demo import CLOUD_REPOSITORY, HELDOUT
 from model_runtime.infer_group import GroupItem, encode_group_request
@@ -161,12 +161,7 @@ async def drain(
         if not grouped:
             assert router._drain is not None
             router._drain._session._http.headers.update(MAIN_HEADERS)
-        delivered = 0
-        async for result in router.watch(0):
-            assert result.state == "delivered", result
-            delivered += 1
-            if delivered == len(rows):
-                break
+        await until_delivered(router, len(rows))
         seconds = time.monotonic() - started
         used = sum(u.used_bytes for u in router.budget.usage() if u.period.value == "day")
     finally:
