@@ -2,9 +2,10 @@
 
 The body is compressed once and sent with the same Idempotency-Key on every attempt, so a retry
 or a redelivery after a restart never runs the cloud model twice. A CloudRequest is that body
-built ahead (pure CPU work: a caller may build it, and read the answer, on a thread of its own). Every exchange, probes
-included, reserves its bytes in the data budget before it starts and settles what it took
-(router.cloud_session says what a byte is); router.cloud_answers reads what came back.
+built ahead (pure CPU work: a caller may build it, and read the answer, on a thread of its
+own). Every exchange, probes included, reserves its bytes in the data budget before it starts
+and settles what it took (router.cloud_session says what a byte is); router.cloud_answers reads
+what came back.
 """
 
 from __future__ import annotations
