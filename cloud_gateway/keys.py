@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
-from cloud_gateway.sqlite_pool import ConnectionPool
+from cloud_gateway.sqlite_pool import ConnectionPool, enable_wal
 from model_runtime.private_files import private_dir, private_file
 
 __all__ = ["DeviceKey", "KeyStore", "NewKey"]
@@ -81,7 +81,7 @@ class KeyStore:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(db)
         db.execute("PRAGMA busy_timeout=10000")
         return db
 

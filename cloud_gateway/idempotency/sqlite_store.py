@@ -42,7 +42,7 @@ from typing import Any, cast
 
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
-from cloud_gateway.sqlite_pool import ConnectionPool
+from cloud_gateway.sqlite_pool import ConnectionPool, enable_wal, is_busy
 from cloud_gateway.worker_threads import run_blocking
 from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
@@ -98,7 +98,7 @@ def _connect(
     db = sqlite3.connect(
         path, timeout=_SETUP_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
-    db.execute("PRAGMA journal_mode=WAL")
+    enable_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")
     # A WAL file larger than this is cut back to it when it starts over: its disk use stays
     # bounded even after a burst, while the usual size is reused as it is.
@@ -115,10 +115,6 @@ def _max_pages(bounds: StoreBounds, page_size: int) -> int:
     # The WAL starts over at about a quarter of its share and is held to three quarters while
     # a checkpoint runs, but one batch of answers may cross that: it gets its share twice over.
     return max(16, (bounds.max_bytes - 2 * bounds.wal_bytes - _SHM_BYTES) // page_size)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class SqliteIdempotencyStore:
@@ -206,7 +202,7 @@ class SqliteIdempotencyStore:
         try:
             results = _apply(self._loop_db, [op for op, _ in batch], self._faults)
         except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 task = asyncio.get_running_loop().create_task(self._flush_in_thread(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
