@@ -1,8 +1,8 @@
 """CloudSession: the kept-alive HTTP pool to the cloud, and the bytes each exchange takes.
 
 What counts as a byte here: the HTTP/1.1 messages as they go on the wire, request and status
-lines, headers, chunk framing and bodies as sent (gzip), counted from what httpx writes and
-reads. TCP/IP and TLS framing and the TLS handshake are below what the client can see, and not
+lines, headers, chunk framing and bodies as sent (gzip): a request's from what httpx will write,
+an answer's as read from the connection. TCP/IP and TLS framing and the TLS handshake are below what the client can see, and not
 counted. An answer is reserved at the size of the largest recent one from its endpoint; one
 whose Content-Length does not fit what is left is not read (the connection is closed), and one
 without a length is read while it fits, so only that last read (at most 64 KiB) can pass it.
@@ -14,11 +14,13 @@ import gzip
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpcore
 import httpx
 
 from router.budget import Reservation
@@ -163,17 +165,26 @@ class CloudSession:
         self.on_attempt = on_attempt
         # The largest recent answers per endpoint: what the next answer there is reserved at.
         self._answers: dict[str, deque[int]] = {}
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {device_key}", "Accept-Encoding": "gzip"},
+        transport = httpx.AsyncHTTPTransport(
+            verify=tls if tls is not None else True,
+            trust_env=False,  # a library does not read proxies from the environment
             limits=httpx.Limits(
                 max_connections=max_connections,
                 max_keepalive_connections=max_connections,
                 keepalive_expiry=keepalive_expiry_s,
             ),
-            trust_env=False,  # a library does not read proxies from the environment
+        )
+        # httpx has no argument for httpcore's network backend; its pool is the one place
+        # where what comes off the connection can be counted (h11 hides chunk framing).
+        pool = transport._pool
+        assert isinstance(pool, httpcore.AsyncConnectionPool)
+        pool._network_backend = _CountingBackend(pool._network_backend)
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {device_key}", "Accept-Encoding": "gzip"},
+            trust_env=False,
             follow_redirects=False,
-            verify=tls if tls is not None else True,
         )
         # Every byte is paid for on a metered link: httpx's Accept: */* and Connection:
         # keep-alive say what HTTP/1.1 means anyway, and no server reads its User-Agent (70
@@ -214,35 +225,34 @@ class CloudSession:
         """Send, then read the answer while it fits the reservation: the response, its body
         (decoded) and the time to its headers."""
         start = self._clock.monotonic()
+        reading = _reading.set(exchange)
         try:
-            response = await self._http.send(request, stream=True)
-        except AttributeError as error:
-            # anyio asks a pooled connection's closed transport for its socket, gets None and
-            # calls getpeername() on it: the link cut that connection, which is a network error
-            # (seen under the fault proxy), not the agent's own failure.
-            raise httpx.ReadError(f"connection closed under the client: {error}") from error
-        rtt = self._clock.monotonic() - start
-        head = _response_head_bytes(response)
-        # A chunked answer's framing is counted from the pieces h11 hands over: one per chunk,
-        # or more when a chunk arrives split, which can only over-count.
-        chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
-        framing = 0
-        try:
-            exchange.received = head
-            length = response.headers.get("Content-Length", "")
-            exchange.expect(
-                self.budget, head + (int(length) if length.isascii() and length.isdigit() else 0)
-            )
-            parts = []
-            async for piece in response.aiter_raw():
-                parts.append(piece)
-                framing += len(f"{len(piece):x}\r\n\r\n") if chunked else 0
-                exchange.expect(self.budget, head + response.num_bytes_downloaded + framing)
-            framing += len("0\r\n\r\n") if chunked else 0
-            return response, _decoded(b"".join(parts), response), rtt
+            try:
+                response = await self._http.send(request, stream=True)
+            except AttributeError as error:
+                # anyio asks a pooled connection's closed transport for its socket, gets None
+                # and calls getpeername() on it: the link cut that connection, which is a
+                # network error (seen under the fault proxy), not the agent's own failure.
+                raise httpx.ReadError(f"connection closed under the client: {error}") from error
+            rtt = self._clock.monotonic() - start
+            try:
+                length = response.headers.get("Content-Length", "")
+                if length.isascii() and length.isdigit():
+                    head = _response_head_bytes(response)
+                    try:
+                        exchange.expect(self.budget, head + int(length))
+                    except BudgetExhausted:
+                        exchange.received = head  # what came with the head is dropped unread
+                        raise
+                parts = []
+                async for piece in response.aiter_raw():
+                    parts.append(piece)
+                    exchange.expect(self.budget, exchange.received)
+                return response, _decoded(b"".join(parts), response), rtt
+            finally:
+                await response.aclose()
         finally:
-            exchange.received = head + response.num_bytes_downloaded + framing
-            await response.aclose()
+            _reading.reset(reading)
 
     def close(
         self,
@@ -268,6 +278,71 @@ class CloudSession:
     def emit(self, record: AttemptRecord) -> None:
         if self.on_attempt is not None:
             self.on_attempt(record)
+
+
+_reading: ContextVar[Exchange | None] = ContextVar("cloud_exchange_reading", default=None)
+"""The exchange whose answer this task is reading: what comes off a connection counts to it
+(HTTP/1.1 carries one exchange at a time per connection, read by the task that sent it)."""
+
+
+# httpcore's interface takes `timeout` arguments (ASYNC109 is waived for its methods).
+class _CountingStream(httpcore.AsyncNetworkStream):
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        data = await self._stream.read(max_bytes, timeout)
+        exchange = _reading.get()
+        if exchange is not None:
+            exchange.received += len(data)
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        # Counted above TLS: the HTTP messages, as for plain connections.
+        return _CountingStream(await self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _CountingBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        self._backend = backend
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _CountingStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _CountingStream(
+            await self._backend.connect_unix_socket(path, timeout, socket_options)
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
 
 
 def _request_bytes(request: httpx.Request, body_bytes: int) -> int:
