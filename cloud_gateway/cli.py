@@ -31,6 +31,8 @@ from model_runtime.command_line import (
     EXIT_USAGE,
     AllSettingsOption,
     MetricsInsecureOption,
+    MetricsTlsCertFileOption,
+    MetricsTlsKeyFileOption,
     MetricsTokenFileOption,
     StartupError,
     command_flags,
@@ -111,6 +113,8 @@ def serve(
     ] = None,
     metrics_token_file: MetricsTokenFileOption = None,
     metrics_insecure: MetricsInsecureOption = None,
+    metrics_tls_cert_file: MetricsTlsCertFileOption = None,
+    metrics_tls_key_file: MetricsTlsKeyFileOption = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes [default: 1].")] = None,
     model_repository: Annotated[
         Path | None, typer.Option(help="Model repository [default: the bundled large model].")
@@ -153,6 +157,8 @@ def serve(
         metrics_port=metrics_port,
         metrics_token_file=metrics_token_file,
         metrics_insecure=metrics_insecure,
+        metrics_tls_cert_file=metrics_tls_cert_file,
+        metrics_tls_key_file=metrics_tls_key_file,
         workers=workers,
         model_repository=model_repository,
         upstream=upstream,

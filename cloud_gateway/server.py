@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +39,12 @@ from model_runtime.connection_guard import (
     GuardedHttpToolsProtocol,
 )
 from model_runtime.fault_points import FaultPlan
-from model_runtime.metrics_endpoint import metrics_warning, read_metrics_token, serve_metrics
+from model_runtime.metrics_endpoint import (
+    metrics_tls_context,
+    metrics_warning,
+    read_metrics_token,
+    serve_metrics,
+)
 from model_runtime.private_files import SecretFileError, private_dir
 from model_runtime.sockets import bind_socket
 
@@ -155,22 +161,33 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def _metrics_token(settings: GatewaySettings) -> str | None:
-    """The token /metrics asks for (None: none), read once; warnings logged at every start."""
-    if settings.metrics_token_file is None:
-        warning = metrics_warning(
-            settings.metrics_host, token_file=None, insecure=settings.metrics_insecure
+def _metrics_access(settings: GatewaySettings) -> tuple[str | None, ssl.SSLContext | None]:
+    """The token /metrics asks for and its TLS server side (None: none), read once; warnings
+    logged at every start."""
+    warnings = [
+        metrics_warning(
+            settings.metrics_host,
+            token_file=settings.metrics_token_file,
+            insecure=settings.metrics_insecure,
+            tls=settings.metrics_tls_cert_file is not None,
         )
-        if warning is not None:
-            log.warning(warning)
-        return None
+    ]
+    token = tls = None
     try:
-        token, warning = read_metrics_token(settings.metrics_token_file)
+        if settings.metrics_token_file is not None:
+            token, warning = read_metrics_token(settings.metrics_token_file)
+            warnings.append(warning)  # the file is readable by others
+        if settings.metrics_tls_cert_file is not None and settings.metrics_tls_key_file is not None:
+            tls, warning = metrics_tls_context(
+                settings.metrics_tls_cert_file, settings.metrics_tls_key_file
+            )
+            warnings.append(warning)
     except SecretFileError as exc:
         raise StartupError(str(exc)) from None
-    if warning is not None:  # the file is readable by others
-        log.warning(warning)
-    return token
+    for warning in warnings:
+        if warning is not None:
+            log.warning(warning)
+    return token, tls
 
 
 def run(
@@ -181,7 +198,7 @@ def run(
     in each worker on its own."""
     logging.config.dictConfig(_log_config(settings.log_level))
     raise_open_files_limit()
-    metrics_token = _metrics_token(settings)
+    metrics_token, metrics_tls = _metrics_access(settings)
     try:
         private_dir(settings.state_dir)
     except OSError as exc:
@@ -211,6 +228,7 @@ def run(
                 settings.metrics_port,
                 namespace="cloud_gateway",
                 token=metrics_token,
+                tls=metrics_tls,
             )
         except OSError as exc:
             raise StartupError(
@@ -227,9 +245,10 @@ def run(
                         f"cannot write port file {port_file}: {exc.strerror}"
                     ) from None
             log.info(
-                "v2 API on %s:%d, metrics on %s:%d, %d worker(s)",
+                "v2 API on %s:%d, metrics on %s://%s:%d/metrics, %d worker(s)",
                 settings.host,
                 ports["http"],
+                "https" if metrics_tls is not None else "http",
                 settings.metrics_host,
                 ports["metrics"],
                 settings.workers,

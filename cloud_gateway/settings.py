@@ -18,7 +18,7 @@ from pydantic_settings import (
 
 from model_runtime.demo import CLOUD_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
-from model_runtime.metrics_endpoint import check_metrics_bind
+from model_runtime.metrics_endpoint import check_metrics_bind, check_metrics_tls
 
 __all__ = [
     "ENV_PREFIX",
@@ -62,6 +62,12 @@ class GatewaySettings(LayeredSettings):
     metrics_insecure: bool = False
     """Serve `/metrics` beyond loopback without metrics_token_file: anyone who can reach the
     port may read the traffic and device names it shows. Logged as a warning at every start."""
+    metrics_tls_cert_file: Path | None = None
+    """PEM certificate (chain) of `/metrics`: it then speaks HTTPS only, so the token does not
+    cross the network in clear (Prometheus: `scheme: https`, `tls_config`). With
+    metrics_tls_key_file."""
+    metrics_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    """PEM private key of metrics_tls_cert_file; refused if others may write it."""
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus `/metrics` endpoint, kept apart from the API. Beyond loopback
     it needs metrics_token_file, or metrics_insecure = true."""
@@ -154,6 +160,12 @@ class GatewaySettings(LayeredSettings):
     """Requests a device may send at once before the rate applies."""
     gzip_min_bytes: int = Field(default=512, ge=0)
     """Responses at least this large are gzipped for clients that accept gzip."""
+
+    @field_validator("metrics_tls_key_file")
+    @classmethod
+    def _metrics_tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        check_metrics_tls(info.data.get("metrics_tls_cert_file"), value)
+        return value
 
     @field_validator("metrics_host")
     @classmethod

@@ -154,6 +154,7 @@ async def _serve_with(
             settings.metrics_port,
             namespace="edge_agent",
             token=credentials.metrics_token,
+            tls=credentials.metrics_tls,
         )
     except ListenError as exc:
         raise StartupError(str(exc)) from None
@@ -193,6 +194,7 @@ async def _serve_with(
                 "rest": f"{settings.rest_host}:{rest.port}" if rest is not None else "off",
                 "metrics": f"{settings.metrics_host}:{metrics_server.server_port}",
                 "metrics_auth": "token" if credentials.metrics_token is not None else "none",
+                "metrics_tls": credentials.metrics_tls is not None,
                 "models": [m.describe() for m in repository],
                 "cloud": redact(settings.cloud_url) if settings.cloud_url else "none",
                 "tls": settings.tls_cert_file is not None,
@@ -276,11 +278,12 @@ def _human_line(
         grpc_at.append(f"unix:{settings.uds}")
     scheme = "https" if settings.tls_cert_file is not None else "http"
     rest = f"{scheme}://{settings.rest_host}:{rest_port}" if rest_port is not None else "none"
+    metrics_scheme = "https" if settings.metrics_tls_cert_file is not None else "http"
     cloud = redact(settings.cloud_url) if settings.cloud_url else "none, all answered here"
     return (
         f"edge-agent {__version__} serving gRPC on {' and '.join(grpc_at)}, "
         f"REST on {rest}, metrics on "
-        f"http://{settings.metrics_host}:{metrics_port}/metrics, state in "
+        f"{metrics_scheme}://{settings.metrics_host}:{metrics_port}/metrics, state in "
         f"{settings.state_dir.resolve()}, cloud: {cloud} (Ctrl-C stops)"
     )
 

@@ -20,6 +20,8 @@ from edge_agent.settings_flags import ROUTER_FLAGS, with_setting_flags
 from model_runtime.command_line import (
     EXIT_CODES_HELP,
     MetricsInsecureOption,
+    MetricsTlsCertFileOption,
+    MetricsTlsKeyFileOption,
     MetricsTokenFileOption,
     command_flags,
     daemon_app,
@@ -89,6 +91,8 @@ def serve(
     ] = None,
     metrics_token_file: MetricsTokenFileOption = None,
     metrics_insecure: MetricsInsecureOption = None,
+    metrics_tls_cert_file: MetricsTlsCertFileOption = None,
+    metrics_tls_key_file: MetricsTlsKeyFileOption = None,
     onnx_threads: Annotated[
         int | None, typer.Option(help="onnxruntime threads per model (default: 1).")
     ] = None,
@@ -177,6 +181,8 @@ def serve(
             metrics_port=metrics_port,
             metrics_token_file=metrics_token_file,
             metrics_insecure=metrics_insecure,
+            metrics_tls_cert_file=metrics_tls_cert_file,
+            metrics_tls_key_file=metrics_tls_key_file,
             onnx_threads=onnx_threads,
             max_message_bytes=max_message_bytes,
             grace_seconds=grace_seconds,

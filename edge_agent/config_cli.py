@@ -33,7 +33,7 @@ from model_runtime.command_line import (
     setting_rows,
 )
 from model_runtime.logs import redact
-from model_runtime.metrics_endpoint import read_metrics_token
+from model_runtime.metrics_endpoint import metrics_tls_context, read_metrics_token
 from model_runtime.private_files import SecretFileError
 
 __all__ = ["config_app", "printable"]
@@ -128,6 +128,12 @@ def _check_paths(settings: AgentSettings) -> list[str]:
             read_metrics_token(settings.metrics_token_file)
         except SecretFileError as exc:
             problems.append(f"metrics_token_file: {exc}")
+    cert, key = settings.metrics_tls_cert_file, settings.metrics_tls_key_file
+    if cert is not None and key is not None:
+        try:
+            metrics_tls_context(cert, key)
+        except SecretFileError as exc:
+            problems.append(f"metrics_tls_key_file: {exc}")
     state = settings.state_dir
     existing = next((p for p in (state, *state.parents) if p.exists()), Path("."))
     if not existing.is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
-from model_runtime.metrics_endpoint import read_metrics_token
+from model_runtime.metrics_endpoint import metrics_tls_context, read_metrics_token
 from model_runtime.private_files import SecretFileError, check_secret_file
 from router.cloud_client import CloudTls
 
@@ -48,6 +48,8 @@ class Credentials:
     cloud_tls: CloudTls | None
     metrics_token: str | None = None
     """The bearer token /metrics asks for; None: none asked for."""
+    metrics_tls: ssl.SSLContext | None = None
+    """The TLS server side of /metrics; None: plain HTTP."""
     warnings: list[str] = field(default_factory=list)
     """What to log at start-up: readable secret files, an API open to anyone."""
 
@@ -63,6 +65,12 @@ def load_credentials(settings: AgentSettings) -> Credentials:
         metrics_token = None
         if settings.metrics_token_file is not None:
             metrics_token, warning_of_metrics = read_metrics_token(settings.metrics_token_file)
+            _note(warning_of_metrics, warnings)
+        metrics_tls = None
+        if settings.metrics_tls_cert_file is not None and settings.metrics_tls_key_file is not None:
+            metrics_tls, warning_of_metrics = metrics_tls_context(
+                settings.metrics_tls_cert_file, settings.metrics_tls_key_file
+            )
             _note(warning_of_metrics, warnings)
         keyring, key_warnings = Keyring.load(
             settings.encryption_key_file, settings.encryption_old_key_files
@@ -95,7 +103,7 @@ def load_credentials(settings: AgentSettings) -> Credentials:
             cloud_tls.context()  # now, so a bad file stops the start with its name
         except (OSError, ssl.SSLError) as exc:
             raise CredentialsError(f"cloud TLS files: {exc}") from None
-    return Credentials(device_key, access, keyring, cloud_tls, metrics_token, warnings)
+    return Credentials(device_key, access, keyring, cloud_tls, metrics_token, metrics_tls, warnings)
 
 
 def _device_key(path: Path | None, warnings: list[str]) -> str | None:

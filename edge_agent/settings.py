@@ -20,7 +20,7 @@ from pydantic_settings import (
 
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.layered_settings import LayeredSettings, LogLevel, SettingsError, load_layers
-from model_runtime.metrics_endpoint import check_metrics_bind, metrics_warning
+from model_runtime.metrics_endpoint import check_metrics_bind, check_metrics_tls, metrics_warning
 from model_runtime.sockets import is_loopback
 from router.decision import (
     DEFAULT_PRIORITY,
@@ -108,6 +108,12 @@ class AgentSettings(LayeredSettings):
     """Serve /metrics beyond loopback without metrics_token_file: anyone who can reach the
     port may read the traffic, queue depth, link state and device ids it shows. Logged as a
     warning at every start."""
+    metrics_tls_cert_file: Path | None = None
+    """PEM certificate (chain) of /metrics: it then speaks HTTPS only, so the token does not
+    cross the network in clear (Prometheus: `scheme: https`, `tls_config`). With
+    metrics_tls_key_file."""
+    metrics_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    """PEM private key of metrics_tls_cert_file; refused if others may write it."""
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus /metrics endpoint. Beyond loopback it needs
     metrics_token_file, or metrics_insecure = true."""
@@ -306,6 +312,12 @@ class AgentSettings(LayeredSettings):
         _authenticated_beyond_loopback_or_insecure(value, data)
         return value
 
+    @field_validator("metrics_tls_key_file")
+    @classmethod
+    def _metrics_tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        check_metrics_tls(info.data.get("metrics_tls_cert_file"), value)
+        return value
+
     @field_validator("metrics_host")
     @classmethod
     def _metrics_authenticated_beyond_loopback(cls, value: str, info: ValidationInfo) -> str:
@@ -453,6 +465,7 @@ def settings_warnings(settings: AgentSettings) -> list[str]:
         settings.metrics_host,
         token_file=settings.metrics_token_file,
         insecure=settings.metrics_insecure,
+        tls=settings.metrics_tls_cert_file is not None,
     )
     if metrics_open is not None:
         warnings.append(metrics_open)

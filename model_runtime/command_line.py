@@ -26,6 +26,8 @@ __all__ = [
     "EXIT_USAGE",
     "AllSettingsOption",
     "MetricsInsecureOption",
+    "MetricsTlsCertFileOption",
+    "MetricsTlsKeyFileOption",
     "MetricsTokenFileOption",
     "StartupError",
     "command_flags",
@@ -71,6 +73,17 @@ MetricsInsecureOption = Annotated[
     ),
 ]
 """`serve --metrics-insecure` of both daemons."""
+
+MetricsTlsCertFileOption = Annotated[
+    Path | None,
+    typer.Option(help="PEM certificate of /metrics: it then speaks HTTPS only."),
+]
+"""`serve --metrics-tls-cert-file` of both daemons."""
+
+MetricsTlsKeyFileOption = Annotated[
+    Path | None, typer.Option(help="PEM key of --metrics-tls-cert-file.")
+]
+"""`serve --metrics-tls-key-file` of both daemons."""
 
 
 def daemon_app(help: str) -> typer.Typer:

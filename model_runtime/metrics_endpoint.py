@@ -1,5 +1,5 @@
 """The /metrics endpoint of both daemons: prometheus-client's exposition behind an optional
-bearer token, and the rule that keeps it on loopback unless scrapers must authenticate.
+bearer token and TLS, and the rule that keeps it on loopback unless scrapers must authenticate.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,19 +18,26 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from model_runtime.private_files import SecretFileError, read_secret_text
+from model_runtime.private_files import SecretFileError, check_secret_file, read_secret_text
 from model_runtime.sockets import is_loopback
 
 __all__ = [
     "REFUSAL_REASONS",
     "check_metrics_bind",
+    "check_metrics_tls",
+    "metrics_tls_context",
     "metrics_warning",
     "read_metrics_token",
     "serve_metrics",
 ]
 
-REFUSAL_REASONS = ("missing", "malformed", "wrong")
-"""Why a scrape got 401: no Authorization header, not `Bearer <token>`, another token."""
+REFUSAL_REASONS = ("missing", "malformed", "wrong", "tls")
+"""Why a scrape was refused: no Authorization header, not `Bearer <token>`, another token (each
+a 401), or a connection to the TLS port whose handshake failed or timed out."""
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a connection to the TLS port has for its handshake and then for each read and
+write: one that sends nothing cannot hold its thread for ever."""
 
 _MIN_TOKEN_CHARS = 16
 _BEARER = re.compile(r"bearer[ \t]+(\S+)[ \t]*", re.IGNORECASE)
@@ -50,15 +58,57 @@ def check_metrics_bind(host: str, *, token_file: Path | None, insecure: bool) ->
         )
 
 
-def metrics_warning(host: str, *, token_file: Path | None, insecure: bool) -> str | None:
-    """What to log at every start while the opt-out is in effect, else None."""
-    if is_loopback(host) or token_file is not None or not insecure:
+def check_metrics_tls(cert_file: Path | None, key_file: Path | None) -> None:
+    """metrics_tls_cert_file and metrics_tls_key_file go together. Raises ValueError, which the
+    settings layer prefixes with the name of metrics_tls_key_file."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError(
+            "metrics_tls_cert_file and metrics_tls_key_file go together; give both or neither"
+        )
+
+
+def metrics_warning(
+    host: str, *, token_file: Path | None, insecure: bool, tls: bool = False
+) -> str | None:
+    """What to log at every start while the opt-out is in effect, or while the token crosses
+    the network in clear; else None."""
+    if is_loopback(host):
+        return None
+    if token_file is not None and not tls:
+        return (
+            f"the /metrics token crosses the network to {host} in clear; set "
+            "metrics_tls_cert_file and metrics_tls_key_file so /metrics speaks HTTPS"
+        )
+    if token_file is not None or not insecure:
         return None
     return (
         f"serving /metrics on {host} without authentication (metrics_insecure = true): anyone "
         "who can reach the port can read the traffic, queue depth, link state and device ids "
         "it shows"
     )
+
+
+def metrics_tls_context(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, str | None]:
+    """The server side of /metrics over TLS (TLS 1.2 at least), and a warning if others may
+    read the key file. Raises SecretFileError naming the file: a key others may write, a file
+    that cannot be read, or a certificate and key that do not load or do not match."""
+    try:
+        warning = check_secret_file(key_file, "metrics TLS key file")
+    except OSError as exc:
+        raise SecretFileError(
+            f"cannot read metrics TLS key file {key_file}: {exc.strerror}"
+        ) from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    except OSError as exc:  # ssl.SSLError is one too: not PEM, or a key of another certificate
+        why = exc.strerror or getattr(exc, "reason", None) or str(exc)
+        raise SecretFileError(
+            f"metrics_tls_cert_file {cert_file} with metrics_tls_key_file {key_file}: "
+            f"cannot load them ({why})"
+        ) from None
+    return context, warning
 
 
 def read_metrics_token(path: Path) -> tuple[str, str | None]:
@@ -81,15 +131,17 @@ def serve_metrics(
     *,
     namespace: str,
     token: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> WSGIServer:
-    """Serve `registry` on http://host:port/ in a daemon thread (the bound port is
-    `server_port`). With `token`, every request must carry `Authorization: Bearer <token>`;
-    the others get 401 and are counted in `<namespace>_scrapes_refused_total{reason}`.
-    Raises OSError when the address cannot be bound."""
+    """Serve `registry` on http://host:port/ (https:// with `tls`) in a daemon thread (the
+    bound port is `server_port`). With `token`, every request must carry `Authorization:
+    Bearer <token>`; the others get 401. Refusals, and failed TLS handshakes, are counted in
+    `<namespace>_scrapes_refused_total{reason}`. Raises OSError when the address cannot be
+    bound."""
     refused = Counter(
         f"{namespace}_scrapes_refused",
-        "Requests to /metrics refused with 401, by reason: missing, malformed or wrong "
-        "bearer token.",
+        "Requests to /metrics refused, by reason: missing, malformed or wrong bearer token "
+        "(401), or tls: a connection whose TLS handshake failed or timed out.",
         ["reason"],
         registry=registry,
     )
@@ -105,10 +157,34 @@ def serve_metrics(
     class _Server(ThreadingWSGIServer):
         address_family = family  # an IPv6 host needs an AF_INET6 socket
 
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            # In the connection's own thread: the handshake must not hold up accept().
+            if tls is None or _handshake(request, refused):
+                super().finish_request(request, client_address)
+
     # Built before its thread starts, so no request is ever served without the gate.
     server = make_server(str(address[0]), port, app, _Server, handler_class=_QuietHandler)
+    if tls is not None:
+        # As prometheus-client's start_http_server wraps its socket, except that it shakes
+        # hands in accept(), on the one thread that accepts: a client that connected and said
+        # nothing would stop every scrape. Here each connection shakes hands in its own thread.
+        server.socket = tls.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+def _handshake(connection: ssl.SSLSocket, refused: Counter) -> bool:
+    """Shake hands on an accepted TLS connection; False (counted) if it fails or times out:
+    plain HTTP sent to the TLS port, a client that does not trust the certificate, silence."""
+    connection.settimeout(HANDSHAKE_TIMEOUT_S)  # kept for the request's reads and writes
+    try:
+        connection.do_handshake()
+    except OSError:  # ssl.SSLError and TimeoutError among them
+        refused.labels("tls").inc()
+        return False
+    return True
 
 
 def _bearer_gate(app: WsgiApp, token: str, refused: Counter) -> WsgiApp:

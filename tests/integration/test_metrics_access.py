@@ -1,15 +1,18 @@
 """Who may read /metrics, on real `edge-agent` and `cloud-gateway` processes: beyond loopback
-only scrapers with the bearer token of metrics_token_file, or anyone when the operator opts out
-with --metrics-insecure (warned about at every start); with a token, on loopback too."""
+only scrapers with the bearer token of metrics_token_file (over HTTPS with the metrics TLS
+files), or anyone when the operator opts out with --metrics-insecure (warned about at every
+start); with a token, on loopback too."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from tests.integration.conftest import start_agent
 from tests.integration.gateway.helpers import start_gateway
@@ -31,6 +34,20 @@ def token_path(tmp_path: Path) -> Path:
     path.write_text(TOKEN + "\n")  # Prometheus' credentials_file trims it, and so do the daemons
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """The metrics port's certificate and key (trustme), and a client context trusting its CA."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "metrics.crt", tmp_path / "metrics.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return cert, key, client
 
 
 @pytest.fixture
@@ -123,3 +140,50 @@ def test_a_token_file_others_may_write_stops_the_start_without_showing_it(
     assert done.returncode == 2
     assert f"metrics token file {token_path} is writable by its group or by anyone" in done.stderr
     assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("program", DAEMONS)
+def test_with_tls_files_metrics_speak_https_only_and_the_token_never_crosses_in_clear(
+    program: str,
+    tmp_path: Path,
+    token_path: Path,
+    tls_files: tuple[Path, Path, ssl.SSLContext],
+    running: Callable[..., Daemon],
+) -> None:
+    cert, key, client = tls_files
+    daemon = running(
+        program, tmp_path, "--metrics-host", "0.0.0.0", "--metrics-token-file", str(token_path),
+        "--metrics-tls-cert-file", str(cert), "--metrics-tls-key-file", str(key),
+    )  # fmt: skip
+    url = f"{daemon.address('metrics')}/metrics"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"https://{url}", verify=client, timeout=10).status_code == 401
+    with pytest.raises(httpx.TransportError):  # plain HTTP: the handshake fails, no answer
+        httpx.get(f"http://{url}", headers=bearer, timeout=10)
+    with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
+        httpx.get(f"https://{url}", headers=bearer, timeout=10)
+    answer = httpx.get(f"https://{url}", headers=bearer, verify=client, timeout=10)
+    assert answer.status_code == 200
+    namespace = program.replace("-", "_")
+    assert f'{namespace}_scrapes_refused_total{{reason="tls"}} 2.0' in answer.text
+    assert f'{namespace}_scrapes_refused_total{{reason="missing"}} 1.0' in answer.text
+    daemon.stop()
+    log = daemon.log()
+    assert TOKEN not in log
+    assert "in clear" not in log  # the warning of a token over plain HTTP
+    if program == "cloud-gateway":
+        assert f"metrics on https://0.0.0.0:{daemon.ports['metrics']}/metrics" in log
+    else:
+        assert '"metrics_tls": true' in log
+
+
+def test_a_token_over_plain_http_beyond_loopback_is_warned_about_at_start(
+    tmp_path: Path, token_path: Path, running: Callable[..., Daemon]
+) -> None:
+    daemon = running(
+        "cloud-gateway", tmp_path, "--metrics-host", "0.0.0.0",
+        "--metrics-token-file", str(token_path),
+    )  # fmt: skip
+    assert scrape(daemon, TOKEN).status_code == 200
+    daemon.stop()
+    assert "the /metrics token crosses the network to 0.0.0.0 in clear" in daemon.log()

@@ -1,14 +1,17 @@
 """The /metrics rules both daemons share (model_runtime.metrics_endpoint): where it may listen
-without a token, what a token file must hold, and the bearer gate, on a real socket."""
+without a token, what a token file must hold, the bearer gate and TLS, on a real socket."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import httpx
 import pytest
+import trustme
 from prometheus_client import CollectorRegistry, Counter
 
 from cloud_gateway.settings import load_settings as load_gateway_settings
@@ -16,6 +19,7 @@ from edge_agent.settings import SettingsError, settings_warnings
 from edge_agent.settings import load_settings as load_agent_settings
 from model_runtime.metrics_endpoint import (
     check_metrics_bind,
+    metrics_tls_context,
     metrics_warning,
     read_metrics_token,
     serve_metrics,
@@ -45,11 +49,16 @@ def test_beyond_loopback_needs_a_token_or_the_opt_out(host: str, tmp_path: Path)
     assert "--metrics-insecure" in str(caught.value)
     check_metrics_bind(host, token_file=tmp_path / "t", insecure=False)
     check_metrics_bind(host, token_file=None, insecure=True)
-    # The opt-out is warned about while it is what lets /metrics listen there; a token wins.
+    # The opt-out is warned about while it is what lets /metrics listen there; a token wins,
+    # and is warned about while it crosses the network in clear.
     warning = metrics_warning(host, token_file=None, insecure=True)
     assert warning is not None
     assert "without authentication (metrics_insecure = true)" in warning
-    assert metrics_warning(host, token_file=tmp_path / "t", insecure=True) is None
+    clear = metrics_warning(host, token_file=tmp_path / "t", insecure=True)
+    assert clear is not None
+    assert "crosses the network" in clear
+    assert "metrics_tls_cert_file" in clear
+    assert metrics_warning(host, token_file=tmp_path / "t", insecure=True, tls=True) is None
 
 
 def test_both_daemons_refuse_the_setting_naming_it_and_the_two_ways_out(tmp_path: Path) -> None:
@@ -156,3 +165,70 @@ def test_without_a_token_every_scrape_is_served_and_none_refused(
     assert answer.status_code == 200
     assert "app_things_total 1.0" in answer.text
     assert [refused(registry, r) for r in ("missing", "malformed", "wrong")] == [0, 0, 0]
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "metrics.crt", tmp_path / "metrics.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return cert, key, client
+
+
+def test_with_tls_a_silent_or_plain_connection_holds_up_no_scrape(
+    registry: CollectorRegistry, tls_pair: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    """The handshake happens in each connection's thread, not in accept(): prometheus-client's
+    way, a client that connects and says nothing would stop every scrape after it."""
+    cert, key, client = tls_pair
+    context, warning = metrics_tls_context(cert, key)
+    assert warning is None
+    server = serve_metrics(registry, "127.0.0.1", 0, namespace="app", token=TOKEN, tls=context)
+    url = f"127.0.0.1:{server.server_port}/metrics"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port)):  # says nothing
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://{url}", headers=bearer, timeout=10)
+            answer = httpx.get(f"https://{url}", headers=bearer, verify=client, timeout=10)
+            # Counted before its connection was closed; the silent one is still waiting.
+            assert refused(registry, "tls") == 1
+    finally:
+        _stop(server)
+    assert answer.status_code == 200
+    assert "app_things_total 1.0" in answer.text
+
+
+def test_the_tls_files_go_together_and_a_key_others_may_write_is_refused(
+    tmp_path: Path, tls_pair: tuple[Path, Path, ssl.SSLContext]
+) -> None:
+    cert, key, _ = tls_pair
+    loads = (
+        lambda **given: load_agent_settings(**given),
+        lambda **given: load_gateway_settings(None, given),
+    )
+    for load in loads:
+        for given in ({"metrics_tls_cert_file": cert}, {"metrics_tls_key_file": key}):
+            with pytest.raises(SettingsError) as caught:
+                load(**given)
+            (problem,) = caught.value.problems
+            assert problem.startswith(
+                "metrics_tls_key_file: metrics_tls_cert_file and metrics_tls_key_file go "
+                "together; give both or neither"
+            )
+        load(metrics_tls_cert_file=cert, metrics_tls_key_file=key)
+    key.chmod(0o644)
+    assert "chmod 600" in str(metrics_tls_context(cert, key)[1])
+    key.chmod(0o666)
+    with pytest.raises(InsecureSecretFile, match="metrics TLS key file"):
+        metrics_tls_context(cert, key)
+    other = tmp_path / "other.key"
+    trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
+    other.chmod(0o600)
+    with pytest.raises(SecretFileError, match=r"metrics_tls_cert_file .* cannot load them"):
+        metrics_tls_context(cert, other)  # a key of another certificate

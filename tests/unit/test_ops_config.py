@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import trustme
 import typer
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
@@ -166,6 +167,12 @@ def test_agent_example_config_is_valid_and_documents_every_setting(
     monkeypatch.setenv("EDGE_AGENT_MODEL_REPOSITORY", str(EDGE_REPOSITORY))
     monkeypatch.setenv("EDGE_AGENT_DEVICE_KEY_FILE", str(key_file))
     monkeypatch.setenv("EDGE_AGENT_METRICS_TOKEN_FILE", str(metrics_token_file))
+    leaf = trustme.CA().issue_cert("clinic-7.vpn.example.org")
+    for kind, blob in (("CERT", leaf.cert_chain_pems[0]), ("KEY", leaf.private_key_pem)):
+        path = tmp_path / f"metrics.{kind.lower()}"
+        blob.write_to_path(str(path))
+        path.chmod(0o600)
+        monkeypatch.setenv(f"EDGE_AGENT_METRICS_TLS_{kind}_FILE", str(path))
     monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
     code, out, err = check(example)
     assert (code, err) == (0, "")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 
 from tests.unit.test_ops_promql import ALERTS, rules, run_promtool, unknown_names
@@ -50,11 +51,14 @@ def test_example_prometheus_config_is_valid(tmp_path: Path) -> None:
     assert "/etc/prometheus/edge-cloud-router/alerts.yml" in text
     config = tmp_path / "prometheus.yml"
     text_here = text.replace("/etc/prometheus/edge-cloud-router/alerts.yml", str(ALERTS))
-    # promtool wants the token files to exist: the daemons' metrics_token_file copies.
+    # promtool wants the token files to exist (the daemons' metrics_token_file copies), and
+    # the CA files that signed their metrics_tls_cert_file.
     (tmp_path / "secrets").mkdir()
     text_here = text_here.replace("/etc/prometheus/secrets/", f"{tmp_path}/secrets/")
     for job in yaml.safe_load(text_here)["scrape_configs"]:
         Path(job["authorization"]["credentials_file"]).write_text("0123456789abcdef\n")
+        assert job["scheme"] == "https", job["job_name"]
+        trustme.CA().cert_pem.write_to_path(job["tls_config"]["ca_file"])
     config.write_text(text_here)
     result = run_promtool("check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
