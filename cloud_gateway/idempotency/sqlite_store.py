@@ -15,9 +15,12 @@ costs more than the transaction itself. Checkpoints, which do fsync, run in a th
 Bounded: the database file by `max_page_count` (SQLite refuses to grow it further), the WAL
 by checkpoints every quarter of its share of bytes written (writes wait when another half has
 been written before the checkpoint is done) and by `journal_size_limit`, which cuts it back
-when it starts over. A claim is admitted only with room for one more answer
-beside the stored ones and those being computed in this process; expired records are deleted,
-oldest first, to make it, and otherwise the claim is refused (StoreFull) before the model runs.
+when it starts over. A claim is admitted only with room for one more answer beside the stored
+ones and those being computed, by any worker: every pending mark in the file holds room for a
+`max_answer_bytes` answer, and the room is counted and the mark inserted in one `BEGIN
+IMMEDIATE` transaction, which SQLite serialises across processes, so two workers cannot both
+take the last room. Expired records are deleted, oldest first, to make room, and otherwise the
+claim is refused (StoreFull) before the model runs.
 
 Checkpoints let the WAL start over. A PASSIVE checkpoint alone never catches up with a loop that
 keeps committing: under steady load the WAL grew without end (270 MB in ten seconds of
@@ -66,6 +69,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at  REAL NOT NULL     -- pending: when the mark lapses; done: end of retention
 );
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);
+-- The pending marks, counted by every claim that checks for room: as few as requests in flight.
+CREATE INDEX IF NOT EXISTS idempotency_pending ON idempotency (owner) WHERE owner IS NOT NULL;
 """
 
 _CLAIM = (
@@ -169,9 +174,6 @@ class SqliteIdempotencyStore:
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._holding = False  # a checkpoint is holding this worker's writes back
-        # Claims of this process whose answers are not stored yet, as (scope, owner): a claim
-        # whose answer could not be stored is both completed and released, and counts once.
-        self._computing: set[tuple[str, str]] = set()
         self._written = 0  # bytes written to the WAL since the last checkpoint began
 
     @property
@@ -270,21 +272,14 @@ class SqliteIdempotencyStore:
         self, scope: str, fingerprint: str, owner: str, pending_ttl_s: float
     ) -> Existing | None:
         now = self._now()
-        # Room for this answer and for those this process is computing; other workers' are
-        # not known here, and the file's page limit stops them at the last page.
-        room = self.bounds.max_answer_bytes * (len(self._computing) + 1)
-        pages = (self._max_pages, self._page_size)
+        room = _Room(self._max_pages, self._page_size, self.bounds.max_answer_bytes)
 
         def claim(db: sqlite3.Connection) -> Existing | _Full | None:
-            return _claim(
-                db, scope, fingerprint, owner, now, pending_ttl_s, room, pages, self._evict
-            )
+            return _claim(db, scope, fingerprint, owner, now, pending_ttl_s, room, self._evict)
 
         found = await self._write(claim)
         if isinstance(found, _Full):
             raise StoreFull(self.bounds.max_bytes, _retry_after(found.oldest_expiry - now))
-        if found is None:
-            self._computing.add((scope, owner))
         return cast(Existing | None, found)
 
     def _evict(self, db: sqlite3.Connection, now: float) -> int:
@@ -314,21 +309,17 @@ class SqliteIdempotencyStore:
             await self._write(lambda db: db.execute(_COMPLETE, args))
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, sqlite3.OperationalError) and _is_full(exc.__cause__):
-                # Other workers filled the last pages meanwhile: the mark lapses, a retry runs.
+                # The last pages went meanwhile (the mark lapsed and was evicted, or the room
+                # an answer was counted for did not hold its pages): a retry runs it again.
                 raise StoreFull(self.bounds.max_bytes, self._retry_after_s) from None
             raise
-        finally:
-            self._computing.discard((scope, owner))
 
     async def release(self, scope: str, owner: str) -> None:
-        try:
-            await self._write(
-                lambda db: db.execute(
-                    "DELETE FROM idempotency WHERE scope = ? AND owner = ?", (scope, owner)
-                )
+        await self._write(
+            lambda db: db.execute(
+                "DELETE FROM idempotency WHERE scope = ? AND owner = ?", (scope, owner)
             )
-        finally:
-            self._computing.discard((scope, owner))
+        )
 
     async def purge_expired(self) -> int:
         # Possibly many rows: always in a thread.
@@ -393,10 +384,25 @@ class _Full:
     oldest_expiry: float
 
 
-def _free_bytes(db: sqlite3.Connection, max_pages: int, page_size: int) -> int:
-    pages = db.execute("PRAGMA page_count").fetchone()[0]
-    free = db.execute("PRAGMA freelist_count").fetchone()[0]
-    return int(max_pages - pages + free) * page_size
+@dataclass(frozen=True, slots=True)
+class _Room:
+    """What a claim needs: room in the file's pages for one more answer beside those stored
+    and one for each pending mark, whichever worker holds it."""
+
+    max_pages: int
+    page_size: int
+    answer_bytes: int
+
+    def short(self, db: sqlite3.Connection) -> bool:
+        """Whether the file lacks that room now; in the claim's transaction, so no other
+        worker can add a mark or an answer between this count and the claim's insert."""
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        pending = int(
+            db.execute("SELECT COUNT(*) FROM idempotency WHERE owner IS NOT NULL").fetchone()[0]
+        )
+        free_bytes = (self.max_pages - pages + free) * self.page_size
+        return free_bytes < self.answer_bytes * (pending + 1)
 
 
 def _claim(
@@ -406,16 +412,15 @@ def _claim(
     owner: str,
     now: float,
     pending_ttl_s: float,
-    room: int,
-    pages: tuple[int, int],
+    room: _Room,
     evict: Callable[[sqlite3.Connection, float], int],
 ) -> Existing | _Full | None:
-    max_pages, page_size = pages
-    if _free_bytes(db, max_pages, page_size) < room:
+    if room.short(db):
         existing = _existing(db, scope, now)
         if existing is not None:
             return existing  # a repeat is answered however full the store is
-        while _free_bytes(db, max_pages, page_size) < room:
+        # Lapsed marks are evicted too (their expiry has passed), and hold room no more.
+        while room.short(db):
             if not evict(db, now):
                 oldest = db.execute("SELECT MIN(expires_at) FROM idempotency").fetchone()[0]
                 return _Full(oldest if oldest is not None else now)

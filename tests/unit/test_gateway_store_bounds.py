@@ -4,6 +4,7 @@ answers made an 862 MB WAL)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,47 @@ async def test_answers_fill_the_store_up_to_its_bytes_then_are_refused(tmp_path:
         assert evicted[-1][0] == "expired"
     finally:
         await store.aclose()
+
+
+async def test_two_workers_cannot_both_take_the_last_room(tmp_path: Path) -> None:
+    """Two stores on one file, as two gateway workers. Each pending mark holds room for an
+    answer, whichever worker holds it: counted in the claim's own write transaction, so when
+    the file has room for one more answer, one worker's claim takes it and the other's is
+    refused before its model runs (each used to count only its own marks, and both got in)."""
+    db = tmp_path / "idem.sqlite3"
+    first, second = (SqliteIdempotencyStore(db, bounds=BOUNDS) for _ in range(2))
+    try:
+        # Bring the file to room for two answers, less a little: small answers, stored while
+        # one more mark is pending, until a claim no longer finds room for both.
+        assert await first.claim(scope_id("clinic-1", "held"), "fp", "o-held", 60.0) is None
+        small = 0
+        while True:
+            scope = scope_id("clinic-1", f"small-{small}")
+            try:
+                await first.claim(scope, "fp", f"o-{small}", 60.0)
+            except StoreFull:
+                break
+            await first.complete(scope, f"o-{small}", b"s" * 1024, 3600.0)
+            small += 1
+        await first.release(scope_id("clinic-1", "held"), "o-held")
+        # Room for one answer, and both workers claim at once: one claim takes it, the
+        # other finds none left (either may win).
+        claims = {
+            "a": first.claim(scope_id("clinic-1", "a"), "fp", "o-a", 60.0),
+            "b": second.claim(scope_id("clinic-2", "b"), "fp", "o-b", 60.0),
+        }
+        results = dict(
+            zip(claims, await asyncio.gather(*claims.values(), return_exceptions=True), strict=True)
+        )
+        admitted = [name for name, result in results.items() if result is None]
+        refused = [name for name, result in results.items() if isinstance(result, StoreFull)]
+        assert (len(admitted), len(refused)) == (1, 1), results
+        # The admitted answer, as large as answers get (less SQLite's page overhead), fits.
+        (name,) = admitted
+        store = first if name == "a" else second
+        scope = scope_id("clinic-1" if name == "a" else "clinic-2", name)
+        await store.complete(scope, f"o-{name}", b"a" * (240 * 1024), 3600.0)
+        assert files_bytes(db) <= BOUNDS.max_bytes
+    finally:
+        await first.aclose()
+        await second.aclose()
