@@ -91,3 +91,12 @@ def test_the_gateway_unit_gives_room_for_its_connections() -> None:
     # per worker (issue 12).
     limit = int(directives(UNITS / "cloud-gateway.service")["LimitNOFILE"][0])
     assert limit >= GatewaySettings().max_connections + FD_RESERVE
+
+
+def test_the_agent_unit_gives_room_for_its_connections() -> None:
+    # Under systemd's default 1,024, the watchers alone (max_watchers, each possibly on a
+    # connection of its own) could take every descriptor the queue and the REST API need.
+    limit = int(directives(UNITS / "edge-agent.service")["LimitNOFILE"][0])
+    defaults = AgentSettings.model_fields
+    need = defaults["max_watchers"].default + defaults["rest_max_connections"].default + FD_RESERVE
+    assert limit >= need
