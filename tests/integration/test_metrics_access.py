@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import trustme
 
 from tests.integration.conftest import start_agent
 from tests.integration.gateway.helpers import start_gateway
 from tests.support.processes import BIN, Daemon
+from tests.support.server_cert import server_cert_files
 
 TOKEN = "5e7c0d1f9a8b4c3d2e1f0a9b8c7d6e5f"
 DAEMONS = ("edge-agent", "cloud-gateway")
@@ -38,16 +38,8 @@ def token_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
-    """The metrics port's certificate and key (trustme), and a client context trusting its CA."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    cert, key = tmp_path / "metrics.crt", tmp_path / "metrics.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return cert, key, client
+    """The metrics port's certificate and key, and a client context trusting its CA."""
+    return server_cert_files(tmp_path, "metrics", "127.0.0.1", "localhost")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from model_runtime.metrics_endpoint import (
     serve_metrics,
 )
 from model_runtime.private_files import InsecureSecretFile, SecretFileError
+from tests.support.server_cert import server_cert_files
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -169,15 +170,7 @@ def test_without_a_token_every_scrape_is_served_and_none_refused(
 
 @pytest.fixture
 def tls_pair(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "metrics.crt", tmp_path / "metrics.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return cert, key, client
+    return server_cert_files(tmp_path, "metrics")
 
 
 def test_with_tls_a_silent_or_plain_connection_holds_up_no_scrape(

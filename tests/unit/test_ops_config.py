@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import trustme
 import typer
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
@@ -25,6 +24,7 @@ from edge_agent.settings import AgentSettings, SettingsError, load_settings
 from model_runtime import ModelRepository
 from model_runtime.demo import EDGE_REPOSITORY
 from model_runtime.logs import JsonFormatter
+from tests.support.server_cert import server_cert_files
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "config"
@@ -167,12 +167,9 @@ def test_agent_example_config_is_valid_and_documents_every_setting(
     monkeypatch.setenv("EDGE_AGENT_MODEL_REPOSITORY", str(EDGE_REPOSITORY))
     monkeypatch.setenv("EDGE_AGENT_DEVICE_KEY_FILE", str(key_file))
     monkeypatch.setenv("EDGE_AGENT_METRICS_TOKEN_FILE", str(metrics_token_file))
-    leaf = trustme.CA().issue_cert("clinic-7.vpn.example.org")
-    for kind, blob in (("CERT", leaf.cert_chain_pems[0]), ("KEY", leaf.private_key_pem)):
-        path = tmp_path / f"metrics.{kind.lower()}"
-        blob.write_to_path(str(path))
-        path.chmod(0o600)
-        monkeypatch.setenv(f"EDGE_AGENT_METRICS_TLS_{kind}_FILE", str(path))
+    cert, key, _ = server_cert_files(tmp_path, "metrics", "clinic-7.vpn.example.org")
+    monkeypatch.setenv("EDGE_AGENT_METRICS_TLS_CERT_FILE", str(cert))
+    monkeypatch.setenv("EDGE_AGENT_METRICS_TLS_KEY_FILE", str(key))
     monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
     code, out, err = check(example)
     assert (code, err) == (0, "")
