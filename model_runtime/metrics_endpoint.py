@@ -31,12 +31,13 @@ __all__ = [
     "serve_metrics",
 ]
 
-REFUSAL_REASONS = ("missing", "malformed", "wrong", "tls")
+REFUSAL_REASONS = ("missing", "malformed", "wrong", "tls", "timeout")
 """Why a scrape was refused: no Authorization header, not `Bearer <token>`, another token (each
-a 401), or a connection to the TLS port whose handshake failed or timed out."""
+a 401), a connection to the TLS port whose handshake failed or timed out, or one that sent no
+request (or read no answer) in time."""
 
-HANDSHAKE_TIMEOUT_S = 10.0
-"""How long a connection to the TLS port has for its handshake and then for each read and
+CONNECTION_TIMEOUT_S = 10.0
+"""How long a connection to /metrics has for its TLS handshake and then for each read and
 write: one that sends nothing cannot hold its thread for ever."""
 
 _MIN_TOKEN_CHARS = 16
@@ -132,16 +133,18 @@ def serve_metrics(
     namespace: str,
     token: str | None = None,
     tls: ssl.SSLContext | None = None,
+    timeout_s: float = CONNECTION_TIMEOUT_S,
 ) -> WSGIServer:
     """Serve `registry` on http://host:port/ (https:// with `tls`) in a daemon thread (the
     bound port is `server_port`). With `token`, every request must carry `Authorization:
-    Bearer <token>`; the others get 401. Refusals, and failed TLS handshakes, are counted in
-    `<namespace>_scrapes_refused_total{reason}`. Raises OSError when the address cannot be
-    bound."""
+    Bearer <token>`; the others get 401. Refusals, failed TLS handshakes and connections
+    silent for `timeout_s` are counted in `<namespace>_scrapes_refused_total{reason}`. Raises
+    OSError when the address cannot be bound."""
     refused = Counter(
         f"{namespace}_scrapes_refused",
         "Requests to /metrics refused, by reason: missing, malformed or wrong bearer token "
-        "(401), or tls: a connection whose TLS handshake failed or timed out.",
+        "(401), tls: a connection whose TLS handshake failed or timed out, or timeout: one that "
+        "sent no request or read no answer in time.",
         ["reason"],
         registry=registry,
     )
@@ -159,8 +162,15 @@ def serve_metrics(
 
         def finish_request(self, request: Any, client_address: Any) -> None:
             # In the connection's own thread: the handshake must not hold up accept().
-            if tls is None or _handshake(request, refused):
+            request.settimeout(timeout_s)  # kept for the request's reads and writes
+            if tls is not None and not _handshake(request, refused):
+                return
+            try:
                 super().finish_request(request, client_address)
+            except TimeoutError:
+                refused.labels("timeout").inc()
+            except OSError:
+                pass  # the scraper hung up: nothing to answer, and no traceback on stderr
 
     # Built before its thread starts, so no request is ever served without the gate.
     server = make_server(str(address[0]), port, app, _Server, handler_class=_QuietHandler)
@@ -178,7 +188,6 @@ def serve_metrics(
 def _handshake(connection: ssl.SSLSocket, refused: Counter) -> bool:
     """Shake hands on an accepted TLS connection; False (counted) if it fails or times out:
     plain HTTP sent to the TLS port, a client that does not trust the certificate, silence."""
-    connection.settimeout(HANDSHAKE_TIMEOUT_S)  # kept for the request's reads and writes
     try:
         connection.do_handshake()
     except OSError:  # ssl.SSLError and TimeoutError among them

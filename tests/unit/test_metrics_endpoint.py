@@ -168,6 +168,22 @@ def test_without_a_token_every_scrape_is_served_and_none_refused(
     assert [refused(registry, r) for r in ("missing", "malformed", "wrong")] == [0, 0, 0]
 
 
+def test_a_connection_that_says_nothing_is_closed_and_counted(
+    registry: CollectorRegistry,
+) -> None:
+    """Each connection has a thread of its own: one left silent must not keep it for ever."""
+    server = serve_metrics(registry, "127.0.0.1", 0, namespace="app", timeout_s=0.2)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port)) as silent:
+            silent.settimeout(10)
+            assert silent.recv(1) == b""  # closed by the server, well before our 10 s
+        answer = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10)
+    finally:
+        _stop(server)
+    assert answer.status_code == 200
+    assert refused(registry, "timeout") == 1
+
+
 @pytest.fixture
 def tls_pair(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
     return server_cert_files(tmp_path, "metrics")
