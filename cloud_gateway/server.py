@@ -12,7 +12,6 @@ import json
 import logging
 import logging.config
 import os
-import resource
 import shutil
 import signal
 import sqlite3
@@ -37,6 +36,7 @@ from model_runtime.connection_guard import (
     MAX_HEAD_BYTES,
     GuardedH11Protocol,
     GuardedHttpToolsProtocol,
+    raise_open_files_limit,
 )
 from model_runtime.fault_points import FaultPlan
 from model_runtime.metrics_endpoint import (
@@ -144,21 +144,6 @@ def _single_app(
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft open-files limit to the hard one (workers inherit it); the new soft limit.
-
-    systemd's default soft limit is 1,024 however high the hard one, and each client connection
-    takes a descriptor: the cap on connections (model_runtime.connection_guard) stays below what is left.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-    return hard
 
 
 def _metrics_access(settings: GatewaySettings) -> tuple[str | None, ssl.SSLContext | None]:

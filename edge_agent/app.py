@@ -29,7 +29,7 @@ from edge_agent.router_settings import router_config
 from edge_agent.settings import AgentSettings, is_loopback, settings_warnings
 from model_runtime import ModelLoadError, ModelRepository
 from model_runtime.command_line import EXIT_FAILURE, EXIT_USAGE, StartupError
-from model_runtime.connection_guard import ConnectionGuard
+from model_runtime.connection_guard import ConnectionGuard, raise_open_files_limit
 from model_runtime.encryption import DataKeyError
 from model_runtime.fault_points import FaultPlan
 from model_runtime.logs import configure_logging, redact
@@ -50,6 +50,9 @@ class DiskTrouble(Exception):
 def run(settings: AgentSettings, faults: FaultPlan | None = None) -> int:
     """Serve until SIGTERM or SIGINT; the process exit code. `faults`: tests only."""
     configure_logging(settings.log_level.upper(), site=settings.site, device=settings.device)
+    # Watchers, REST connections and gRPC callers each hold a descriptor; outside systemd's
+    # LimitNOFILE the soft limit is often 1,024 and the REST cap is lowered to fit under it.
+    raise_open_files_limit()
     for warning in settings_warnings(settings):
         log.warning(warning)
     try:

@@ -44,6 +44,7 @@ __all__ = [
     "GuardedH11Protocol",
     "GuardedHttpToolsProtocol",
     "connection_cap",
+    "raise_open_files_limit",
 ]
 
 STATE_KEY = "connection_guard"
@@ -72,6 +73,21 @@ MAX_HEAD_BYTES = 16 * 1024
 # uvicorn's logger and its line for each malformed request, which the guard's count replaces.
 _UVICORN_LOG = "uvicorn.error"
 _INVALID_REQUEST_LINE = "Invalid HTTP request received."
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (children inherit it); the new soft limit.
+
+    systemd's default soft limit is 1,024 however high the hard one, and each client connection
+    takes a descriptor: the cap on connections (connection_cap) stays below what is left.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
 
 
 def connection_cap(max_connections: int) -> int:

@@ -7,16 +7,18 @@ test_rest_bad_input.py::test_an_endless_request_head_is_cut_off_with_431.
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import agent_metric, start_agent
+from tests.integration.conftest import agent_args, agent_metric, start_agent
 from tests.integration.rest.helpers import rest_ready
-from tests.support.processes import Daemon, wait_until
+from tests.support.processes import Daemon, start_daemon, wait_until
 from tests.support.sse import EventStream
 
 pytestmark = pytest.mark.integration
@@ -123,3 +125,27 @@ def test_a_refused_connection_is_told_so_even_if_it_sent_its_request(agent: Daem
         for stream in streams:
             stream.close()
     wait_until(lambda: _ready(agent) == 200, timeout=10, what="places freed by closed streams")
+
+
+def _soft_open_files(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open-files limit in /proc/{pid}/limits")
+
+
+def test_the_agent_raises_its_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """Started with `ulimit -Sn 512`, as a shell or systemd's default 1,024 would: the REST cap
+    and the watchers need more, and the hard limit allows it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the open-files hard limit ({hard}) leaves nothing to raise")
+
+    def soft_512() -> None:  # in the agent's process, before it starts
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    daemon = start_daemon("edge-agent", agent_args(tmp_path), tmp_path, preexec_fn=soft_512)
+    try:
+        assert _soft_open_files(daemon.process.pid) == hard
+    finally:
+        daemon.stop()
