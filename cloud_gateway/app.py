@@ -9,7 +9,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,9 @@ from model_runtime.v2_json import TensorLimits
 __all__ = ["WorkerAppFactory", "create_app", "make_backend", "make_store_and_limiter"]
 
 log = logging.getLogger("cloud_gateway")
+
+WORKER_START = "gateway.worker_start"
+"""Fault point: a worker process rebuilding its app factory, as it starts (WorkerAppFactory)."""
 
 
 def make_backend(settings: GatewaySettings, offloader: Offloader | None = None) -> Backend:
@@ -238,3 +241,19 @@ class WorkerAppFactory:
             # uvicorn's supervisor stops, rather than restarting a worker that can never start.
             log.error("worker cannot start: %s", exc)
             sys.exit(STARTUP_FAILURE)
+
+    def __reduce__(
+        self,
+    ) -> tuple[
+        Callable[[GatewaySettings, FaultPlan | None], WorkerAppFactory],
+        tuple[GatewaySettings, FaultPlan | None],
+    ]:
+        # Rebuilt in each worker as it starts, before it can answer the supervisor's health
+        # check: where a test holds a worker's start-up (WORKER_START), as slow imports would.
+        return (_rebuilt_in_worker, (self.settings, self.faults))
+
+
+def _rebuilt_in_worker(settings: GatewaySettings, faults: FaultPlan | None) -> WorkerAppFactory:
+    if faults is not None:
+        faults.hit(WORKER_START)
+    return WorkerAppFactory(settings, faults)

@@ -25,10 +25,10 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
 
 from cloud_gateway.app import WorkerAppFactory, create_app
 from cloud_gateway.settings import GatewaySettings
+from cloud_gateway.supervisor import GatewaySupervisor
 from model_runtime import ModelLoadError
 from model_runtime.command_line import EXIT_USAGE, StartupError
 from model_runtime.connection_guard import (
@@ -124,7 +124,8 @@ def _uvicorn_config(settings: GatewaySettings, app: Any, *, factory: bool) -> uv
         # The supervisor pings each worker and replaces one that does not answer in time. A
         # worker answers only once its imports are done (onnxruntime, numpy...), which on a
         # loaded machine can take longer than uvicorn's default 5 s: it would then be killed
-        # and restarted over and over.
+        # and restarted over and over. One that dies meanwhile is replaced at once
+        # (cloud_gateway.supervisor).
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
 
@@ -239,7 +240,7 @@ def run(
                 settings.workers,
             )
             if settings.workers > 1:
-                supervisor = Multiprocess(config, sockets=[sock])
+                supervisor = GatewaySupervisor(config, sockets=[sock])
                 supervisor.run()
                 failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
                 return EXIT_USAGE if failed else 0  # a worker's own line says why

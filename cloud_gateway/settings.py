@@ -35,6 +35,7 @@ FAULTS_VARIABLE = "CLOUD_GATEWAY_FAULTS"
 flag; read once beside the settings by `cloud-gateway serve`."""
 FAULT_POINTS = {
     "gateway.after_run_before_store": False,
+    "gateway.worker_start": False,
     "idempotency.mid_checkpoint": False,
     "idempotency.commit": True,
 }

@@ -1,4 +1,4 @@
-"""Fault points for tests: crash the process, or fail a write, the k-th time a named point is hit.
+"""Fault points for tests: crash the process, fail a write, or hold, at a named point's k-th hit.
 
 Off unless a daemon's `<PREFIX>FAULTS` variable is set, which only tests do; read once at start-up
 by the daemon's command line and handed down. A part with no plan holds None and pays nothing.
@@ -11,9 +11,11 @@ import re
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 __all__ = ["Action", "Fault", "FaultPlan", "FaultSpecError", "sqlite_error"]
 
@@ -29,9 +31,14 @@ class Action(StrEnum):
     """The write fails as a failing disk fails it (EIO; SQLite's SQLITE_IOERR)."""
     ENOSPC = "enospc"
     """The write fails as a full disk fails it (ENOSPC; SQLite's SQLITE_FULL)."""
+    HOLD = "hold"
+    """Wait until the release file exists, then carry on: a step as slow as the test wants."""
 
 
 IO_ACTIONS = frozenset({Action.EIO, Action.ENOSPC})
+RELEASE_SUFFIX = "_RELEASE"
+"""`<variable>_RELEASE` names the file whose creation ends every hold."""
+HOLD_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +69,26 @@ class FaultPlan:
 
     The switch: a comma-separated list of `<point>:<k>[+|-<m>][:<action>]`: the k-th hit only,
     the k-th and every later one (`+`, a persistent fault), or hits k to m; the action is
-    `crash` (the default), `eio` or `enospc` (at write points only).
+    `crash` (the default), `hold` (until the file `release` exists), `eio` or `enospc` (at
+    write points only).
     """
 
-    def __init__(self, faults: Sequence[Fault], *, kill: Callable[[], None] = _kill_self) -> None:
+    def __init__(
+        self,
+        faults: Sequence[Fault],
+        release: Path | None = None,
+        *,
+        kill: Callable[[], None] = _kill_self,
+    ) -> None:
         self.faults = tuple(faults)
+        self.release = release
         self._kill = kill
         self._hits: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def __reduce__(self) -> tuple[type[FaultPlan], tuple[tuple[Fault, ...]]]:
+    def __reduce__(self) -> tuple[type[FaultPlan], tuple[tuple[Fault, ...], Path | None]]:
         # Handed to a gateway's worker processes: the faults go, the counts start afresh.
-        return (FaultPlan, (self.faults,))
+        return (FaultPlan, (self.faults, self.release))
 
     @classmethod
     def parse(
@@ -82,9 +97,11 @@ class FaultPlan:
         points: Mapping[str, bool],
         *,
         variable: str = "",
+        release: Path | None = None,
         kill: Callable[[], None] = _kill_self,
     ) -> FaultPlan:
         """`points`: every point the daemon has, and whether it is a write (takes I/O actions).
+        `release`: the file whose creation ends a hold (None: holds are refused).
         `kill`: what a crash does (SIGKILL this process; a test of the plan itself may raise)."""
         where = f"{variable}: " if variable else ""
         faults = []
@@ -92,7 +109,7 @@ class FaultPlan:
             match = _ITEM.fullmatch(item)
             if match is None:
                 raise FaultSpecError(
-                    f"{where}{item!r} is not <point>:<k>[+|-<m>][:crash|eio|enospc]"
+                    f"{where}{item!r} is not <point>:<k>[+|-<m>][:crash|hold|eio|enospc]"
                 )
             point = match["point"]
             if point not in points:
@@ -108,12 +125,19 @@ class FaultPlan:
                 action = Action(match["action"] or Action.CRASH)
             except ValueError:
                 raise FaultSpecError(
-                    f"{where}{item!r}: the action must be crash, eio or enospc"
+                    f"{where}{item!r}: the action must be crash, hold, eio or enospc"
                 ) from None
             if action in IO_ACTIONS and not points[point]:
-                raise FaultSpecError(f"{where}{item!r}: {point} is not a write; it can only crash")
+                raise FaultSpecError(
+                    f"{where}{item!r}: {point} is not a write; it can only crash or hold"
+                )
+            if action is Action.HOLD and release is None:
+                raise FaultSpecError(
+                    f"{where}{item!r}: a hold needs {variable or '<variable>'}{RELEASE_SUFFIX}, "
+                    "the file whose creation ends it"
+                )
             faults.append(Fault(point, first, last, action))
-        return cls(faults, kill=kill)
+        return cls(faults, release, kill=kill)
 
     @classmethod
     def from_environ(
@@ -121,11 +145,17 @@ class FaultPlan:
     ) -> FaultPlan | None:
         """The plan `variable` holds, or None when it is unset or empty (always, outside tests)."""
         spec = environ.get(variable, "").strip()
-        return cls.parse(spec, points, variable=variable) if spec else None
+        if not spec:
+            return None
+        release = environ.get(variable + RELEASE_SUFFIX, "").strip()
+        return cls.parse(
+            spec, points, variable=variable, release=Path(release) if release else None
+        )
 
     def hit(self, point: str) -> Action | None:
-        """Count a hit of `point`. A crash happens here (this call does not return); an I/O
-        action is returned for the caller to fail its write with; None: carry on."""
+        """Count a hit of `point`. A crash happens here (this call does not return), a hold
+        waits here; an I/O action is returned for the caller to fail its write with; None:
+        carry on."""
         with self._lock:
             n = self._hits[point] = self._hits.get(point, 0) + 1
         for fault in self.faults:
@@ -134,8 +164,25 @@ class FaultPlan:
                     # Straight to the file descriptor: no buffer is flushed on SIGKILL.
                     os.write(2, f"fault point {point}: hit {n}, crashing (SIGKILL)\n".encode())
                     self._kill()
+                if fault.action is Action.HOLD:
+                    self._hold(point, n)
+                    return None
                 return fault.action
         return None
+
+    def _hold(self, point: str, hit: int) -> None:
+        assert self.release is not None  # parse refuses a hold without one
+        os.write(
+            2,
+            f"fault point {point}: hit {hit}, process {os.getpid()} holding until "
+            f"{self.release} exists\n".encode(),
+        )
+        parent = os.getppid()
+        while not self.release.exists():
+            if os.getppid() != parent:
+                # Orphaned (its supervisor or the test was killed): end rather than linger.
+                self._kill()
+            time.sleep(HOLD_POLL_S)
 
     def hits(self, point: str) -> int:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ import pytest
 from cloud_gateway.cli import app as gateway_app
 from cloud_gateway.settings import FAULT_POINTS as GATEWAY_POINTS
 from edge_agent.cli import app as agent_app
+from model_runtime import fault_points
 from model_runtime.command_line import EXIT_USAGE, run_command_line
 from model_runtime.fault_points import Action, Fault, FaultPlan, FaultSpecError, sqlite_error
 from router.config import FAULT_POINTS as AGENT_POINTS
+from tests.support.processes import wait_until
 
 POINTS = {"queue.commit": True, "router.after_commit_before_answer": False}
 
@@ -63,8 +66,9 @@ def test_a_crash_is_the_default_action_and_points_count_apart() -> None:
         ("queue.commit:0", "is not <point>:<k>"),
         ("queue.commit:2-1", "the range ends before it starts"),
         ("queue.comit:1", "unknown point 'queue.comit'; known: queue.commit, router."),
-        ("queue.commit:1:eof", "the action must be crash, eio or enospc"),
-        ("router.after_commit_before_answer:1:eio", "is not a write; it can only crash"),
+        ("queue.commit:1:eof", "the action must be crash, hold, eio or enospc"),
+        ("router.after_commit_before_answer:1:eio", "is not a write; it can only crash or hold"),
+        ("queue.commit:1:hold", "a hold needs EDGE_AGENT_FAULTS_RELEASE, the file whose"),
     ],
 )
 def test_a_bad_switch_is_refused_naming_the_variable(spec: str, problem: str) -> None:
@@ -79,6 +83,37 @@ def test_a_plan_handed_to_a_worker_process_counts_afresh() -> None:
     copy = pickle.loads(pickle.dumps(plan))
     assert copy.faults == (Fault("queue.commit", 2, 2, Action.EIO),)
     assert copy.hits("queue.commit") == 0
+
+
+def test_a_hold_waits_until_the_release_file_exists_then_carries_on(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    environ = {
+        "EDGE_AGENT_FAULTS": "queue.commit:2:hold",
+        "EDGE_AGENT_FAULTS_RELEASE": str(release),
+    }
+    plan = FaultPlan.from_environ(environ, "EDGE_AGENT_FAULTS", POINTS)
+    assert plan is not None
+    assert pickle.loads(pickle.dumps(plan)).release == release  # workers hold too
+    assert plan.hit("queue.commit") is None
+    results: list[Action | None] = []
+    holder = threading.Thread(target=lambda: results.append(plan.hit("queue.commit")))
+    holder.start()
+    wait_until(lambda: plan.hits("queue.commit") == 2, 10.0, what="the second hit")
+    holder.join(0.2)
+    assert holder.is_alive()  # held
+    release.touch()
+    holder.join(10.0)
+    assert results == [None]  # no write fails after a hold
+
+
+def test_a_hold_whose_parent_has_gone_ends_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = FaultPlan.parse("queue.commit:1:hold", POINTS, release=tmp_path / "never", kill=crash)
+    parents = iter([100, 100, 1])  # reparented to init: its supervisor or test was killed
+    monkeypatch.setattr(fault_points.os, "getppid", lambda: next(parents))
+    with pytest.raises(Crashed):
+        plan.hit("queue.commit")
 
 
 def test_injected_errors_are_what_sqlite_raises_on_a_real_disk() -> None:
@@ -100,6 +135,7 @@ def test_each_daemon_names_its_points() -> None:
     }
     assert GATEWAY_POINTS == {
         "gateway.after_run_before_store": False,
+        "gateway.worker_start": False,
         "idempotency.mid_checkpoint": False,
         "idempotency.commit": True,
     }
@@ -123,6 +159,6 @@ def test_serve_with_a_bad_switch_stops_at_once_with_exit_code_2(
     assert code == EXIT_USAGE
     assert (
         capsys.readouterr().err
-        == f"{program}: {variable}: 'queue.commit' is not <point>:<k>[+|-<m>][:crash|eio|enospc]\n"
+        == f"{program}: {variable}: 'queue.commit' is not <point>:<k>[+|-<m>][:crash|hold|eio|enospc]\n"
     )
     assert not (tmp_path / "state").exists()  # nothing started

@@ -100,9 +100,7 @@ def test_metrics_add_up_over_the_workers(
 
 
 def test_a_killed_worker_is_replaced(gateway: Gateway) -> None:
-    # A worker that has served (so has finished starting): one killed while uvicorn's
-    # supervisor waits for its first health-check answer holds the supervisor for that
-    # check's whole timeout (60 s; noted on issue 13).
+    # A worker that has served; test_gateway_worker_start.py kills ones that are starting.
     with httpx.Client() as c:
         victim = serving_pid(gateway, c.get(gateway.url + "/v2/health/ready"))
     os.kill(victim, signal.SIGKILL)
