@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cloud_gateway.errors import AuthenticationFailed, InvalidDeviceName
-from cloud_gateway.sqlite_pool import ConnectionPool, enable_wal
+from cloud_gateway.sqlite_pool import ConnectionPool
 from model_runtime.private_files import private_dir, private_file
+from model_runtime.sqlite_wal import enable_wal
 
 __all__ = ["DeviceKey", "KeyStore", "NewKey"]
 

@@ -1,5 +1,5 @@
-"""SQLite connections shared by the worker threads that run the gateway's blocking queries, and
-opened in WAL mode even when the workers open a new file together.
+"""SQLite connections shared by the worker threads that run the gateway's blocking queries
+(model_runtime.sqlite_wal switches each file to WAL, even when the workers open it together).
 
 A connection is taken for one job and given back, whichever thread ran it. One connection per
 thread (thread-local) leaked: the thread pool replaced threads that idled, and each new thread
@@ -15,34 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
-
-__all__ = ["ConnectionPool", "enable_wal", "is_busy"]
-
-_WAL_SWITCH_WAIT_S = 30.0
-
-
-def is_busy(exc: BaseException) -> bool:
-    """Another connection holds the lock this one needs (SQLITE_BUSY, SQLITE_LOCKED)."""
-    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) in (
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-    )
-
-
-def enable_wal(db: sqlite3.Connection) -> None:
-    """Switch `db`'s file to WAL (a setting of the file, kept once made). SQLite does not call
-    the busy handler for this switch: when workers open a new file together, all but one got
-    "database is locked" at once and, that being a start-up failure, uvicorn's supervisor then
-    stopped the whole gateway. They now try again until the one switching is done."""
-    for attempt in Retrying(
-        stop=stop_after_delay(_WAL_SWITCH_WAIT_S),
-        wait=wait_random(0.01, 0.1),
-        retry=retry_if_exception(is_busy),
-        reraise=True,
-    ):
-        with attempt:
-            db.execute("PRAGMA journal_mode=WAL")
+__all__ = ["ConnectionPool"]
 
 
 class ConnectionPool:

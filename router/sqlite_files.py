@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
+from model_runtime.sqlite_wal import enable_wal
 from router.errors import DiskFull, QueueSchemaTooNew, StorageError
 
 __all__ = [
@@ -95,7 +96,7 @@ def _open(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+        if enable_wal(conn).lower() != "wal":
             raise sqlite3.OperationalError("could not switch the journal to WAL")
         # FULL: every commit fsyncs the WAL, so an acknowledged commit survives a power cut.
         conn.execute("PRAGMA synchronous = FULL")

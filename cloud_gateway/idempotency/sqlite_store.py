@@ -45,10 +45,11 @@ from typing import Any, cast
 
 from cloud_gateway.errors import StoreFull, StoreUnavailable
 from cloud_gateway.idempotency.base import Existing, StoreBounds
-from cloud_gateway.sqlite_pool import ConnectionPool, enable_wal, is_busy
+from cloud_gateway.sqlite_pool import ConnectionPool
 from cloud_gateway.worker_threads import run_blocking
 from model_runtime.fault_points import FaultPlan, sqlite_error
 from model_runtime.private_files import private_dir, private_file
+from model_runtime.sqlite_wal import enable_wal, is_busy
 
 __all__ = ["SqliteIdempotencyStore"]
 
