@@ -240,7 +240,7 @@ def run(
                 settings.workers,
             )
             if settings.workers > 1:
-                supervisor = GatewaySupervisor(config, sockets=[sock])
+                supervisor = GatewaySupervisor(config, [sock], registry)
                 supervisor.run()
                 failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
                 return EXIT_USAGE if failed else 0  # a worker's own line says why

@@ -1,13 +1,16 @@
 """uvicorn's multi-worker supervisor with a health check that ends when its worker dies or the
 supervisor is asked to exit, rather than only when the worker answers or the timeout passes.
-"""
+It counts the workers it replaces."""
 
 from __future__ import annotations
 
 import pickle
 import time
+from socket import socket
 from typing import ClassVar
 
+from prometheus_client import CollectorRegistry, Counter
+from uvicorn.config import Config
 from uvicorn.supervisors import Multiprocess, multiprocess
 
 __all__ = ["GatewaySupervisor", "WorkerProcess"]
@@ -62,7 +65,24 @@ class WorkerProcess(multiprocess.Process):
 
 
 class GatewaySupervisor(Multiprocess):
-    """uvicorn's Multiprocess, its workers WorkerProcess."""
+    """uvicorn's Multiprocess, its workers WorkerProcess; the workers it replaces are counted
+    on `registry` (the supervisor's own, beside the workers' multiprocess files)."""
+
+    def __init__(self, config: Config, sockets: list[socket], registry: CollectorRegistry) -> None:
+        super().__init__(config, sockets)
+        self.replacements = Counter(
+            "cloud_gateway_worker_replacements",
+            "Workers the supervisor replaced because they died or stopped answering its health "
+            "check (not those a SIGHUP restarts).",
+            registry=registry,
+        )
+
+    def keep_subprocess_alive(self) -> None:
+        before = list(self.processes)
+        super().keep_subprocess_alive()
+        self.replacements.inc(
+            sum(old is not new for old, new in zip(before, self.processes, strict=True))
+        )
 
     def run(self) -> None:
         # Multiprocess makes its workers through the module's name `Process` (in

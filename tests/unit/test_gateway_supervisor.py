@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import uvicorn
+from prometheus_client import CollectorRegistry
 from uvicorn.supervisors import multiprocess
 
 from cloud_gateway.supervisor import GatewaySupervisor, WorkerProcess
@@ -105,7 +106,7 @@ def test_every_worker_the_supervisor_makes_is_a_worker_process(
         monkeypatch.setattr(WorkerProcess, name, lambda self: None)
     handlers = {sig: signal.getsignal(sig) for sig in multiprocess.SIGNALS}
     try:
-        supervisor = GatewaySupervisor(uvicorn.Config(app=None, workers=2), [])
+        supervisor = GatewaySupervisor(uvicorn.Config(app=None, workers=2), [], CollectorRegistry())
         supervisor.should_exit.set()  # run makes the workers, then stops at once
         supervisor.run()
     finally:

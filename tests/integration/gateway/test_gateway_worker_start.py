@@ -90,6 +90,7 @@ def test_a_worker_killed_while_starting_is_replaced_at_once(tmp_path: Path) -> N
             what="the new workers to serve",
         )
         assert len(gw.worker_pids()) == WORKERS
+        assert gw.metric("cloud_gateway_worker_replacements_total") == WORKERS
         assert gw.daemon.stop() == 0, gw.daemon.log()[-4000:]
 
 

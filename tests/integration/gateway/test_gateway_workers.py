@@ -101,6 +101,7 @@ def test_metrics_add_up_over_the_workers(
 
 def test_a_killed_worker_is_replaced(gateway: Gateway) -> None:
     # A worker that has served; test_gateway_worker_start.py kills ones that are starting.
+    replaced = gateway.metric("cloud_gateway_worker_replacements_total")
     with httpx.Client() as c:
         victim = serving_pid(gateway, c.get(gateway.url + "/v2/health/ready"))
     os.kill(victim, signal.SIGKILL)
@@ -114,3 +115,4 @@ def test_a_killed_worker_is_replaced(gateway: Gateway) -> None:
         raise AssertionError(gateway.daemon.log()[-4000:]) from None
     for _ in range(10):
         assert httpx.get(gateway.url + "/v2/health/ready").status_code == 200
+    assert gateway.metric("cloud_gateway_worker_replacements_total") == replaced + 1
