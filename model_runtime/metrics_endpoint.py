@@ -28,6 +28,7 @@ __all__ = [
     "metrics_tls_context",
     "metrics_warning",
     "read_metrics_token",
+    "scrape_refusals",
     "serve_metrics",
 ]
 
@@ -125,6 +126,22 @@ def read_metrics_token(path: Path) -> tuple[str, str | None]:
     return token, warning
 
 
+def scrape_refusals(registry: CollectorRegistry, namespace: str) -> Counter:
+    """`<namespace>_scrapes_refused_total{reason}` in `registry`, every reason at 0. Its own
+    function so the alert rules' checks see the name the endpoint exports."""
+    refused = Counter(
+        f"{namespace}_scrapes_refused",
+        "Requests to /metrics refused, by reason: missing, malformed or wrong bearer token "
+        "(401), tls: a connection whose TLS handshake failed or timed out, or timeout: one that "
+        "sent no request or read no answer in time.",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in REFUSAL_REASONS:
+        refused.labels(reason)
+    return refused
+
+
 def serve_metrics(
     registry: CollectorRegistry,
     host: str,
@@ -140,16 +157,7 @@ def serve_metrics(
     Bearer <token>`; the others get 401. Refusals, failed TLS handshakes and connections
     silent for `timeout_s` are counted in `<namespace>_scrapes_refused_total{reason}`. Raises
     OSError when the address cannot be bound."""
-    refused = Counter(
-        f"{namespace}_scrapes_refused",
-        "Requests to /metrics refused, by reason: missing, malformed or wrong bearer token "
-        "(401), tls: a connection whose TLS handshake failed or timed out, or timeout: one that "
-        "sent no request or read no answer in time.",
-        ["reason"],
-        registry=registry,
-    )
-    for reason in REFUSAL_REASONS:
-        refused.labels(reason)
+    refused = scrape_refusals(registry, namespace)
     app: WsgiApp = make_wsgi_app(registry)
     if token is not None:
         app = _bearer_gate(app, token, refused)

@@ -23,6 +23,7 @@ from cloud_gateway.metrics import GatewayMetrics
 from edge_agent.metrics import AgentMetrics
 from model_runtime import ModelRepository
 from model_runtime.demo import EDGE_REPOSITORY
+from model_runtime.metrics_endpoint import scrape_refusals
 from router.breaker import BreakerState
 from router.budget import BudgetPeriod, PeriodUsage
 from router.decision import LinkState
@@ -82,6 +83,9 @@ def exported_names() -> frozenset[str]:
     RouterMetrics(agent, lambda: _FULL)
     gateway = CollectorRegistry()
     GatewayMetrics(gateway)
+    # Registered by the /metrics endpoint itself, in the registry it serves.
+    scrape_refusals(agent, "edge_agent")
+    scrape_refusals(gateway, "cloud_gateway")
     names: set[str] = set()
     for registry in (agent, gateway):
         for family in registry.collect():
@@ -159,6 +163,8 @@ def test_exported_names_come_from_the_registries() -> None:
         "edge_agent_router_budget_left_bytes",
         "cloud_gateway_requests_total",
         "cloud_gateway_model_runs_total",
+        "edge_agent_scrapes_refused_total",
+        "cloud_gateway_scrapes_refused_total",
     } <= names
     assert "edge_agent_requests" not in names  # counters are exported with _total
     assert unknown_names("rate(edge_agent_router_routes_totals[5m])") == {
