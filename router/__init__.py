@@ -46,7 +46,7 @@ from router.errors import (
     RouterError,
     TicketNotFound,
 )
-from router.forwarder import Forwarder, TokenBucket
+from router.forwarder import Forwarder
 from router.hard_examples import (
     HardExamples,
     HardExamplesError,
@@ -61,6 +61,7 @@ from router.policy import BudgetMode, EscalationPolicy
 from router.retrying import LinkBackoff, RetryPolicy
 from router.router import RoutedAnswer, RoutedItem, Router, RouterStatus
 from router.tickets import TICKET_STATES, TicketResult, TicketStore, WatchStream
+from router.token_bucket import TokenBucket
 
 __all__ = [
     "ATTEMPT_OUTCOMES",

@@ -4,7 +4,8 @@ Highest priority first (the queue's claim order), in batches, up to `drain_concu
 flight, each call paid for in a token bucket *before* it is sent. Each claimed item ends in one
 of three ways per attempt: delivered (the answer is stored under its ticket), released for a later
 attempt (the cloud or the link failed, or the device's setup is wrong), or rejected (the cloud
-refused the request itself). A housekeeping loop expires items past their TTL and purges old ends.
+refused the request itself): router.delivery_outcomes. Building a call's request and reading its
+answer (the functions at the end) run on the forwarder's own thread.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -22,34 +22,24 @@ from model_runtime.errors import InvalidInput
 from model_runtime.fault_points import FaultPlan
 from model_runtime.infer_group import GroupItem, GroupItemAnswer, decode_group_answer
 from model_runtime.v2_json import decode_infer_response
-from router.breaker import CircuitBreaker
-from router.budget import DataBudget, ProbeBudget
+from router.budget import DataBudget
 from router.clock import Clock, sleep_or_wake
 from router.cloud_client import CloudClient, CloudRequest, group_request, infer_request
-from router.config import AFTER_SEND_BEFORE_MARK, RouterConfig
+from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import LinkState
+from router.delivery_outcomes import SETUP_STATUSES, DeliveryOutcomes
 from router.durable_queue import DurableQueue, QueuedItem
-from router.errors import (
-    BudgetExhausted,
-    CircuitOpen,
-    CloudError,
-    CloudRejected,
-    CloudUnavailable,
-    StorageError,
-)
+from router.errors import BudgetExhausted, CloudError, CloudRejected, CloudUnavailable, StorageError
 from router.grouping import GroupPlanner
 from router.metrics import CloudMeter, RouterMetrics
-from router.pacing import RequestPacer
-from router.retrying import LinkBackoff
 from router.tickets import encode_result
+from router.token_bucket import TokenBucket
 
 __all__ = [
     "SETUP_STATUSES",
     "Forwarder",
     "TokenBucket",
-    "housekeep",
-    "open_cloud",
     "request_for",
     "stored_answer",
     "stored_answers",
@@ -59,125 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-SETUP_STATUSES = frozenset({401, 403, 404, 407})
-"""The device's key or the model name is wrong: no item's fault, so items wait (released)."""
-_LATER_STATUSES = frozenset({408, 409, 425})
-"""Timeout, an earlier delivery of the same key still running, too early: try again later."""
-# Any other 4xx (400, 413, 415, 422...) refuses the request itself: the item ends rejected.
 _HEADER_GUESS = 400  # request line and headers before the first call measured them
-_STORAGE_RETRY_CAP_S = 5.0
-
-
-def open_cloud(
-    config: RouterConfig, clock: Clock, meter: CloudMeter, budget: DataBudget, probes: ProbeBudget
-) -> tuple[CloudClient, CloudClient, ConnectivityMonitor]:
-    """The live and the drain CloudClients (one pool each, so escalations never queue behind
-    deliveries; both reserve and settle their bytes in `budget`, and start calls at the pace of
-    one RequestPacer) and the monitor both report to, with its breaker, probing as often as
-    `probes` lets it."""
-    assert config.cloud_url is not None
-    assert config.device_key is not None
-    tls = config.cloud_tls.context() if config.cloud_tls is not None else None
-    pacer = RequestPacer(
-        config.cloud_requests_per_s,
-        config.cloud_burst,
-        clock,
-        recovery_s=config.cloud_rate_recovery_s,
-        on_wait=meter.on_paced,
-    )
-    live, drain = (
-        CloudClient(
-            config.cloud_url,
-            config.device_key,
-            clock=clock,
-            retry=retry,
-            on_attempt=meter.on_attempt,
-            budget=budget,
-            pacer=pacer,
-            compress=config.compress,
-            probe_timeout_s=config.monitor.probe_timeout_s,
-            max_connections=connections,
-            tls=tls,
-        )
-        for retry, connections in (
-            (config.live_retry, config.max_connections),
-            # a connection per call in flight, or calls would queue in the pool, paid for
-            (config.drain_retry, max(config.max_connections, config.drain_concurrency)),
-        )
-    )
-    backoff = LinkBackoff(
-        config.link_backoff_s, cap_s=max(config.link_backoff_cap_s, config.link_backoff_s)
-    )
-    breaker = CircuitBreaker(clock, failure_threshold=config.breaker_failures, cooldown=backoff)
-    # Probes go through the live pool, keeping its connection warm for escalations.
-    monitor = ConnectivityMonitor(
-        live.check_ready,
-        clock=clock,
-        config=config.monitor,
-        breaker=breaker,
-        backoff=backoff,
-        probe_wait=probes.wait_s,
-    )
-    live.observer = drain.observer = monitor
-    return live, drain, monitor
-
-
-class TokenBucket:
-    """A byte-rate limiter: `rate` bytes per second, at most `burst` saved up; FIFO.
-
-    `take(n)` waits until the bucket holds min(n, burst) tokens and then removes n, so the
-    balance may go below zero: a call bigger than the burst is paid for by the wait of the next.
-    `settle` corrects an estimate once the real size is known. Over any long run the bytes
-    taken stay within rate * seconds + burst.
-    """
-
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"rate: must be a finite number of bytes per second > 0, got {rate!r}")
-        if not (math.isfinite(burst) and burst > 0):
-            raise ValueError(f"burst: must be a finite number of bytes > 0, got {burst!r}")
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self._clock = clock
-        self._tokens = self.burst
-        self._stamp = clock.monotonic()
-        self._lock = asyncio.Lock()
-        self.taken = 0
-        """Bytes taken so far (after settling), for tests and benchmarks."""
-
-    @property
-    def tokens(self) -> float:
-        self._refill()
-        return self._tokens
-
-    async def take(self, n: int) -> float:
-        """Wait for room for `n` bytes, take them; return the seconds waited."""
-        if n < 0:
-            raise ValueError(f"n: must be >= 0, got {n}")
-        waited = 0.0
-        async with self._lock:
-            while True:
-                self._refill()
-                need = min(float(n), self.burst)
-                # A byte of slack: clocks far from zero lose sub-microsecond precision.
-                if self._tokens >= need - 1.0:
-                    self._tokens -= n
-                    self.taken += n
-                    return waited
-                wait = (need - self._tokens) / self.rate
-                await self._clock.sleep(wait)
-                waited += wait
-
-    def settle(self, estimated: int, actual: int) -> None:
-        """The call sent `actual` bytes where `estimated` were taken: charge or refund the gap."""
-        self._refill()
-        self._tokens = min(self.burst, self._tokens - (actual - estimated))
-        self.taken += actual - estimated
-
-    def _refill(self) -> None:
-        now = self._clock.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
 
 
 class Forwarder:
@@ -198,7 +70,6 @@ class Forwarder:
         faults: FaultPlan | None = None,
     ) -> None:
         self._queue = queue
-        self._faults = faults
         self._client = client
         self._monitor = monitor
         self._budget = budget
@@ -213,19 +84,9 @@ class Forwarder:
         self._slots = asyncio.Semaphore(config.drain_concurrency)
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._hold_until = 0.0
-        self._failures = 0
-        self._backoff = LinkBackoff(
-            initial_s=config.failure_backoff_s,
-            cap_s=max(config.failure_backoff_cap_s, config.failure_backoff_s),
-        )
         self._overhead = _HEADER_GUESS
         self.groups = GroupPlanner(config.drain_group_items, config.drain_group_bytes, clock)
-        self._storage_failures = 0
-        self._storage_backoff = LinkBackoff(
-            initial_s=config.failure_backoff_s,
-            cap_s=max(_STORAGE_RETRY_CAP_S, config.failure_backoff_s),
-        )
+        self._outcomes = DeliveryOutcomes(queue, self.groups, metrics, config, clock, faults=faults)
         # Building a call's request (binary tensors, group framing, gzip) and reading its answer
         # (JSON parse, decode, encoding for storage) is CPU work kept off the event loop, on
         # one thread of its own: a drain uses at most one core for it, and the local model's
@@ -236,9 +97,10 @@ class Forwarder:
         """New items were queued: look at once instead of at the next poll."""
         self._wake.set()
 
-    # -- delivery -----------------------------------------------------------------------------
+    # -- the drain loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        outcomes = self._outcomes
         try:
             while True:
                 await self._wait_ready()
@@ -249,9 +111,9 @@ class Forwarder:
                 except StorageError as error:
                     # A full or failing disk: nothing was claimed; look again after a pause.
                     log.warning("could not claim queued items: %s", error)
-                    self._hold(self._storage_pause(), "storage")
+                    outcomes.hold(outcomes.storage_pause(), "storage")
                     continue
-                self._storage_failures = 0
+                outcomes.storage_works()
                 if not items:
                     await self._nap(self._config.idle_poll_s)
                     continue
@@ -278,14 +140,14 @@ class Forwarder:
     async def _wait_ready(self) -> None:
         while True:
             now = self._clock.monotonic()
-            if self._hold_until > now:
-                await self._nap(self._hold_until - now)
+            if self._outcomes.hold_until > now:
+                await self._nap(self._outcomes.hold_until - now)
             elif self._monitor.state is LinkState.DOWN:
                 await self._monitor.wait_up()
                 if self._monitor.state is LinkState.DOWN:
                     await self._nap(0.1)  # the breaker closed and opened again meanwhile
             elif not self._budget.allows(self._overhead):
-                self._hold(self._config.idle_poll_s, "budget")
+                self._outcomes.hold(self._config.idle_poll_s, "budget")
             else:
                 return
 
@@ -313,7 +175,7 @@ class Forwarder:
                 if self.bucket is not None:
                     self.bucket.settle(estimate, 0)
                 rest = [item for later in groups[i:] for item in later]
-                await self._release(rest, f"not sent: {why}", sent=False)
+                await self._outcomes.release(rest, f"not sent: {why}", sent=False)
                 return
             task = asyncio.create_task(self._send(group, request, estimate))
             self._in_flight.add(task)
@@ -344,21 +206,21 @@ class Forwarder:
                 else "one item per request",
             )
 
-    async def _release(self, items: Sequence[QueuedItem], error: str, *, sent: bool = True) -> None:
-        """Back to pending; `sent=False` when they never left: not counted as attempts."""
-        await asyncio.gather(
-            *(self._queue.release(item.ticket, error, sent=sent) for item in items)
-        )
-
     def _blocked(self, estimate: int) -> str | None:
         if self._monitor.state is LinkState.DOWN:
             return "link down"
-        if self._hold_until > self._clock.monotonic():
+        if self._outcomes.held():
             return "paused"
         if not self._budget.allows(estimate):
-            self._hold(self._config.idle_poll_s, "budget")
+            self._outcomes.hold(self._config.idle_poll_s, "budget")
             return "data budget spent"
         return None
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep on the clock, or less if woken."""
+        await sleep_or_wake(self._clock, seconds, self._wake)
+
+    # -- one call -------------------------------------------------------------------------------
 
     async def _request(self, group: list[QueuedItem]) -> CloudRequest | None:
         """The very bytes the client will send for `group`, built once off the event loop
@@ -371,15 +233,7 @@ class Forwarder:
             problems: list[Exception | None] = [error]
             if len(group) > 1:
                 problems = [await self._build_error(item) for item in group]
-            try:
-                for item, problem in zip(group, problems, strict=True):
-                    if problem is None:
-                        await self._queue.release(item.ticket, "regrouped", sent=False)
-                    else:
-                        log.error("cannot build a request for ticket %s: %s", item.ticket, problem)
-                        await self._queue.mark_rejected(item.ticket, f"cannot be sent: {problem}")
-            except StorageError as failure:  # still claimed: the lease brings them back
-                log.warning("could not settle unbuildable tickets: %s", failure)
+            await self._outcomes.unbuildable(group, problems)
             return None
 
     def _build(self, group: Sequence[QueuedItem]) -> Callable[[], CloudRequest]:
@@ -422,25 +276,13 @@ class Forwarder:
             with self._drain_call(len(request.payload), estimate):
                 answer = await self._client.send(request, reader=self._encoder)
             stored = await self._off_loop(partial(stored_answer, answer.body))
-        except BudgetExhausted as error:
-            await self._queue.release(item.ticket, f"not sent: {error}", sent=False)
-            self._hold(self._config.idle_poll_s, "budget")
         except CloudRejected as error:
-            await self._refused(item, error)
-        except CloudUnavailable as error:
-            await self._queue.release(item.ticket, str(error))
-            if error.retry_after is not None:
-                self._hold(error.retry_after, "retry_after")
-            elif not isinstance(error, CircuitOpen):
-                self._failed()
-        except InvalidInput as error:
-            await self._queue.release(item.ticket, f"cloud answer is not a v2 response: {error}")
-            self._failed()
+            await self._outcomes.refused(item, error)
+        except (BudgetExhausted, CloudUnavailable, InvalidInput) as error:
+            await self._outcomes.call_failed([item], error, "a v2 response")
         else:
-            if self._faults is not None:
-                self._faults.hit(AFTER_SEND_BEFORE_MARK)
-            await self._store_answer(item, stored)
-            self._failures = 0
+            await self._outcomes.answered(item, stored)
+            self._outcomes.succeeded()
 
     async def _deliver_group(
         self, group: list[QueuedItem], request: CloudRequest, estimate: int
@@ -455,123 +297,17 @@ class Forwarder:
             # tens of milliseconds (local answers wait meanwhile); one item's store per loop
             # step is all that stays.
             answers, stored = await self._off_loop(partial(stored_group, answer.body, keys))
-        except BudgetExhausted as error:
-            await self._release(group, f"not sent: {error}", sent=False)
-            self._hold(self._config.idle_poll_s, "budget")
-            return
         except CloudRejected as error:
-            await self._group_refused(group, error)
+            await self._outcomes.group_refused(group, error)
             return
-        except CloudUnavailable as error:
-            await self._release(group, str(error))
-            if error.retry_after is not None:
-                self._hold(error.retry_after, "retry_after")
-            elif not isinstance(error, CircuitOpen):
-                self._failed()
-            return
-        except InvalidInput as error:
-            await self._release(group, f"cloud answer is not a group answer: {error}")
-            self._failed()
+        except (BudgetExhausted, CloudUnavailable, InvalidInput) as error:
+            await self._outcomes.call_failed(group, error, "a group answer")
             return
         failed = False
         for item, result, ready in zip(group, answers, stored, strict=True):
-            failed |= not await self._settle_item(item, result, ready)
+            failed |= not await self._outcomes.settle_item(item, result, ready)
         if not failed:
-            self._failures = 0
-
-    async def _settle_item(
-        self, item: QueuedItem, result: GroupItemAnswer, stored: bytes | InvalidInput | None
-    ) -> bool:
-        """Store or refuse one item of a group as its own answer says (`stored`: what
-        `stored_answers` made of it); False if it failed."""
-        if isinstance(stored, InvalidInput):
-            await self._queue.release(item.ticket, f"cloud answer is not a v2 response: {stored}")
-            self._failed()
-            return False
-        if stored is not None:
-            if self._faults is not None:
-                self._faults.hit(AFTER_SEND_BEFORE_MARK)
-            await self._store_answer(item, stored)
-            return True
-        message = f"cloud answered {result.status} for this item: {result.error[:200]}"
-        if 400 <= result.status < 500 and result.status != 429:
-            await self._refused(item, CloudRejected(message, result.status, result.retry_after))
-            return False
-        await self._queue.release(item.ticket, message)
-        if result.retry_after is not None:
-            self._hold(result.retry_after, "retry_after")
-        else:
-            self._failed()
-        return False
-
-    async def _group_refused(self, group: list[QueuedItem], error: CloudRejected) -> None:
-        """A 4xx for the group as a whole is not the items' fault, unless it would be theirs
-        alone too (a setup problem: device key, model name)."""
-        if error.status == 413:  # too large as a group: smaller groups, the items stay
-            self.groups.shrink(len(group))
-            await self._release(group, f"group of {len(group)} too large: {error}")
-        elif error.status in (400, 405):  # the cloud does not read groups (any more)
-            self.groups.forget()
-            await self._release(group, f"group refused: {error}")
-            self._failed()
-        else:
-            if error.status == 404:  # no such model, or no such endpoint: ask again first
-                self.groups.forget()
-            for item in group:
-                await self._refused(item, error)
-
-    async def _store_answer(self, item: QueuedItem, result: bytes) -> None:
-        """Store the cloud's answer under the item's ticket, trying again after a pause while
-        the queue file cannot be written: the answer in hand is worth keeping, and if the
-        process dies meanwhile the item is sent again and the cloud replays the answer."""
-        while True:
-            try:
-                await self._queue.mark_delivered(item.ticket, result)
-                return
-            except StorageError as error:
-                log.warning("could not store the answer to ticket %s: %s", item.ticket, error)
-                self._metrics.holds.labels("storage").inc()
-                await self._clock.sleep(self._storage_pause())
-
-    def _storage_pause(self) -> float:
-        """How long to wait before writing to the queue file again: growing, but never past
-        a few seconds, so delivery resumes soon after the disk has room again."""
-        self._storage_failures += 1
-        return self._storage_backoff(self._storage_failures)
-
-    async def _refused(self, item: QueuedItem, error: CloudRejected) -> None:
-        status = error.status
-        if status in SETUP_STATUSES:
-            await self._queue.release(item.ticket, str(error))
-            if self._hold_until <= self._clock.monotonic():
-                log.error(
-                    "the cloud refused this device or model (%s); pausing delivery for %.0f s: %s",
-                    status,
-                    self._config.setup_backoff_s,
-                    error,
-                )
-            self._hold(self._config.setup_backoff_s, "setup")
-        elif status in _LATER_STATUSES:
-            await self._queue.release(item.ticket, str(error))
-            if error.retry_after is not None:
-                self._hold(error.retry_after, "retry_after")
-            else:
-                self._failed()
-        else:
-            log.warning("the cloud rejected ticket %s: %s", item.ticket, error)
-            await self._queue.mark_rejected(item.ticket, f"rejected by the cloud: {error}")
-
-    def _failed(self) -> None:
-        self._failures += 1
-        self._hold(self._backoff(self._failures), "failure")
-
-    def _hold(self, seconds: float, reason: str) -> None:
-        self._hold_until = max(self._hold_until, self._clock.monotonic() + seconds)
-        self._metrics.holds.labels(reason).inc()
-
-    async def _nap(self, seconds: float) -> None:
-        """Sleep on the clock, or less if woken."""
-        await sleep_or_wake(self._clock, seconds, self._wake)
+            self._outcomes.succeeded()
 
 
 def request_for(group: Sequence[QueuedItem], *, binary: bool, compress: bool) -> CloudRequest:
@@ -616,27 +352,3 @@ def stored_answers(answers: Sequence[GroupItemAnswer]) -> list[bytes | InvalidIn
         except InvalidInput as error:
             out.append(error)
     return out
-
-
-async def housekeep(
-    queue: DurableQueue,
-    budget: DataBudget,
-    config: RouterConfig,
-    clock: Clock,
-    refresh: Callable[[], Awaitable[None]],
-) -> None:
-    """Until cancelled: expire due items and `refresh` the figures every `expire_interval_s`;
-    purge items ended more than `results_retention_s` ago every `purge_interval_s`. Runs with
-    or without a cloud, so TTLs hold while the link is down."""
-    next_purge = clock.monotonic()
-    while True:
-        try:
-            await queue.expire_due()
-            if clock.monotonic() >= next_purge:
-                await queue.purge(config.results_retention_s)
-                await budget.forget_before()
-                next_purge = clock.monotonic() + config.purge_interval_s
-            await refresh()
-        except Exception:  # a full disk now is no reason to stop expiring later
-            log.exception("queue housekeeping failed; trying again later")
-        await clock.sleep(config.expire_interval_s)

@@ -25,13 +25,15 @@ from router.audit import Auditor, AuditSampler
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import CloudClient
+from router.cloud_links import open_cloud
 from router.config import AFTER_COMMIT_BEFORE_ANSWER, RouterConfig
 from router.connectivity import ConnectivityMonitor
 from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
 from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
 from router.errors import BudgetExhausted, CloudError, RateLimited
-from router.forwarder import Forwarder, housekeep, open_cloud
+from router.forwarder import Forwarder
 from router.hard_examples import HardExampleStore, discard_hard_examples
+from router.housekeeping import housekeep
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
 from router.policy import BudgetMode, EscalationPolicy
