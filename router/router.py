@@ -1,73 +1,42 @@
-"""Router: the composition root of the router library, and the path of one request through it.
-
-`route` decides per item (EscalationPolicy), answers confident items at once, sends the unsure
-ones the link can carry to the cloud (a call each, at once), and commits the others to the durable queue
-before returning; the Forwarder delivers them later and watchers hear of it.
+"""Router: the composition root of the router library. It opens and closes the parts, answers
+for tickets and status, and hands each request to router.routing (RequestRouter).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
-from model_runtime.errors import InvalidInput
 from model_runtime.fault_points import FaultPlan
-from model_runtime.v2_json import InferResponse
 from router.audit import Auditor, AuditSampler
+from router.batch_answer import Array, RoutedAnswer, RoutedItem, count_model_routes
 from router.budget import DataBudget, ProbeBudget
 from router.clock import Clock, SystemClock
 from router.cloud_client import CloudClient
 from router.cloud_links import open_cloud
-from router.config import AFTER_COMMIT_BEFORE_ANSWER, RouterConfig
+from router.config import RouterConfig
 from router.connectivity import ConnectivityMonitor
-from router.decision import CallerWishes, Decision, LinkState, LinkView, Reason, Route
-from router.durable_queue import DurableQueue, FullPolicy, ItemStatus, QueueStats
-from router.errors import BudgetExhausted, CloudError, RateLimited
+from router.decision import CallerWishes, LinkState
+from router.durable_queue import DurableQueue, ItemStatus, QueueStats
 from router.forwarder import Forwarder
 from router.hard_examples import HardExampleStore, discard_hard_examples
 from router.housekeeping import housekeep
 from router.local_model import LocalAnswer
 from router.metrics import CloudMeter, RouterMetrics, StateReadings
-from router.policy import BudgetMode, EscalationPolicy
+from router.policy import EscalationPolicy
+from router.routing import RequestRouter
 from router.sqlite_files import WriteHooks
 from router.state_lock import StateDirLock
-from router.tickets import Admission, TicketResult, TicketStore, WatchStream
+from router.tickets import TicketResult, TicketStore, WatchStream
 
 __all__ = ["RoutedAnswer", "RoutedItem", "Router", "RouterStatus", "TicketResult"]
 
 log = logging.getLogger(__name__)
-
-Array = npt.NDArray[np.generic]
-# Rules 1-3 of the policy (never, confident, no cloud) read neither the link, the payload nor
-# the budget, so a first pass with these placeholders settles the edge items without encoding.
-_ANY_LINK = LinkView(LinkState.UP)
-
-
-@dataclass(frozen=True, slots=True)
-class RoutedItem:
-    route: Route
-    reason: Reason
-    confidence: float
-    ticket: str | None
-    provisional: bool
-    answered_by: str
-    """"edge" or "cloud": whose row is in the outputs."""
-
-
-@dataclass(frozen=True, slots=True)
-class RoutedAnswer:
-    outputs: dict[str, Array]
-    """The local outputs, with the rows of cloud-answered items replaced by the cloud's rows."""
-    items: tuple[RoutedItem, ...]
-    """One per item (row) of the batch, in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +55,6 @@ class RouterStatus:
     in_flight: int = 0
     ended: dict[str, int] = field(default_factory=dict)
     """Items ended since the queue file was made, by end state."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Unsure:
-    """An item the cloud may answer: its row, and its own one-row request under its ticket."""
-
-    index: int
-    item: Admission
 
 
 class Router:
@@ -135,6 +96,7 @@ class Router:
         self._drain: CloudClient | None = None
         self.audit: Auditor | None = None
         self.hard_examples: HardExampleStore | None = None
+        self._routing: RequestRouter
 
     @classmethod
     async def open(
@@ -200,6 +162,12 @@ class Router:
             self._spawn(self.monitor.run(), "monitor")
             self._spawn(self.forwarder.run(), "forwarder")
         await self._open_quality()
+        self._routing = RequestRouter(
+            config, clock, self.policy, self.metrics, self.meter, self.tickets, self.budget,
+            monitor=self.monitor, live=self._live,
+            groups=self.forwarder.groups if self.forwarder is not None else None,
+            hard_examples=self.hard_examples, faults=self.faults,
+        )  # fmt: skip
         await self._refresh()
         self._spawn(
             housekeep(self.queue, self.budget, config, clock, self._refresh), "housekeeping"
@@ -287,219 +255,14 @@ class Router:
         Afterwards, without waiting, a share of the confident items may be drawn for an audit
         (router.audit).
         """
-        answer = await self._route(model, inputs, local, wishes, time_left_s, request_id, owner)
-        if len(answer.items) == 1:  # most requests: no tally to make
-            self.metrics.model_route(model, answer.items[0].route, 1)
-        else:
-            routes: dict[Route, int] = {}
-            for item in answer.items:
-                routes[item.route] = routes.get(item.route, 0) + 1
-            for route, n in routes.items():
-                self.metrics.model_route(model, route, n)
+        answer = await self._routing.route(
+            model, inputs, local, wishes, time_left_s, request_id, owner
+        )
+        count_model_routes(self.metrics, model, answer.items)
         if self.audit is not None:
             reasons = [i.reason for i in answer.items]
             self.audit.consider(model, local.cloud_model, inputs, local.outputs, reasons)
         return answer
-
-    async def _route(
-        self,
-        model: str,
-        inputs: Mapping[str, Array],
-        local: LocalAnswer,
-        wishes: CallerWishes,
-        time_left_s: float | None,
-        request_id: str,
-        owner: str,
-    ) -> RoutedAnswer:
-        confidence = np.asarray(local.confidence, dtype=np.float64).reshape(-1)
-        scores = confidence.tolist()
-        n = len(scores)
-        for name, array in inputs.items():
-            if array.shape[:1] != (n,):
-                raise ValueError(f"inputs.{name}: has {array.shape[:1]} rows, expected {n}")
-        cloud_model = local.cloud_model if self.cloud_configured else None
-        decide = functools.partial(
-            self.policy.decide, threshold=local.threshold, wishes=wishes,
-            deadline_remaining_s=time_left_s, cloud_configured=cloud_model is not None,
-        )  # fmt: skip
-        decisions = [
-            decide(confidence=c, link=_ANY_LINK, payload_bytes=0, budget_allows=True)
-            for c in scores
-        ]
-        unsure = [_Unsure(i, Admission.for_row(inputs, i)) for i, d in enumerate(decisions) if d.route is not Route.EDGE]  # fmt: skip
-        if not unsure:
-            return self._answer(local.outputs, decisions, scores, {})
-        assert cloud_model is not None
-        assert self.monitor is not None
-        link = self.monitor.view()
-        for u in unsure:
-            size = len(u.item.body)
-            decisions[u.index] = decide(
-                confidence=scores[u.index], link=link, payload_bytes=size,
-                budget_allows=self.budget.allows(size),
-            )  # fmt: skip
-        to_cloud = [u for u in unsure if decisions[u.index].route is Route.CLOUD]
-        to_queue = [u for u in unsure if decisions[u.index].route is Route.QUEUE]
-        if self.config.full_policy is FullPolicy.REFUSE:
-            self.tickets.check_room([u.item for u in to_queue])  # before anything is sent
-        call = None
-        if to_cloud:
-            call = asyncio.ensure_future(
-                self._escalate(cloud_model, to_cloud, time_left_s, request_id)
-            )
-        try:
-            tickets = await self._admit(cloud_model, to_queue, wishes, owner, all_or_nothing=True)
-            self._keep_queued(model, cloud_model, to_queue, tickets)
-        except BaseException:
-            if call is not None:
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
-            raise
-        outputs, answered = local.outputs, set[int]()
-        if call is not None:
-            responses, why = await call
-            for index, response in responses.items():
-                merged = _merge(outputs, response, [index])
-                if merged is not None:
-                    outputs = merged
-                    answered.add(index)
-            if self.hard_examples is not None:
-                kept = [(u.item.ticket, u.item.body, responses[u.index].outputs) for u in to_cloud if u.index in answered]  # fmt: skip
-                self.hard_examples.keep_live(model, cloud_model, kept)
-            failed = [u for u in to_cloud if u.index not in answered]
-            for u in failed:
-                decisions[u.index] = self._fallback(why.get(u.index, Reason.CLOUD_FAILED))
-            failed = [u for u in failed if decisions[u.index].route is Route.QUEUE]
-            if failed:
-                tickets |= await self._admit(
-                    cloud_model, failed, wishes, owner, all_or_nothing=False
-                )
-                self._keep_queued(model, cloud_model, failed, tickets)
-        for u in unsure:
-            if decisions[u.index].route is Route.QUEUE and u.index not in tickets:
-                decisions[u.index] = Decision(Route.EDGE, Reason.QUEUE_FULL)
-        return self._answer(outputs, decisions, scores, tickets, answered)
-
-    def _fallback(self, reason: Reason) -> Decision:
-        """Where an item goes whose live call did not answer, for `reason`."""
-        if reason is Reason.BUDGET_EXHAUSTED and self.config.budget_mode is BudgetMode.EDGE:
-            return Decision(Route.EDGE, reason)
-        return Decision(Route.QUEUE, reason)
-
-    def _answer(
-        self,
-        outputs: dict[str, Array],
-        decisions: Sequence[Decision],
-        confidence: Sequence[float],
-        tickets: Mapping[int, str],
-        answered: Collection[int] = (),
-    ) -> RoutedAnswer:
-        if len(decisions) == 1 and not tickets and not answered:
-            # The most common answer, one item answered here, counted without a dict keyed by
-            # Decision (whose dataclass hash runs in Python, twice per item below).
-            d = decisions[0]
-            self.metrics.route(d.route, d.reason, 1)
-            item = RoutedItem(d.route, d.reason, confidence[0], None, d.provisional, "edge")
-            return RoutedAnswer(outputs, (item,))
-        counts: dict[Decision, int] = {}
-        items = []
-        for i, d in enumerate(decisions):
-            counts[d] = counts.get(d, 0) + 1
-            by = "cloud" if i in answered else "edge"
-            items.append(
-                RoutedItem(d.route, d.reason, confidence[i], tickets.get(i), d.provisional, by)
-            )
-        for d, k in counts.items():
-            self.metrics.route(d.route, d.reason, k)
-        return RoutedAnswer(outputs, tuple(items))
-
-    async def _escalate(
-        self,
-        cloud_model: str,
-        items: Sequence[_Unsure],
-        time_left_s: float | None,
-        request_id: str,
-    ) -> tuple[dict[int, InferResponse], dict[int, Reason]]:
-        """Live calls for `items`, all at once: row index -> the cloud's answer, for those
-        answered in time, and row index -> why not, for the others whose reason is not
-        cloud_failed (budget_exhausted: their bytes did not fit the data budget; rate_limited:
-        the rate the cloud accepts would have sent them after the deadline).
-
-        Each item goes in its queued form, its ticket as the Idempotency-Key: if a call fails
-        after the cloud ran it, the queued redelivery is answered from the cloud's idempotency
-        store instead of running the model twice. One call per item costs a few hundred bytes
-        of headers each, the price of that promise for batches.
-        """
-        assert self._live is not None
-        live = self._live
-        limit = self.config.live_timeout_s
-        if time_left_s is not None:
-            limit = min(limit, time_left_s - self.config.live_margin_s)
-        deadline = self.clock.monotonic() + limit
-        # Tensors as bytes once the forwarder has learnt that the cloud reads them.
-        binary = self.forwarder is not None and self.forwarder.groups.binary
-
-        async def call(u: _Unsure) -> tuple[int, InferResponse | Reason]:
-            try:
-                with self.meter.call("live"):
-                    answer = await live.infer(
-                        cloud_model, u.item.body, idempotency_key=u.item.ticket,
-                        deadline=deadline, binary=binary,
-                    )  # fmt: skip
-                return u.index, answer.response()
-            except BudgetExhausted:
-                return u.index, Reason.BUDGET_EXHAUSTED
-            except (CloudError, InvalidInput) as error:
-                log.debug(  # per call: DEBUG, as every per-call line
-                    "live escalation failed; queued",
-                    extra={
-                        "fields": {
-                            "request_id": request_id,
-                            "ticket": u.item.ticket,
-                            "error": str(error),
-                        }
-                    },
-                )
-                # Held back by the cloud's rate until past its deadline, or failed.
-                limited = isinstance(error, RateLimited) or getattr(error, "status", None) == 429
-                return u.index, Reason.RATE_LIMITED if limited else Reason.CLOUD_FAILED
-
-        answers = await asyncio.gather(*(call(u) for u in items))
-        return (
-            {i: a for i, a in answers if isinstance(a, InferResponse)},
-            {i: a for i, a in answers if isinstance(a, Reason)},
-        )
-
-    async def _admit(
-        self,
-        model: str,
-        items: Sequence[_Unsure],
-        wishes: CallerWishes,
-        owner: str,
-        *,
-        all_or_nothing: bool,
-    ) -> dict[int, str]:
-        """Queue `items` durably; index -> ticket for those the queue took. Raises
-        StorageError when the queue could not write them: none was stored."""
-        stored = await self.tickets.admit(
-            model,
-            [u.item for u in items],
-            priority=wishes.priority,
-            ttl_s=min(wishes.ttl_seconds, self.config.max_ttl_s),
-            all_or_nothing=all_or_nothing,
-            owner=owner,
-        )
-        if self.faults is not None and any(stored.values()):
-            self.faults.hit(AFTER_COMMIT_BEFORE_ANSWER)
-        return {u.index: u.item.ticket for u in items if stored.get(u.item.ticket)}
-
-    def _keep_queued(
-        self, model: str, cloud_model: str, items: Sequence[_Unsure], tickets: Mapping[int, str]
-    ) -> None:
-        # Synchronous, right after the queue's commit: see HardExampleStore.keep_queued.
-        if self.hard_examples is not None:
-            kept = [(u.item.ticket, u.item.body) for u in items if u.index in tickets]
-            self.hard_examples.keep_queued(model, cloud_model, kept)
 
     # -- tickets and status ---------------------------------------------------------------------
 
@@ -574,31 +337,6 @@ class Router:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(lambda t: _log_crash(t, name))
         self._tasks.append(task)
-
-
-def _merge(
-    local: Mapping[str, Array], response: InferResponse, rows: Sequence[int]
-) -> dict[str, Array] | None:
-    """The local outputs with `rows` replaced by the cloud's, for each output the cloud has
-    with the same trailing shape (cast to the local dtype); None if none could be replaced."""
-    merged = dict(local)
-    replaced = 0
-    for name, mine in local.items():
-        theirs = response.outputs.get(name)
-        if theirs is None or theirs.shape != (len(rows), *mine.shape[1:]):
-            continue
-        try:
-            cast = theirs.astype(mine.dtype, copy=False)
-        except (TypeError, ValueError):
-            continue
-        out = np.array(mine, copy=True)
-        out[np.asarray(rows)] = cast
-        merged[name] = out
-        replaced += 1
-    if not replaced:
-        log.warning("the cloud's answer has none of the local outputs (%s)", ", ".join(local))
-        return None
-    return merged
 
 
 def _log_crash(task: asyncio.Task[None], name: str) -> None:
