@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.supervisor import worker_replacements
 from edge_agent.metrics import AgentMetrics
 from model_runtime import ModelRepository
 from model_runtime.demo import EDGE_REPOSITORY
@@ -86,6 +87,7 @@ def exported_names() -> frozenset[str]:
     # Registered by the /metrics endpoint itself, in the registry it serves.
     scrape_refusals(agent, "edge_agent")
     scrape_refusals(gateway, "cloud_gateway")
+    worker_replacements(gateway)  # by the supervisor, beside its workers' metrics
     names: set[str] = set()
     for registry in (agent, gateway):
         for family in registry.collect():
