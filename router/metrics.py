@@ -242,8 +242,8 @@ class RouterMetrics:
         )
         self.storage_errors = Counter(
             f"{NS}_storage_errors",
-            "Writes to the state dir's files that failed and were undone, by file (queue, "
-            "budget, audit, hard_examples) and kind (disk_full, io_error).",
+            "Writes to the state dir's files that failed and were undone, by store (the file: "
+            "queue, budget, audit, hard_examples) and kind (disk_full, io_error).",
             ["store", "kind"],
             registry=registry,
         )
