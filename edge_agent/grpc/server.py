@@ -41,6 +41,34 @@ class ListenError(Exception):
         super().__init__(f"cannot listen on {address}: {why}")
 
 
+class _HandlerTable:
+    """Stands in for a server to the generated add_*_to_server function, keeping the table of
+    method handlers it builds."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_v2_service(v2: V2Servicer, server: grpc.aio.Server) -> None:
+    """The v2 service as generated, except that ModelInfer's requests are read by
+    `v2.read_infer_request`, which sees their size on the wire."""
+    table = _HandlerTable()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, table)
+    handlers = table.handlers
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
+        request_deserializer=v2.read_infer_request
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V2_SERVICE, handlers),))
+    server.add_registered_method_handlers(V2_SERVICE, handlers)
+
+
 class GrpcServer:
     """Binds at construction (so a taken port fails early), serves after `start`."""
 
@@ -69,7 +97,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, self._server)
+        _add_v2_service(v2, self._server)
         rpb_grpc.add_RouterServiceServicer_to_server(router, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -18,10 +19,18 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.request_log import log_infer, logging_calls
 from model_runtime import InvalidInput, ModelNotFound, RequestTooLarge
 
-__all__ = ["V2Servicer"]
+__all__ = ["OversizedRequest", "V2Servicer"]
 
 _OK = grpc.StatusCode.OK.name
 _R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedRequest:
+    """A ModelInferRequest that came over max_message_bytes on the wire (V2Servicer.read_infer_request)."""
+
+    message: pb.ModelInferRequest
+    size: int
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -79,24 +88,36 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    def read_infer_request(self, data: bytes) -> pb.ModelInferRequest | OversizedRequest:
+        """ModelInfer's request deserializer (GrpcServer): the size is checked on the bytes as
+        they came, since ByteSize() serialises the message again to count them (0.73 ms of CPU
+        for a 3x224x224 image, a quarter of the whole call)."""
+        message: pb.ModelInferRequest = pb.ModelInferRequest.FromString(data)
+        if len(data) > self.max_message_bytes:
+            return OversizedRequest(message, len(data))
+        return message
+
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInferRequest | OversizedRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
+        if isinstance(request, OversizedRequest):
+            message, oversize = request.message, request.size
+        else:
+            message, oversize = request, 0
         self.metrics.in_flight += 1
         try:
-            size = request.ByteSize()
-            if size > self.max_message_bytes:
-                raise RequestTooLarge(size, self.max_message_bytes)
-            model = self.service.model(request.model_name, request.model_version)
+            if oversize:
+                raise RequestTooLarge(oversize, self.max_message_bytes)
+            model = self.service.model(message.model_name, message.model_version)
             decoded = decode_infer_request(
-                request, model, context.time_remaining(), current_caller()
+                message, model, context.time_remaining(), current_caller()
             )
             result = await self.service.infer(decoded)
             response = encode_infer_result(result)
         except Exception as exc:
             return self._fail(
-                context, "ModelInfer", request.model_name, exc, pb.ModelInferResponse, request.id
+                context, "ModelInfer", message.model_name, exc, pb.ModelInferResponse, message.id
             )
         finally:
             self.metrics.in_flight -= 1
@@ -104,7 +125,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.models[model.name].request_seconds.observe(elapsed)
         self.metrics.count_request("ModelInfer", model.name, _OK)
         if logging_calls():
-            log_infer(request.id, model.name, _OK, elapsed, result.parameters.get("route"))
+            log_infer(message.id, model.name, _OK, elapsed, result.parameters.get("route"))
         return response
 
     def _fail(
