@@ -39,12 +39,7 @@ from model_runtime.connection_guard import (
     raise_open_files_limit,
 )
 from model_runtime.fault_points import FaultPlan
-from model_runtime.metrics_endpoint import (
-    metrics_tls_context,
-    metrics_warning,
-    read_metrics_token,
-    serve_metrics,
-)
+from model_runtime.metrics_endpoint import metrics_secrets, metrics_warning, serve_metrics
 from model_runtime.private_files import SecretFileError, private_dir
 from model_runtime.sockets import bind_socket
 
@@ -150,27 +145,21 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def _metrics_access(settings: GatewaySettings) -> tuple[str | None, ssl.SSLContext | None]:
     """The token /metrics asks for and its TLS server side (None: none), read once; warnings
     logged at every start."""
-    warnings = [
-        metrics_warning(
-            settings.metrics_host,
-            token_file=settings.metrics_token_file,
-            insecure=settings.metrics_insecure,
-            tls=settings.metrics_tls_cert_file is not None,
-        )
-    ]
-    token = tls = None
     try:
-        if settings.metrics_token_file is not None:
-            token, warning = read_metrics_token(settings.metrics_token_file)
-            warnings.append(warning)  # the file is readable by others
-        if settings.metrics_tls_cert_file is not None and settings.metrics_tls_key_file is not None:
-            tls, warning = metrics_tls_context(
-                settings.metrics_tls_cert_file, settings.metrics_tls_key_file
-            )
-            warnings.append(warning)
+        token, tls, warnings = metrics_secrets(
+            settings.metrics_token_file,
+            settings.metrics_tls_cert_file,
+            settings.metrics_tls_key_file,
+        )
     except SecretFileError as exc:
         raise StartupError(str(exc)) from None
-    for warning in warnings:
+    bind = metrics_warning(
+        settings.metrics_host,
+        token_file=settings.metrics_token_file,
+        insecure=settings.metrics_insecure,
+        tls=tls is not None,
+    )
+    for warning in [bind, *warnings]:
         if warning is not None:
             log.warning(warning)
     return token, tls

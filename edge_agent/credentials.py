@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_agent.access import AccessPolicy, TokenFileError
 from edge_agent.settings import AgentSettings, is_loopback
 from model_runtime.encryption import DataKeyError, Keyring
-from model_runtime.metrics_endpoint import metrics_tls_context, read_metrics_token
+from model_runtime.metrics_endpoint import metrics_secrets
 from model_runtime.private_files import SecretFileError, check_secret_file
 from router.cloud_client import CloudTls
 
@@ -62,16 +62,12 @@ def load_credentials(settings: AgentSettings) -> Credentials:
         access, warning = AccessPolicy.from_files(
             settings.token_file, client_certificates=settings.tls_client_ca_file is not None
         )
-        metrics_token = None
-        if settings.metrics_token_file is not None:
-            metrics_token, warning_of_metrics = read_metrics_token(settings.metrics_token_file)
-            _note(warning_of_metrics, warnings)
-        metrics_tls = None
-        if settings.metrics_tls_cert_file is not None and settings.metrics_tls_key_file is not None:
-            metrics_tls, warning_of_metrics = metrics_tls_context(
-                settings.metrics_tls_cert_file, settings.metrics_tls_key_file
-            )
-            _note(warning_of_metrics, warnings)
+        metrics_token, metrics_tls, metrics_warnings = metrics_secrets(
+            settings.metrics_token_file,
+            settings.metrics_tls_cert_file,
+            settings.metrics_tls_key_file,
+        )
+        warnings += metrics_warnings
         keyring, key_warnings = Keyring.load(
             settings.encryption_key_file, settings.encryption_old_key_files
         )

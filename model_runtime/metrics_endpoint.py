@@ -25,6 +25,7 @@ __all__ = [
     "REFUSAL_REASONS",
     "check_metrics_bind",
     "check_metrics_tls",
+    "metrics_secrets",
     "metrics_tls_context",
     "metrics_warning",
     "read_metrics_token",
@@ -88,6 +89,22 @@ def metrics_warning(
         "who can reach the port can read the traffic, queue depth, link state and device ids "
         "it shows"
     )
+
+
+def metrics_secrets(
+    token_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> tuple[str | None, ssl.SSLContext | None, list[str]]:
+    """The bearer token /metrics asks for and its TLS server side (None: none asked for), read
+    once at start, and a warning for each file others may read. Raises SecretFileError."""
+    token = tls = None
+    warnings: list[str] = []
+    if token_file is not None:
+        token, warning = read_metrics_token(token_file)
+        warnings += [warning] if warning is not None else []
+    if cert_file is not None and key_file is not None:
+        tls, warning = metrics_tls_context(cert_file, key_file)
+        warnings += [warning] if warning is not None else []
+    return token, tls, warnings
 
 
 def metrics_tls_context(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, str | None]:
