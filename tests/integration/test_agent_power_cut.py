@@ -37,6 +37,10 @@ def test_acknowledged_requests_survive_power_cuts_and_gateway_crashes(tmp_path: 
     assert a.max_runs_per_input <= 1 + report.gateway_kills
 
 
+# The final drain alone may wait drain_timeout_s (120 s), the suite's whole limit; now and then
+# it stalls about 60 s before the last items end (2 runs in 9 here, alone, on this code and on
+# ec6a985 alike; the cause is not found yet), which under load passed 120 s.
+@pytest.mark.timeout(300)
 def test_the_accounting_catches_acknowledged_rows_removed(tmp_path: Path) -> None:
     plan = CampaignPlan(agent_kills=4, gateway_kills=0, seed=8, startup_share=0.0, life_s=(1, 2))
     removed: list[str] = []
@@ -56,6 +60,10 @@ def test_the_accounting_catches_acknowledged_rows_removed(tmp_path: Path) -> Non
     assert sorted(report.accounting.lost) == sorted(removed)
 
 
+# The final drain alone may wait drain_timeout_s (120 s), the suite's whole limit; now and then
+# it stalls about 60 s before the last items end (2 runs in 9 here, alone, on this code and on
+# ec6a985 alike; the cause is not found yet), which under load passed 120 s.
+@pytest.mark.timeout(300)
 def test_the_accounting_catches_the_wal_of_a_crashed_agent_dropped(tmp_path: Path) -> None:
     # As a power cut with synchronous=OFF would leave it: commits the app was told of, never
     # synced, gone. The WAL holds every commit since the last checkpoint.
